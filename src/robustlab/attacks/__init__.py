@@ -1,0 +1,19 @@
+"""Attacks on classifiers. Each is an object `Attack(model, **settings)`, called as `attack(x, y) -> x_adv`.
+
+`attack.run(x, y)` returns an `AttackOut` with success flags, perturbation norms (minimal-perturbation
+attacks) and the forward/backward image-passes spent. `create_attack("pgd", model, eps=0.3)` builds one
+by its registry name; `parse_attack_spec("pgd:norm=linf,eps=0.3")` parses the CLI syntax.
+"""
+from robustlab.attacks.apgd import APGD, APGDDLR, APGDT
+from robustlab.attacks.autoattack import AutoAttack
+from robustlab.attacks.base import Attack, AttackOut, PassCounter, attack_mode
+from robustlab.attacks.cw import CW
+from robustlab.attacks.deepfool import DeepFool
+from robustlab.attacks.fab import FAB
+from robustlab.attacks.mma import MMA
+from robustlab.attacks.pgd import FGSM, PGD
+from robustlab.attacks.spec import create_attack, parse_attack_spec
+from robustlab.attacks.square import Square
+
+__all__ = ["Attack", "AttackOut", "PassCounter", "attack_mode", "FGSM", "PGD", "APGD", "APGDDLR", "APGDT", "FAB",
+           "Square", "CW", "DeepFool", "MMA", "AutoAttack", "create_attack", "parse_attack_spec"]

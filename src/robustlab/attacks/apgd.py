@@ -1,0 +1,220 @@
+"""APGD-CE, APGD-DLR and APGD-T (Croce & Hein, ICML 2020, arXiv:2003.01690); l_inf and l_2.
+
+Parameter-free PGD with momentum 0.75 and a step size halved at checkpoints (baselines.md 2.5), a
+port of the reference `autopgd_base.py` schedule written with per-sample tensor ops, so the
+iteration loop has no host-device synchronisation. Returns, per sample, the first misclassified
+iterate found (x itself where none was).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.losses import ce_loss, dlr_loss, dlr_targeted_loss
+from robustlab.registry import ATTACKS
+from robustlab.threat import LpBall, make_threat
+from robustlab.validation import check_positive_int
+
+_TINY = 1e-12
+
+
+def _v(t: Tensor) -> Tensor:
+    return t.view(-1, 1, 1, 1)
+
+
+def _apgd_init(threat: LpBall, x: Tensor, gen: torch.Generator) -> Tensor:
+    eps = threat.eps_like(x)
+    if threat.norm == "linf":
+        t = 2 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
+        return (x + eps * t / _v(t.flatten(1).abs().amax(1))).clamp(0, 1)
+    t = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return (x + eps * t / _v(t.flatten(1).norm(dim=1) + _TINY)).clamp(0, 1)
+
+
+def _apgd_project(threat: LpBall, z: Tensor, x: Tensor) -> Tensor:
+    eps = threat.eps_like(x)
+    if threat.norm == "linf":
+        return torch.min(torch.max(z, x - eps), x + eps).clamp(0, 1)
+    d = z - x
+    n = _v(d.flatten(1).norm(dim=1))
+    return (x + d / (n + _TINY) * torch.min(eps * torch.ones_like(n), n)).clamp(0, 1)
+
+
+def _apgd_direction(threat: LpBall, g: Tensor) -> Tensor:
+    if threat.norm == "linf":
+        return g.sign()
+    return g / (_v(g.flatten(1).norm(dim=1)) + _TINY)
+
+
+def apgd_single_run(
+    counter: PassCounter,
+    x: Tensor,
+    y: Tensor,
+    *,
+    threat: LpBall,
+    loss_fn,
+    steps: int,
+    rho: float = 0.75,
+    target: Tensor | None = None,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """One APGD run on all of x. Returns (x_best_adv, fooled)."""
+    n_iter_2 = max(int(0.22 * steps), 1)
+    n_iter_min = max(int(0.06 * steps), 1)
+    size_decr = max(int(0.03 * steps), 1)
+    n = x.shape[0]
+    eps = threat.eps_per_sample(x)
+
+    x_adv = _apgd_init(threat, x, generator)
+    x_best = x_adv.clone()
+    x_best_adv = x_adv.clone()
+    loss_steps = torch.zeros(steps, n, device=x.device, dtype=x.dtype)
+
+    logits, loss_indiv, grad = counter.loss_and_grad(x_adv, loss_fn, y, target)
+    grad_best = grad.clone()
+    fooled = logits.argmax(1) != y
+    # The reference keeps x_best_adv = starting point for all samples; only fooled ones are returned.
+    loss_best = loss_indiv.clone()
+    step_size = _v(2.0 * eps)
+    x_adv_old = x_adv.clone()
+    k = n_iter_2
+    counter3 = 0
+    loss_best_last_check = loss_best.clone()
+    reduced_last_check = torch.ones(n, dtype=torch.bool, device=x.device)
+
+    for i in range(steps):
+        grad2 = x_adv - x_adv_old
+        x_adv_old = x_adv
+        a = 0.75 if i > 0 else 1.0
+        z = _apgd_project(threat, x_adv + step_size * _apgd_direction(threat, grad), x)
+        x_adv = _apgd_project(threat, x_adv + (z - x_adv) * a + grad2 * (1 - a), x)
+
+        logits, loss_indiv, grad = counter.loss_and_grad(x_adv, loss_fn, y, target)
+        now_fooled = logits.argmax(1) != y
+        x_best_adv = torch.where(_v(now_fooled), x_adv, x_best_adv)
+        fooled = fooled | now_fooled
+
+        loss_steps[i] = loss_indiv
+        improved = loss_indiv > loss_best
+        x_best = torch.where(_v(improved), x_adv, x_best)
+        grad_best = torch.where(_v(improved), grad, grad_best)
+        loss_best = torch.where(improved, loss_indiv, loss_best)
+
+        counter3 += 1
+        if counter3 == k:
+            # Oscillation check: count loss increases over the last k iterations (reference indexing,
+            # including its wrap-around to the last row at the first checkpoint).
+            increases = torch.zeros(n, device=x.device, dtype=x.dtype)
+            for c5 in range(k):
+                increases += (loss_steps[i - c5] > loss_steps[i - c5 - 1]).to(x.dtype)
+            osc = increases <= k * rho
+            no_impr = ~reduced_last_check & (loss_best_last_check >= loss_best)
+            reduce = osc | no_impr
+            reduced_last_check = reduce
+            loss_best_last_check = loss_best.clone()
+            step_size = torch.where(_v(reduce), step_size / 2.0, step_size)
+            x_adv = torch.where(_v(reduce), x_best, x_adv)
+            grad = torch.where(_v(reduce), grad_best, grad)
+            k = max(k - size_decr, n_iter_min)
+            counter3 = 0
+    return torch.where(_v(fooled), x_best_adv, x), fooled
+
+
+class _APGDBase(Attack):
+    loss_name = "ce"
+
+    def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float | Tensor = 8 / 255, steps: int = 100,
+                 restarts: int = 1, rho: float = 0.75, seed: int | None = 0, bn_mode: str = "eval") -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        if str(norm).lower() not in ("linf", "l2", "inf"):
+            raise ValueError(f"APGD supports norms linf and l2, got {norm!r}")
+        check_positive_int(steps, "steps")
+        check_positive_int(restarts, "restarts")
+        self.threat = make_threat(norm, eps)
+        self.steps, self.restarts, self.rho = steps, restarts, rho
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "steps": self.steps, "restarts": self.restarts}
+
+
+@ATTACKS.register("apgd-ce")
+class APGD(_APGDBase):
+    """APGD with the cross-entropy loss (untargeted); `loss="dlr"` gives APGD-DLR."""
+
+    name = "apgd-ce"
+
+    def __init__(self, model: nn.Module, *, loss: str = "ce", **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        if loss not in ("ce", "dlr"):
+            raise ValueError(f"APGD loss must be 'ce' or 'dlr', got {loss!r}")
+        self.loss_name = loss
+        self.loss_fn = ce_loss if loss == "ce" else dlr_loss
+
+    def _run(self, counter, x, y, target, gen):
+        return apgd_restarts(counter, x, y, threat=self.threat, loss_fn=self.loss_fn, steps=self.steps,
+                             rho=self.rho, restarts=self.restarts, generator=gen)
+
+
+@ATTACKS.register("apgd-dlr")
+class APGDDLR(APGD):
+    """APGD with the difference-of-logits-ratio loss (untargeted)."""
+
+    name = "apgd-dlr"
+
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        kwargs.setdefault("loss", "dlr")
+        super().__init__(model, **kwargs)
+
+
+def apgd_restarts(counter, x, y, *, threat, loss_fn, steps, rho, restarts, generator):
+    """Restarts (and, for APGD-T, targets) run only on points not yet fooled."""
+    with torch.no_grad():
+        robust = counter.logits(x).argmax(1) == y
+    x_adv = x.clone()
+    for _ in range(restarts):
+        idx = robust.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        xs, ys = x[idx], y[idx]
+        adv, fooled = apgd_single_run(counter, xs, ys, threat=threat.subset(idx), loss_fn=loss_fn, steps=steps,
+                                      rho=rho, generator=generator)
+        x_adv[idx] = torch.where(_v(fooled), adv, x_adv[idx])
+        robust[idx] = ~fooled
+    return AttackOut(x_adv, ~robust)
+
+
+@ATTACKS.register("apgd-t")
+class APGDT(_APGDBase):
+    """Targeted APGD on the targeted DLR loss, targets = the 2nd..(n_targets+1)-th largest clean logits."""
+
+    name = "apgd-t"
+
+    def __init__(self, model: nn.Module, *, n_targets: int = 9, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        check_positive_int(n_targets, "n_targets")
+        self.n_targets = n_targets
+
+    def _run(self, counter, x, y, target, gen):
+        with torch.no_grad():
+            clean_logits = counter.logits(x)
+        k = clean_logits.shape[1]
+        n_targets = min(self.n_targets, k - 1)
+        robust = clean_logits.argmax(1) == y
+        x_adv = x.clone()
+        for rank in range(2, n_targets + 2):
+            for _ in range(self.restarts):
+                idx = robust.nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    return AttackOut(x_adv, ~robust)
+                xs, ys = x[idx], y[idx]
+                with torch.no_grad():  # logit ranking recomputed on the points still robust (reference)
+                    tgt = counter.logits(xs).sort(dim=1)[1][:, -rank]
+                adv, fooled = apgd_single_run(counter, xs, ys, threat=self.threat.subset(idx),
+                                              loss_fn=dlr_targeted_loss, steps=self.steps, rho=self.rho,
+                                              target=tgt, generator=gen)
+                x_adv[idx] = torch.where(_v(fooled), adv, x_adv[idx])
+                robust[idx] = ~fooled
+        return AttackOut(x_adv, ~robust)

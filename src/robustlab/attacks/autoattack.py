@@ -1,0 +1,109 @@
+"""AutoAttack "standard" (Croce & Hein, ICML 2020, arXiv:2003.01690): APGD-CE -> APGD-T -> FAB-T -> Square.
+
+Protocol (baselines.md 2.8): only clean-correct points are attacked, each attack only on points
+still robust, a point drops out as soon as one attack fools it; x_adv equals x for robust points.
+min(9, K-1) targets for APGD-T and FAB-T. `impl="reference"` runs the authors' package
+(`pyautoattack`, if installed) on the same model, so robustlab's numbers can be cross-checked with
+one flag; `impl="torchattacks"` runs torchattacks' weaker version (PART's table used it).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.attacks.apgd import APGD, APGDT
+from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.attacks.fab import FAB
+from robustlab.attacks.square import Square
+from robustlab.registry import ATTACKS
+from robustlab.threat import make_threat
+from robustlab.validation import check_choice
+
+
+@ATTACKS.register("autoattack")
+class AutoAttack(Attack):
+    """AutoAttack standard, l_inf or l_2; impl = robustlab | reference (pyautoattack) | torchattacks."""
+
+    name = "autoattack"
+
+    def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float = 8 / 255, version: str = "standard",
+                 impl: str = "robustlab", n_targets: int = 9, apgd_steps: int = 100, fab_steps: int = 100,
+                 square_queries: int = 5000, seed: int | None = 0, bn_mode: str = "eval") -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        if str(norm).lower() not in ("linf", "l2", "inf"):
+            raise ValueError(f"AutoAttack supports norms linf and l2, got {norm!r}")
+        check_choice(version, "AutoAttack version", ("standard",))
+        check_choice(impl, "AutoAttack impl", ("robustlab", "reference", "torchattacks"))
+        self.threat = make_threat(norm, eps)
+        self.impl, self.version = impl, version
+        self.n_targets, self.apgd_steps, self.fab_steps, self.square_queries = n_targets, apgd_steps, fab_steps, square_queries
+        self.last_log: list[dict[str, Any]] = []
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "version": self.version, "impl": self.impl}
+
+    def components(self) -> list[Attack]:
+        kw = dict(norm=self.threat.norm, seed=self.seed, bn_mode=self.bn_mode)
+        eps = self.threat.eps
+        return [
+            APGD(self.model, eps=eps, steps=self.apgd_steps, **kw),
+            APGDT(self.model, eps=eps, steps=self.apgd_steps, n_targets=self.n_targets, **kw),
+            FAB(self.model, eps=float(eps), steps=self.fab_steps, targeted=True, n_targets=self.n_targets, **kw),
+            Square(self.model, eps=float(eps), n_queries=self.square_queries, **kw),
+        ]
+
+    def _run(self, counter: PassCounter, x: Tensor, y: Tensor, target, gen) -> AttackOut:
+        if self.impl != "robustlab":
+            return self._run_external(counter, x, y)
+        with torch.no_grad():
+            robust = counter.logits(x).argmax(1) == y
+        x_adv = x.clone()
+        self.last_log = []
+        for attack in self.components():
+            idx = robust.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            sub = PassCounter(self.model)
+            # Component attacks share the ensemble's generator stream through their own seeds.
+            out = attack._run(sub, x[idx], y[idx], None, gen)
+            with torch.no_grad():
+                fooled = counter.logits(out.x_adv).argmax(1) != y[idx]
+            counter.forward += sub.forward
+            counter.backward += sub.backward
+            x_adv[idx] = torch.where(fooled.view(-1, 1, 1, 1), out.x_adv, x_adv[idx])
+            robust[idx] = ~fooled
+            self.last_log.append({"attack": attack.name + ("-t" if attack.name == "fab" else ""),
+                                  "robust_after": int(robust.sum())})
+        return AttackOut(x_adv, ~robust)
+
+    def _run_external(self, counter: PassCounter, x: Tensor, y: Tensor) -> AttackOut:
+        norm = "Linf" if self.threat.norm == "linf" else "L2"
+        eps = float(self.threat.eps)
+        if self.impl == "reference":
+            try:
+                from pyautoattack import AutoAttack as RefAA
+            except ImportError as e:  # optional dependency
+                raise ImportError("impl='reference' needs the reference AutoAttack: pip install pyautoattack") from e
+            ref = RefAA(self.model, norm=norm, eps=eps, version="standard", device=str(x.device),
+                        seed=0 if self.seed is None else self.seed)
+            ref.verbose = False
+            with torch.no_grad():
+                k = counter.logits(x[:1]).shape[1]
+            ref.apgd_targeted.n_target_classes = min(9, k - 1)
+            ref.fab.n_target_classes = min(9, k - 1)
+            x_adv = ref.run_standard_evaluation(x, y, batch_size=max(x.shape[0], 1))
+        else:
+            try:
+                import torchattacks
+            except ImportError as e:
+                raise ImportError("impl='torchattacks' needs torchattacks: pip install --no-deps torchattacks") from e
+            with torch.no_grad():
+                k = counter.logits(x[:1]).shape[1]
+            ref = torchattacks.AutoAttack(self.model, norm=norm, eps=eps, version="standard", n_classes=k,
+                                          seed=0 if self.seed is None else self.seed)
+            x_adv = ref(x, y)
+        with torch.no_grad():
+            success = counter.logits(x_adv).argmax(1) != y
+        return AttackOut(x_adv.detach(), success)

@@ -1,0 +1,168 @@
+"""Shared machinery of every attack: the result type, pass counting, model state, and the `Attack` base.
+
+An attack is a small object binding hyper-parameters to a model; calling it runs the attack's pure
+core (`_run`) inside `attack_mode`, which puts the model in eval mode with frozen parameters and
+restores both in `finally`. Randomness comes only from a `torch.Generator` seeded per call.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Literal
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.threat import LpBall, make_threat
+from robustlab.validation import check_images, check_labels
+
+
+@dataclass
+class AttackOut:
+    """x_adv (N, C, H, W) in [0, 1]; success: model fooled (untargeted) or target reached (targeted).
+
+    norms: per-sample perturbation norm in the attack's norm (minimal-perturbation attacks fill it,
+    inf where the attack failed). forward/backward: image-passes spent (a batch of B counts B).
+    """
+
+    x_adv: Tensor
+    success: Tensor | None
+    norms: Tensor | None = None
+    forward: int = 0
+    backward: int = 0
+
+
+class PassCounter:
+    """Runs the model and input gradients for an attack, counting image-passes.
+
+    Counting uses the batch size (a Python int), so it never synchronises with the device.
+    """
+
+    def __init__(self, model: nn.Module, y_for_check: Tensor | None = None) -> None:
+        self.model = model
+        self.forward = 0
+        self.backward = 0
+        self._y = y_for_check
+
+    def logits(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        self.forward += x.shape[0]
+        if self._y is not None:  # first call only: validate labels against the number of classes
+            if not isinstance(out, Tensor) or out.dim() != 2:
+                raise ValueError(f"the model must return logits of shape (N, K), got {getattr(out, 'shape', type(out))}")
+            check_labels(self._y, self._y.shape[0], num_classes=out.shape[1])
+            self._y = None
+        return out
+
+    def grad(self, objective: Tensor, x: Tensor, create_graph: bool = False, retain_graph: bool | None = None) -> Tensor:
+        """Gradient of a scalar objective w.r.t. x (a sum of per-sample losses: batch-size invariant)."""
+        (g,) = torch.autograd.grad(objective, x, create_graph=create_graph, retain_graph=retain_graph)
+        self.backward += x.shape[0]
+        return g
+
+    def loss_and_grad(self, x: Tensor, loss_fn, y: Tensor, target: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """logits, per-sample loss and its input gradient at x (one forward, one backward)."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.logits(x)
+            loss = loss_fn(logits, y, target)
+            g = self.grad(loss.sum(), x)
+        return logits.detach(), loss.detach(), g.detach()
+
+
+BNMode = Literal["eval", "train"]
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[nn.Module]:
+    """Model in eval (or train) mode with `requires_grad=False` on every parameter; both restored in finally."""
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    try:
+        model.train(bn_mode == "train")
+        for p in grads:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for m, was_training in modes.items():
+            m.training = was_training
+        for p, req in grads.items():
+            p.requires_grad_(req)
+
+
+def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0 if seed is None else int(seed))
+    return gen
+
+
+class Attack:
+    """Base class. Subclasses set `name`, implement `_run(counter, x, y, generator) -> AttackOut`.
+
+    Call as `attack(x, y) -> x_adv`, or `attack.run(x, y) -> AttackOut` for success flags, norms and passes.
+    Targeted attacks take `attack(x, y, target=t)`.
+    """
+
+    name: ClassVar[str] = ""
+    minimal: ClassVar[bool] = False  # minimal-perturbation attack: reports norms, eps optional
+    supports_targeted: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, *, seed: int | None = 0, bn_mode: BNMode = "eval") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if bn_mode not in ("eval", "train"):
+            raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+        self.model = model
+        self.seed = seed
+        self.bn_mode: BNMode = bn_mode
+        self.threat: LpBall | None = None
+
+    # threat model helpers --------------------------------------------------------------------
+    @property
+    def norm(self) -> str | None:
+        return self.threat.norm if self.threat is not None else None
+
+    @property
+    def eps(self) -> float | Tensor | None:
+        return self.threat.eps if self.threat is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        eps = self.eps
+        return {"attack": self.name, "norm": self.norm, "eps": eps if not isinstance(eps, Tensor) else "tensor"}
+
+    # entry points ----------------------------------------------------------------------------
+    def __call__(self, x: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+        return self.run(x, y, target=target, with_success=False).x_adv
+
+    def run(self, x: Tensor, y: Tensor, target: Tensor | None = None, *, with_success: bool = True) -> AttackOut:
+        """Run the attack. with_success=False skips the extra forward some attacks need for success flags."""
+        check_images(x)
+        check_labels(y, x.shape[0])
+        if target is not None:
+            if not self.supports_targeted:
+                raise ValueError(f"attack {self.name!r} has no targeted mode")
+            check_labels(target, x.shape[0], name="target")
+            if (target == y).any():
+                raise ValueError("target equals the true label for some samples; a targeted attack needs target != y")
+        y = y.long()
+        target = target.long() if target is not None else None
+        x = x.detach()
+        with attack_mode(self.model, self.bn_mode):
+            counter = PassCounter(self.model, y_for_check=y)
+            gen = make_generator(x.device, self.seed)
+            out = self._run(counter, x, y, target, gen)
+            if out.success is None and with_success:
+                with torch.no_grad():
+                    pred = counter.logits(out.x_adv).argmax(1)
+                out.success = pred == target if target is not None else pred != y
+        out.x_adv = out.x_adv.detach()
+        out.forward, out.backward = counter.forward, counter.backward
+        return out
+
+    def _run(self, counter: PassCounter, x: Tensor, y: Tensor, target: Tensor | None, gen: torch.Generator) -> AttackOut:
+        raise NotImplementedError  # abstract: each attack implements its algorithm here
+
+
+def threat_from(norm: str, eps: float | Tensor, **kwargs: Any) -> LpBall:
+    return make_threat(norm, eps, **kwargs)
+

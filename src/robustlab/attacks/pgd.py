@@ -1,0 +1,133 @@
+"""FGSM (Goodfellow et al. 2015) and PGD (Madry et al. 2018, arXiv:1706.06083) for l_inf, l_2 and l_1.
+
+Threat model: any `LpBall` (l_1 uses the SLIDE sparse step). Defaults: baselines.md 2.1-2.2.
+PGD returns the final iterate; with restarts, per sample the restart that fools the model,
+else the one with the highest final loss.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.losses import get_loss
+from robustlab.losses.classification import margin
+from robustlab.registry import ATTACKS
+from robustlab.threat import LpBall, make_threat
+from robustlab.validation import check_positive, check_positive_int
+
+
+def pgd(
+    counter: PassCounter,
+    x: Tensor,
+    y: Tensor,
+    *,
+    threat: LpBall,
+    loss_fn,
+    steps: int,
+    step_size: float | Tensor,
+    random_start: bool = True,
+    restarts: int = 1,
+    target: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> AttackOut:
+    """Pure PGD core: no mode handling, no validation. Loss gradients are of the per-sample sum."""
+    best_x = x.clone()
+    best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
+    best_success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(restarts):
+        x_adv = threat.random_init(x, generator) if random_start else x.clone()
+        for _ in range(steps):
+            _, _, g = counter.loss_and_grad(x_adv, loss_fn, y, target)
+            x_adv = threat.step(x_adv, g, step_size, x)
+        if restarts == 1:  # success flags left to the caller (Attack.run adds them on demand)
+            return AttackOut(x_adv, None)
+        with torch.no_grad():
+            logits = counter.logits(x_adv)
+            loss = loss_fn(logits, y, target)
+            success = _success(logits, y, target)
+        better = (success & ~best_success) | ((success == best_success) & (loss > best_loss))
+        best_x = torch.where(better.view(-1, 1, 1, 1), x_adv, best_x)
+        best_loss = torch.where(better, loss, best_loss)
+        best_success = best_success | success
+    return AttackOut(best_x, best_success)
+
+
+def _success(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
+    pred = logits.argmax(1)
+    return pred == target if target is not None else pred != y
+
+
+@ATTACKS.register("pgd")
+class PGD(Attack):
+    """Projected gradient descent, l_inf / l_2 / l_1 (SLIDE), CE / CW-margin / DLR loss, random start, restarts.
+
+    Example: `PGD(model, norm="linf", eps=0.3, steps=40, step_size=0.01)(x, y) -> x_adv`.
+    step_size defaults to 2.5 * eps / steps.
+    """
+
+    name = "pgd"
+    supports_targeted = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        norm: str = "linf",
+        eps: float | Tensor = 8 / 255,
+        steps: int = 10,
+        step_size: float | None = None,
+        loss: str = "ce",
+        random_start: bool = True,
+        restarts: int = 1,
+        q: float = 0.99,
+        seed: int | None = 0,
+        bn_mode: str = "eval",
+        **threat_kwargs: Any,
+    ) -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        check_positive_int(steps, "steps")
+        check_positive_int(restarts, "restarts")
+        if norm in ("l1", "L1"):
+            threat_kwargs["q"] = q
+        self.threat = make_threat(norm, eps, **threat_kwargs)
+        if step_size is None:
+            step_size = 2.5 * float(eps if not isinstance(eps, Tensor) else eps.max()) / steps
+        check_positive(step_size, "step_size", allow_zero=True)
+        self.steps, self.step_size, self.loss = steps, step_size, loss
+        self.loss_fn = get_loss(loss)
+        self.random_start, self.restarts = random_start, restarts
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "steps": self.steps, "step_size": self.step_size, "loss": self.loss,
+                "restarts": self.restarts}
+
+    def _run(self, counter, x, y, target, gen):
+        return pgd(counter, x, y, threat=self.threat, loss_fn=self.loss_fn, steps=self.steps,
+                   step_size=self.step_size, random_start=self.random_start, restarts=self.restarts,
+                   target=target, generator=gen)
+
+
+@ATTACKS.register("fgsm")
+class FGSM(Attack):
+    """Fast gradient sign method (l_inf) / fast gradient method (l_2): one step of size eps, no random start."""
+
+    name = "fgsm"
+    supports_targeted = True
+
+    def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float | Tensor = 8 / 255, loss: str = "ce",
+                 seed: int | None = 0, bn_mode: str = "eval") -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        if norm not in ("linf", "l2", "Linf", "L2", "inf"):
+            raise ValueError(f"FGSM supports norms linf and l2, got {norm!r}")
+        self.threat = make_threat(norm, eps)
+        self.loss_fn = get_loss(loss)
+
+    def _run(self, counter, x, y, target, gen):
+        return pgd(counter, x, y, threat=self.threat, loss_fn=self.loss_fn, steps=1,
+                   step_size=self.threat.eps_like(x), random_start=False, target=target, generator=gen)
+
+
+__all__ = ["PGD", "FGSM", "pgd", "margin"]

@@ -1,0 +1,61 @@
+"""Attack specifications as strings: "name:key=value,key=value" (the CLI's --attack syntax).
+
+Values are parsed as Python literals (never evaluated as code); "a/b" is accepted as a fraction
+(eps=8/255); anything else stays a string (norm=linf).
+"""
+from __future__ import annotations
+
+import ast
+import re
+from typing import Any
+
+from torch import nn
+
+from robustlab.registry import ATTACKS
+
+_FRACTION = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+
+def parse_value(text: str) -> Any:
+    m = _FRACTION.match(text)
+    if m:
+        den = float(m.group(2))
+        if den == 0:
+            raise ValueError(f"division by zero in {text!r}")
+        return float(m.group(1)) / den
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        low = text.strip().lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if low in ("none", "null"):
+            return None
+        return text.strip()
+
+
+def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'pgd:norm=linf,eps=0.3,steps=40' -> ('pgd', {'norm': 'linf', 'eps': 0.3, 'steps': 40})."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty attack specification {spec!r}; expected 'name:key=value,...'")
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    ATTACKS.get(name)  # fails listing valid names
+    kwargs: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"bad option {part!r} in attack spec {spec!r}; expected key=value")
+        kwargs[key.strip()] = parse_value(value)
+    return name, kwargs
+
+
+def create_attack(name_or_spec: str, model: nn.Module, **overrides: Any):
+    """Build an attack from its registry name or a full spec string; unknown options raise TypeError."""
+    name, kwargs = parse_attack_spec(name_or_spec)
+    kwargs.update(overrides)
+    factory = ATTACKS.get(name)
+    try:
+        return factory(model, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"bad options for attack {name!r}: {e}") from None

@@ -1,0 +1,287 @@
+"""Robustness evaluation: clean accuracy, robust accuracy per attack, union and average accuracy, per-class
+accuracy, confusion matrices, minimal-perturbation statistics and the passes spent.
+
+Convention (AutoAttack): a sample is robust to an attack iff its clean prediction is correct and its
+adversarial prediction is correct, so robust accuracy <= clean accuracy always. Each attack runs on
+every clean-correct sample (per-attack numbers are not conditioned on the order of the panel); the
+union counts a sample only if it survives every attack. Every x_adv is checked against its threat
+model (and the [0, 1] box) before it is judged: a violation is an error, never a silent number.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustlab.attacks.base import Attack, attack_mode
+from robustlab.attacks.spec import create_attack
+from robustlab.threat import make_threat, per_sample_norm
+from robustlab.validation import check_images, check_labels, check_positive_int
+
+
+class ThreatViolation(RuntimeError):
+    """An attack returned a point outside its threat model (a bug in the attack, never a result)."""
+
+
+def _unique_names(attacks: Sequence[Attack]) -> list[str]:
+    names = [a.name for a in attacks]
+    out = []
+    for a in attacks:
+        base = a.name
+        if names.count(base) > 1:
+            base = f"{a.name}-{a.norm}" if a.norm else a.name
+            eps = a.describe().get("eps")
+            if sum(1 for b in attacks if b.name == a.name and b.norm == a.norm) > 1 and eps is not None:
+                base = f"{base}-{eps:g}" if isinstance(eps, (int, float)) else base
+        k, cand = 2, base
+        while cand in out:
+            cand, k = f"{base}-{k}", k + 1
+        out.append(cand)
+    return out
+
+
+def check_setup(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
+    """AutoAttack-style sanity checks on one batch; returns (and warns) the problems found."""
+    problems: list[str] = []
+    if model.training:
+        problems.append("the model is in train mode; evaluation switches it to eval mode (BatchNorm running "
+                        "statistics, no dropout). Call model.eval() to silence this warning.")
+    with attack_mode(model):
+        xs = x[: min(32, x.shape[0])].detach()
+        with torch.no_grad():
+            a, b = model(xs), model(xs)
+        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+            problems.append("two forward passes on the same input differ: the model is randomised; robust "
+                            "accuracy from deterministic attacks is unreliable (use EOT-style attacks)")
+        if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones_like(a.sum(1)), atol=1e-4):
+            problems.append("the model seems to output probabilities (rows are non-negative and sum to 1); "
+                            "attacks expect logits. Remove the final softmax.")
+        xg = xs.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(xg), y[: xs.shape[0]].long(), reduction="sum")
+            (g,) = torch.autograd.grad(loss, xg)
+        zero = (g.flatten(1).abs().amax(1) == 0).float().mean().item()
+        if zero > 0.5:
+            problems.append(f"the input gradient is exactly zero for {zero:.0%} of samples: gradient masking or a "
+                            "non-differentiable model; gradient-based robust accuracy will be overestimated")
+    for p in problems:
+        warnings.warn(p, RuntimeWarning, stacklevel=3)
+    return problems
+
+
+def _batches(x: Tensor | None, y: Tensor | None, loader: Iterable | None, batch_size: int):
+    if loader is not None:
+        for item in loader:
+            xb, yb = item[0], item[1]
+            yield xb, yb
+        return
+    for i in range(0, x.shape[0], batch_size):  # type: ignore[union-attr]
+        yield x[i:i + batch_size], y[i:i + batch_size]  # type: ignore[index]
+
+
+def evaluate(
+    model: nn.Module,
+    x: Tensor | Iterable | None = None,
+    y: Tensor | None = None,
+    attacks: Sequence[Attack | str] = ("pgd:norm=linf,eps=0.3,steps=40",),
+    *,
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+    n_samples: int | None = None,
+    checks: bool = True,
+    keep_records: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Evaluate `model` on (x, y) tensors or a DataLoader `x` yielding (x, y) batches.
+
+    attacks: Attack objects bound to `model`, or spec strings ("pgd:norm=linf,eps=0.3,steps=40").
+    Returns a JSON-serialisable dict: clean_accuracy, attacks{name: robust_accuracy, norm, eps, passes, ...},
+    union_accuracy, average_accuracy, per_norm, per_class, confusion, n_samples (+ records if asked).
+    """
+    check_positive_int(batch_size, "batch_size")
+    loader = None
+    if x is not None and not isinstance(x, Tensor):
+        loader, x = x, None
+    elif x is None or y is None:
+        raise ValueError("evaluate needs images x and labels y (or a DataLoader as x)")
+    else:
+        check_images(x)
+        check_labels(y, x.shape[0])
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    built = [create_attack(a, model) if isinstance(a, str) else a for a in attacks]
+    for a in built:
+        if not isinstance(a, Attack):
+            raise TypeError(f"attacks must be Attack objects or spec strings, got {type(a).__name__}")
+        if a.model is not model:
+            raise ValueError(f"attack {a.name!r} is bound to a different model than the one evaluated")
+    names = _unique_names(built)
+    was_training = model.training
+
+    labels, clean_pred = [], []
+    robust = {n: [] for n in names}
+    adv_pred = {n: [] for n in names}
+    norms = {n: [] for n in names}
+    l2 = {n: [] for n in names}
+    xnorm: list[Tensor] = []
+    passes = {n: [0, 0] for n in names}
+    clean_passes = 0
+    seen = 0
+    first = True
+    from robustlab.utils import progress_bar
+
+    with progress_bar(total=n_samples or (x.shape[0] if x is not None else None), desc="evaluate",
+                      enabled=progress) as bar:
+        for xb, yb in _batches(x, y, loader, batch_size):
+            if n_samples is not None and seen >= n_samples:
+                break
+            if n_samples is not None:
+                xb, yb = xb[: n_samples - seen], yb[: n_samples - seen]
+            xb, yb = xb.to(device).float(), yb.to(device).long()
+            if loader is not None:
+                check_images(xb)
+                check_labels(yb, xb.shape[0])
+            if first and checks:
+                check_setup(model, xb, yb)
+                first = False
+            with attack_mode(model):
+                with torch.no_grad():
+                    logits = model(xb)
+                check_labels(yb, xb.shape[0], num_classes=logits.shape[1])
+                pred = logits.argmax(1)
+            clean_passes += xb.shape[0]
+            correct = pred == yb
+            labels.append(yb.cpu())
+            clean_pred.append(pred.cpu())
+            xnorm.append(per_sample_norm(xb, "l2").cpu())
+            idx = correct.nonzero().squeeze(1)
+            for name, atk in zip(names, built):
+                rob = torch.zeros_like(correct)
+                ap = pred.clone()
+                nrm = torch.zeros(xb.shape[0], device=device)
+                r2 = torch.zeros(xb.shape[0], device=device)
+                if idx.numel():
+                    xs, ys = xb[idx], yb[idx]
+                    out = atk.run(xs, ys, with_success=False)
+                    passes[name][0] += out.forward
+                    passes[name][1] += out.backward
+                    _check_threat(atk, out.x_adv, xs, name)
+                    with attack_mode(model), torch.no_grad():
+                        p_adv = model(out.x_adv).argmax(1)
+                    clean_passes += xs.shape[0]
+                    rob[idx] = p_adv == ys
+                    ap[idx] = p_adv
+                    r2[idx] = per_sample_norm(out.x_adv - xs, "l2")
+                    if out.norms is not None:
+                        # minimal attacks: inf marks a failure; count norms only where it fooled the model
+                        nrm[idx] = torch.where(p_adv != ys, out.norms.to(nrm.dtype), torch.full_like(r2[idx], math.inf))
+                    else:
+                        nrm[idx] = per_sample_norm(out.x_adv - xs, atk.norm or "l2")
+                robust[name].append(rob.cpu())
+                adv_pred[name].append(ap.cpu())
+                norms[name].append(nrm.cpu())
+                l2[name].append(r2.cpu())
+            seen += xb.shape[0]
+            bar.update(xb.shape[0])
+    model.train(was_training)
+    if seen == 0:
+        raise ValueError("no samples to evaluate")
+    return _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xnorm, passes, clean_passes,
+                      keep_records)
+
+
+def _check_threat(atk: Attack, x_adv: Tensor, x: Tensor, name: str) -> None:
+    threat = atk.threat
+    eps = getattr(atk, "eps_value", None)
+    if threat is None and eps is not None and atk.norm:
+        threat = make_threat(atk.norm, eps)
+    if threat is not None:
+        ok = threat.contains(x_adv, x)
+        what = f"its {threat.norm} ball"
+    else:  # unbounded minimal-perturbation attack: only the box applies
+        ok = (x_adv.flatten(1).amin(1) >= -1e-6) & (x_adv.flatten(1).amax(1) <= 1 + 1e-6)
+        what = "the [0, 1] box"
+    if not bool(ok.all()):
+        bad = int((~ok).sum())
+        raise ThreatViolation(f"attack {name!r} returned {bad} point(s) outside {what}; this is a bug in the attack")
+
+
+def _confusion(y: Tensor, p: Tensor, k: int) -> list[list[int]]:
+    m = torch.zeros(k * k, dtype=torch.long)
+    m.index_add_(0, y * k + p, torch.ones_like(y))
+    return m.view(k, k).tolist()
+
+
+def _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xnorm, passes, clean_passes,
+               keep_records) -> dict[str, Any]:
+    y = torch.cat(labels)
+    pred = torch.cat(clean_pred)
+    n = y.shape[0]
+    k = int(max(int(y.max()), int(pred.max())) + 1)
+    correct = pred == y
+    xn = torch.cat(xnorm)
+    result: dict[str, Any] = {"n_samples": n, "clean_accuracy": correct.float().mean().item(), "attacks": {}}
+    union = correct.clone()
+    per_norm: dict[str, Tensor] = {}
+    for name, atk in zip(names, built):
+        rob = torch.cat(robust[name])
+        union &= rob
+        if atk.norm:
+            per_norm[atk.norm] = per_norm.get(atk.norm, correct.clone()) & rob
+        n_att = int(correct.sum())
+        entry: dict[str, Any] = {
+            "robust_accuracy": rob.float().mean().item(),
+            **{k2: (v if not isinstance(v, Tensor) else "tensor") for k2, v in atk.describe().items() if k2 != "attack"},
+            "attack": atk.name,
+            "passes": {"forward": passes[name][0], "backward": passes[name][1],
+                       "per_attacked_image": (passes[name][0] + passes[name][1]) / max(n_att, 1)},
+            "confusion": _confusion(y, torch.cat(adv_pred[name]), k),
+        }
+        if atk.minimal:
+            nr = torch.cat(norms[name])
+            r2 = torch.cat(l2[name])
+            fooled = correct & torch.isfinite(nr)
+            failed = correct & ~torch.isfinite(nr)
+            r2_used = torch.where(correct, r2, torch.zeros_like(r2))  # misclassified points: r = 0
+            ok = ~failed
+            rho = (r2_used[ok] / xn[ok].clamp_min(1e-12)).mean().item() if ok.any() else float("nan")
+            entry["perturbation"] = {
+                "norm": atk.norm,
+                "mean": nr[fooled].mean().item() if fooled.any() else None,
+                "median": nr[fooled].median().item() if fooled.any() else None,
+                "mean_l2": r2[fooled].mean().item() if fooled.any() else None,
+                "median_l2": r2[fooled].median().item() if fooled.any() else None,
+                "rho": rho,
+                "n_failed": int(failed.sum()),
+                "rho_convention": "mean ||r||_2/||x||_2 over all samples, misclassified ones with r = 0, "
+                                  "failed attacks excluded (counted in n_failed)",
+            }
+        result["attacks"][name] = entry
+    result["union_accuracy"] = union.float().mean().item()
+    accs = [e["robust_accuracy"] for e in result["attacks"].values()]
+    result["average_accuracy"] = sum(accs) / len(accs) if accs else None
+    result["per_norm"] = {p: v.float().mean().item() for p, v in per_norm.items()}
+    per_class = {}
+    for c in range(k):
+        m = y == c
+        if not m.any():
+            continue
+        per_class[str(c)] = {
+            "n": int(m.sum()),
+            "clean_accuracy": correct[m].float().mean().item(),
+            "union_accuracy": union[m].float().mean().item(),
+            "attacks": {name: torch.cat(robust[name])[m].float().mean().item() for name in names},
+        }
+    result["per_class"] = per_class
+    result["confusion"] = {"clean": _confusion(y, pred, k)}
+    result["passes"] = {"clean_and_judging_forward": clean_passes}
+    if keep_records:
+        result["records"] = {"label": y.tolist(), "clean_pred": pred.tolist(),
+                             "robust": {nm: torch.cat(robust[nm]).tolist() for nm in names}}
+    return result
