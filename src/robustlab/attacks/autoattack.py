@@ -93,7 +93,8 @@ class AutoAttack(Attack):
                 k = counter.logits(x[:1]).shape[1]
             ref.apgd_targeted.n_target_classes = min(9, k - 1)
             ref.fab.n_target_classes = min(9, k - 1)
-            x_adv = ref.run_standard_evaluation(x, y, batch_size=max(x.shape[0], 1))
+            out = ref.run_standard_evaluation(x, y, batch_size=max(x.shape[0], 1))
+            x_adv = out[0] if isinstance(out, tuple) else out  # pyautoattack returns (x_adv, y_adv)
         else:
             try:
                 import torchattacks

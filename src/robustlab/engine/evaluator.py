@@ -154,6 +154,7 @@ def evaluate(
                 with torch.no_grad():
                     logits = model(xb)
                 check_labels(yb, xb.shape[0], num_classes=logits.shape[1])
+                num_classes = logits.shape[1]
                 pred = logits.argmax(1)
             clean_passes += xb.shape[0]
             correct = pred == yb
@@ -193,7 +194,7 @@ def evaluate(
     if seen == 0:
         raise ValueError("no samples to evaluate")
     return _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xnorm, passes, clean_passes,
-                      keep_records)
+                      keep_records, num_classes)
 
 
 def _check_threat(atk: Attack, x_adv: Tensor, x: Tensor, name: str) -> None:
@@ -219,14 +220,14 @@ def _confusion(y: Tensor, p: Tensor, k: int) -> list[list[int]]:
 
 
 def _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xnorm, passes, clean_passes,
-               keep_records) -> dict[str, Any]:
+               keep_records, num_classes: int) -> dict[str, Any]:
     y = torch.cat(labels)
     pred = torch.cat(clean_pred)
     n = y.shape[0]
-    k = int(max(int(y.max()), int(pred.max())) + 1)
+    k = num_classes
     correct = pred == y
     xn = torch.cat(xnorm)
-    result: dict[str, Any] = {"n_samples": n, "clean_accuracy": correct.float().mean().item(), "attacks": {}}
+    result: dict[str, Any] = {"n_samples": n, "num_classes": k, "clean_accuracy": correct.float().mean().item(), "attacks": {}}
     union = correct.clone()
     per_norm: dict[str, Tensor] = {}
     for name, atk in zip(names, built):

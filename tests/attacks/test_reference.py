@@ -1,0 +1,53 @@
+"""Cross-checks against independent implementations (test-only dependencies):
+pyautoattack (the AutoAttack authors' code) and torchattacks, on the same adversarially trained model."""
+import logging
+
+import pytest
+import torch
+
+from robustlab.attacks import APGD, PGD, AutoAttack
+
+pytestmark = pytest.mark.reference
+
+
+def _robust_acc(model, x, y, x_adv):
+    with torch.no_grad():
+        return ((model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)).float().mean().item()
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.15])
+def test_autoattack_agrees_with_reference_package(digits_mlp_at, digits, eps):
+    pytest.importorskip("pyautoattack", reason="reference AutoAttack not installed (pip install pyautoattack)")
+    logging.getLogger("auto-attack").setLevel(logging.ERROR)
+    x, y = digits.x_test, digits.y_test
+    ours = _robust_acc(digits_mlp_at, x, y, AutoAttack(digits_mlp_at, eps=eps)(x, y))
+    ref = _robust_acc(digits_mlp_at, x, y, AutoAttack(digits_mlp_at, eps=eps, impl="reference")(x, y))
+    assert 0.2 < ours < 0.95, "the model should be partly robust, or the comparison says nothing"
+    assert abs(ours - ref) <= 0.01
+
+
+def test_autoattack_l2_agrees_with_reference_package(digits_mlp_at, digits):
+    pytest.importorskip("pyautoattack")
+    x, y = digits.x_test[:200], digits.y_test[:200]
+    ours = _robust_acc(digits_mlp_at, x, y, AutoAttack(digits_mlp_at, norm="l2", eps=0.5)(x, y))
+    ref = _robust_acc(digits_mlp_at, x, y, AutoAttack(digits_mlp_at, norm="l2", eps=0.5, impl="reference")(x, y))
+    assert abs(ours - ref) <= 0.015  # 3 of 200 samples
+
+
+def test_pgd_and_apgd_agree_with_torchattacks(digits_mlp_at, digits):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y = digits.x_test, digits.y_test
+    m = digits_mlp_at
+    ours_pgd = _robust_acc(m, x, y, PGD(m, eps=0.1, steps=40, step_size=0.01)(x, y))
+    ta_pgd = _robust_acc(m, x, y, torchattacks.PGD(m, eps=0.1, alpha=0.01, steps=40)(x, y))
+    ours_apgd = _robust_acc(m, x, y, APGD(m, eps=0.1, steps=100)(x, y))
+    ta_apgd = _robust_acc(m, x, y, torchattacks.APGD(m, eps=0.1, steps=100, loss="ce")(x, y))
+    assert abs(ours_pgd - ta_pgd) <= 0.01
+    assert abs(ours_apgd - ta_apgd) <= 0.01
+
+
+def test_autoattack_torchattacks_impl_runs(digits_mlp_at, digits):
+    pytest.importorskip("torchattacks")
+    x, y = digits.x_test[:60], digits.y_test[:60]
+    x_adv = AutoAttack(digits_mlp_at, eps=0.1, impl="torchattacks")(x, y)
+    assert ((x_adv - x).abs().amax() <= 0.1 + 1e-6) and x_adv.min() >= 0 and x_adv.max() <= 1

@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny random models for invariants, and small trained models cached per session.
+
+Trained models use robustlab's own training loop on the embedded data, seeded, so every run sees the
+same weights. Threads are pinned to 1 (CI sets OMP_NUM_THREADS=1 as well).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+class Linear(nn.Module):
+    """z = W x + b on flattened images: the analytic oracle of baselines.md section 4."""
+
+    def __init__(self, d: int, k: int, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.fc = nn.Linear(d, k)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(k, d, generator=g) * 0.5)
+            self.fc.bias.copy_(torch.randn(k, generator=g) * 0.1)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class TinyCNN(nn.Module):
+    """Conv + BatchNorm + dropout-free head: small enough for hypothesis-driven invariant tests."""
+
+    def __init__(self, c: int = 1, k: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, k)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x)))
+        h = F.adaptive_avg_pool2d(h, 4)
+        return self.fc(h.flatten(1))
+
+
+def train_classifier(model: nn.Module, x, y, *, epochs: int, adv_eps: float = 0.0, adv_steps: int = 5,
+                     lr: float = 1e-3, batch_size: int = 100, seed: int = 0) -> nn.Module:
+    """Plain (or PGD-AT when adv_eps > 0) training loop used to build test fixtures."""
+    from robustlab.attacks import PGD
+
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[perm[i:i + batch_size]], y[perm[i:i + batch_size]]
+            if adv_eps > 0:
+                xb = PGD(model, eps=adv_eps, steps=adv_steps, step_size=2.5 * adv_eps / adv_steps, seed=i)(xb, yb)
+            model.train()
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from robustlab.data import load_dataset
+
+    return load_dataset("mnist5k")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from robustlab.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def mnist_cnn(mnist):
+    """small-cnn (width 8) trained 2 epochs on mnist5k: ~90% clean accuracy, not robust."""
+    from robustlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small-cnn", width=8, hidden=64)
+    return train_classifier(model, mnist.x_train, mnist.y_train, epochs=2)
+
+
+@pytest.fixture(scope="session")
+def digits_mlp(digits):
+    from robustlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mlp", input_size=8, hidden=64, depth=2)
+    return train_classifier(model, digits.x_train, digits.y_train, epochs=30, lr=3e-3)
+
+
+@pytest.fixture(scope="session")
+def digits_mlp_at(digits):
+    """PGD-AT (linf eps 0.1) MLP on the 8x8 digits: robust enough for AutoAttack to have work to do."""
+    from robustlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mlp", input_size=8, hidden=64, depth=2)
+    return train_classifier(model, digits.x_train, digits.y_train, epochs=30, lr=3e-3, adv_eps=0.1)
+
+
+@pytest.fixture
+def tiny_cnn():
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture
+def linear_model():
+    return Linear(16, 3).eval()

@@ -1,0 +1,119 @@
+"""Bad input gives a clear error naming the problem."""
+import pytest
+import torch
+
+from robustlab import evaluate
+from robustlab.attacks import PGD, create_attack, parse_attack_spec
+from robustlab.models import create_model
+
+from tests.conftest import TinyCNN
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+def test_nan_images(model):
+    x = torch.rand(2, 1, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        PGD(model, eps=0.1)(x, torch.tensor([0, 1]))
+
+
+def test_inf_images(model):
+    x = torch.rand(2, 1, 8, 8)
+    x[1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="inf"):
+        PGD(model, eps=0.1)(x, torch.tensor([0, 1]))
+
+
+def test_out_of_range_images(model):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        PGD(model, eps=0.1)(torch.rand(2, 1, 8, 8) * 255, torch.tensor([0, 1]))
+
+
+def test_wrong_rank(model):
+    with pytest.raises(ValueError, match="rank 3"):
+        PGD(model, eps=0.1)(torch.rand(1, 8, 8), torch.tensor([0]))
+
+
+def test_integer_images(model):
+    with pytest.raises(TypeError, match="floating-point"):
+        PGD(model, eps=0.1)(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]))
+
+
+def test_labels_out_of_range(model):
+    with pytest.raises(ValueError, match="label 10 but the model outputs 10 classes"):
+        PGD(model, eps=0.1)(torch.rand(2, 1, 8, 8), torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="negative"):
+        PGD(model, eps=0.1)(torch.rand(2, 1, 8, 8), torch.tensor([0, -1]))
+
+
+def test_labels_wrong_length(model):
+    with pytest.raises(ValueError, match="3 labels but the batch has 2"):
+        PGD(model, eps=0.1)(torch.rand(2, 1, 8, 8), torch.tensor([0, 1, 2]))
+
+
+def test_labels_float(model):
+    with pytest.raises(TypeError, match="integer"):
+        PGD(model, eps=0.1)(torch.rand(2, 1, 8, 8), torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("name", ["pgd", "fgsm", "apgd-ce", "square", "mma", "autoattack"])
+def test_negative_eps(model, name):
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        create_attack(name, model, eps=-0.1)
+
+
+@pytest.mark.parametrize("spec", ["pgd:steps=0", "apgd-ce:steps=0", "cw:steps=0", "deepfool:steps=0", "fab:steps=0",
+                                  "mma:steps=0", "square:n_queries=0"])
+def test_steps_below_one(model, spec):
+    with pytest.raises(ValueError, match=">= 1"):
+        create_attack(spec, model)
+
+
+def test_unknown_attack_lists_valid_names(model):
+    with pytest.raises(KeyError, match="valid names: .*pgd"):
+        create_attack("pgdd", model)
+
+
+def test_unknown_attack_option(model):
+    with pytest.raises(TypeError, match="bad options for attack 'pgd'"):
+        create_attack("pgd:stepz=3", model)
+
+
+def test_spec_parsing():
+    assert parse_attack_spec("pgd:norm=linf,eps=8/255,steps=40,random_start=false") == (
+        "pgd", {"norm": "linf", "eps": 8 / 255, "steps": 40, "random_start": False})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_attack_spec("pgd:eps")
+
+
+def test_unknown_norm_and_loss(model):
+    with pytest.raises(ValueError, match="unknown norm"):
+        PGD(model, norm="l7")
+    with pytest.raises(ValueError, match="unknown attack loss"):
+        PGD(model, loss="hinge")
+    with pytest.raises(ValueError, match="supports norms"):
+        create_attack("apgd-ce", model, norm="l1")
+
+
+def test_targeted_with_true_label(model):
+    with pytest.raises(ValueError, match="target equals the true label"):
+        PGD(model, eps=0.1).run(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), target=torch.tensor([0, 2]))
+
+
+def test_evaluate_needs_labels(model):
+    with pytest.raises(ValueError, match="labels"):
+        evaluate(model, torch.rand(2, 1, 8, 8), None)
+
+
+def test_unknown_model_and_bad_options():
+    with pytest.raises(KeyError, match="valid names"):
+        create_model("resnet1000")
+    with pytest.raises(TypeError, match="bad options for model"):
+        create_model("mlp", widht=3)
+    with pytest.raises(ValueError, match="6n\\+4"):
+        create_model("wrn", depth=27)
