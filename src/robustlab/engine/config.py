@@ -1,0 +1,153 @@
+"""Training configuration: one frozen dataclass, built from YAML/dicts with validation that names the key.
+
+`load_config(path, overrides=["epochs=3", "method_kwargs.eps=0.1"])`: unknown keys, wrong types and
+out-of-range values raise ConfigError naming the key. Values in overrides are parsed as literals.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, of the wrong type, or out of range."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "run"
+    dataset: str = "mnist5k"
+    dataset_kwargs: dict = field(default_factory=dict)
+    model: str = "small-cnn"
+    model_kwargs: dict = field(default_factory=dict)
+    method: str = "standard"
+    method_kwargs: dict = field(default_factory=dict)
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"  # constant | multistep | cosine | cyclic
+    milestones: tuple = (0.5, 0.75)  # fractions of training (or epochs if > 1) for multistep
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    grad_clip: float | None = None
+    augment: str = "none"  # none | crop-flip | crop
+    eval_every: int = 1
+    eval_attack: str | None = None  # attack spec; default: PGD-20 at the method's threat model
+    eval_samples: int = 500
+    select_best: bool = True  # keep the checkpoint with the best robust accuracy (robust overfitting)
+    early_stop_co: bool = False  # stop on catastrophic overfitting (Fast-AT's PGD check)
+    seed: int = 0
+    deterministic: bool = False
+    amp: str = "none"  # none | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "cpu"
+    out_dir: str = "runs"
+    tensorboard: bool = False
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+_CHOICES = {"optimizer": ("sgd", "adam"), "schedule": ("constant", "multistep", "cosine", "cyclic"),
+            "augment": ("none", "crop-flip", "crop"), "amp": ("none", "bf16", "fp16")}
+_POSITIVE = ("epochs", "batch_size", "eval_every", "eval_samples")
+
+
+def _check(cfg: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        t = hints[f.name]
+        if not _type_ok(v, t):
+            raise ConfigError(f"config key {f.name!r} must be {_type_name(t)}, got {v!r}")
+    for k, choices in _CHOICES.items():
+        if getattr(cfg, k) not in choices:
+            raise ConfigError(f"config key {k!r} must be one of {', '.join(choices)}, got {getattr(cfg, k)!r}")
+    for k in _POSITIVE:
+        if getattr(cfg, k) < 1:
+            raise ConfigError(f"config key {k!r} must be >= 1, got {getattr(cfg, k)}")
+    for k in ("lr", "weight_decay", "momentum", "gamma", "warmup_epochs"):
+        if getattr(cfg, k) < 0:
+            raise ConfigError(f"config key {k!r} must be >= 0, got {getattr(cfg, k)}")
+    if cfg.lr == 0:
+        raise ConfigError("config key 'lr' must be > 0")
+    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
+        raise ConfigError(f"config key 'grad_clip' must be > 0 or null, got {cfg.grad_clip}")
+
+
+def _type_ok(v: Any, t: Any) -> bool:
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(v, a) for a in typing.get_args(t))
+    if t is type(None):
+        return v is None
+    if t is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t is tuple:
+        return isinstance(v, (tuple, list))
+    return isinstance(v, t)
+
+
+def _type_name(t: Any) -> str:
+    args = typing.get_args(t)
+    return " or ".join(_type_name(a) for a in args) if args else getattr(t, "__name__", str(t))
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a mapping of keys to values, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(sorted(names))}")
+    d = dict(d)
+    if "milestones" in d and isinstance(d["milestones"], list):
+        d["milestones"] = tuple(d["milestones"])
+    return TrainConfig(**d)
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """'key=value' and 'dict_key.sub=value' overrides; values parsed as literals (never evaluated)."""
+    from robustlab.attacks.spec import parse_value
+
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        parsed = parse_value(value)
+        if "." in key:
+            outer, inner = key.split(".", 1)
+            if not outer.endswith("_kwargs"):
+                raise ConfigError(f"override {item!r}: only *_kwargs keys take sub-keys")
+            d.setdefault(outer, {})
+            d[outer] = {**d[outer], inner: parsed}
+        else:
+            d[key] = parsed
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    import yaml
+
+    d: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    return config_from_dict(apply_overrides(d, overrides or []))

@@ -1,0 +1,414 @@
+"""One Trainer for every method: the loop, schedules, evaluation with best-checkpoint selection,
+atomic resumable checkpoints, pass counting, AMP/channels_last, logs, and DDP under torchrun.
+
+Determinism: the data order of epoch e, and the generator handed to the method at step s, are
+functions of (seed, e, s) only, and the global RNG is re-seeded at every epoch start. A run resumed
+from the checkpoint of epoch e therefore replays exactly what an uninterrupted run does (bit-exact
+with `deterministic: true`). The learning rate is a pure function of the global step.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustlab.data import ImageData, load_dataset
+from robustlab.engine.checkpoint import CheckpointError, atomic_write_bytes, save_model
+from robustlab.engine.config import TrainConfig
+from robustlab.methods import Batch, LossOut, StepContext, create_method
+from robustlab.models import create_model
+from robustlab.utils import progress_bar
+
+log = logging.getLogger("robustlab.train")
+STATE_FORMAT = "robustlab-train-state-v1"
+
+
+def _mix(*ints: int) -> int:
+    """Deterministic 63-bit seed from integers (splitmix-style), independent of Python's hash salt."""
+    h = 0x9E3779B97F4A7C15
+    for v in ints:
+        h = (h ^ (v + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    """Learning-rate multiplier at a global step (stepped per iteration)."""
+    t = step / max(total, 1)
+    warm = cfg.warmup_epochs / cfg.epochs if cfg.epochs else 0.0
+    if warm > 0 and t < warm and cfg.schedule != "cyclic":
+        return (t + 1 / max(total, 1)) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "cyclic":  # one cycle: 0 -> peak at half -> 0 (Fast-AT)
+        return 1 - abs(2 * t - 1)
+    marks = [m / cfg.epochs if m > 1 else m for m in cfg.milestones]
+    return cfg.gamma ** sum(t >= m for m in marks)
+
+
+def augment(x: Tensor, kind: str, gen: torch.Generator) -> Tensor:
+    """Random crop with 4-pixel zero padding (+ horizontal flip), batched, on tensors."""
+    if kind == "none":
+        return x
+    n, c, h, w = x.shape
+    pad = 4
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
+    out = _crop(padded, dy, dx, h, w)
+    if kind == "crop-flip":
+        flip = torch.rand(n, generator=gen, device=x.device) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out
+
+
+def _crop(padded: Tensor, dy: Tensor, dx: Tensor, h: int, w: int) -> Tensor:
+    n, c, hp, wp = padded.shape
+    iy = (dy[:, None] + torch.arange(h, device=padded.device)[None])  # (n, h)
+    ix = (dx[:, None] + torch.arange(w, device=padded.device)[None])  # (n, w)
+    rows = padded.gather(2, iy[:, None, :, None].expand(n, c, h, wp))
+    return rows.gather(3, ix[:, None, None, :].expand(n, c, h, w))
+
+
+class _DDP:
+    """torchrun environment: rank, world size, process group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, device: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        if self.enabled:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+class Trainer:
+    """Train `cfg.model` with `cfg.method` on `cfg.dataset`; writes checkpoints and logs to run_dir."""
+
+    def __init__(self, cfg: TrainConfig, data: ImageData | None = None, run_dir: str | Path | None = None) -> None:
+        self.cfg = cfg
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
+        self.ddp = _DDP(cfg.device)
+        dev = cfg.device
+        if self.ddp.enabled and dev == "cuda":
+            dev = f"cuda:{self.ddp.local_rank}"
+        self.device = torch.device(dev)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.manual_seed(cfg.seed)
+        self.data = data if data is not None else load_dataset(cfg.dataset, **cfg.dataset_kwargs)
+        kw = {"in_channels": self.data.in_channels, "num_classes": self.data.num_classes,
+              "input_size": self.data.input_size, **cfg.model_kwargs}
+        self.model = create_model(cfg.model, **kw).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.method = create_method(cfg.method, **cfg.method_kwargs)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                             weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.train_model: nn.Module = self.model
+        if self.ddp.enabled:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
+        self.epoch = 0
+        self.global_step = 0
+        self.best: dict[str, Any] = {"robust_accuracy": -1.0, "epoch": None}
+        self.history: list[dict[str, Any]] = []
+        self.events: list[str] = []
+        self._fwd_images = 0
+        self._train_fwd_images = 0
+        self.model.register_forward_pre_hook(self._count_forward)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def _count_forward(self, module: nn.Module, inputs: tuple) -> None:
+        n = inputs[0].shape[0]
+        self._fwd_images += n
+        first = next(module.parameters(), None)
+        if torch.is_grad_enabled() and first is not None and first.requires_grad:
+            self._train_fwd_images += n  # this forward's graph reaches the parameters: one backward follows
+
+    # -- pieces --------------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.data.x_train.shape[0] / self.cfg.batch_size)
+
+    def _autocast(self):
+        if self.cfg.amp == "none":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _backward_and_step(self, ctx: StepContext) -> Callable[[Tensor], None]:
+        def step(loss: Tensor) -> None:
+            if not torch.isfinite(loss.detach()).all():
+                raise FloatingPointError(f"non-finite training loss at epoch {ctx.epoch} step {ctx.step}")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            ctx.passes[1] += self._train_fwd_images
+            self._train_fwd_images = 0
+            if self.cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        return step
+
+    def _set_lr(self) -> float:
+        total = self.cfg.epochs * self.steps_per_epoch() * self.method.steps_per_batch()
+        f = lr_factor(self.cfg, self.global_step, total)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.cfg.lr * f
+        return self.cfg.lr * f
+
+    def default_eval_attack(self) -> str:
+        norm = self.method.norm or "linf"
+        eps = self.method.eps if self.method.eps is not None else 0.3
+        return f"pgd:norm={norm},eps={eps},steps=20"
+
+    def evaluate(self) -> dict[str, Any]:
+        from robustlab import evaluate
+
+        spec = self.cfg.eval_attack or self.default_eval_attack()
+        n = min(self.cfg.eval_samples, self.data.x_test.shape[0])
+        x, y = self.data.x_test[:n].to(self.device), self.data.y_test[:n].to(self.device)
+        with torch.autocast(self.device.type, enabled=False):
+            r = evaluate(self.model, x, y, [spec], checks=False, progress=False)
+        return {"eval_clean": r["clean_accuracy"], "eval_robust": r["union_accuracy"], "eval_attack": spec}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Train to cfg.epochs. resume=True continues from run_dir/train_state.safetensors.
+
+        stop_at_step (testing): raise KeyboardInterrupt after that many global steps, as a kill would.
+        """
+        cfg = self.cfg
+        if resume:
+            self.load_state(self.run_dir / "train_state.safetensors")
+        if self.ddp.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(_jsonable(vars(cfg)), indent=2))
+        tb = self._tensorboard() if cfg.tensorboard and self.ddp.main else None
+        n_train = self.data.x_train.shape[0]
+        spe = self.steps_per_epoch()
+        while self.epoch < cfg.epochs:
+            epoch = self.epoch
+            torch.manual_seed(_mix(cfg.seed, epoch, 1))
+            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch, 2)))
+            self.model.train()
+            sums: dict[str, Tensor] = {}
+            correct = torch.zeros((), device=self.device)
+            seen = 0
+            passes = [0, 0]
+            t0 = time.perf_counter()
+            self._fwd_images = 0
+            with progress_bar(spe, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress if self.ddp.main else False) as bar:
+                for step in range(spe):
+                    if stop_at_step is not None and self.global_step >= stop_at_step:
+                        raise KeyboardInterrupt(f"stopped at global step {self.global_step} (as requested)")
+                    idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                    idx = idx[self.ddp.rank::self.ddp.world]
+                    gen = torch.Generator(device=self.device).manual_seed(_mix(cfg.seed, epoch, step, 3))
+                    x = self.data.x_train[idx].to(self.device, non_blocking=True)
+                    y = self.data.y_train[idx].to(self.device, non_blocking=True)
+                    x = augment(x, cfg.augment, gen)
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    ctx = StepContext(epoch, step, gen, attack_model=self.model,  # attacks skip DDP hooks
+                                      progress=epoch + step / spe)
+                    lr = self._set_lr()
+                    self._train_fwd_images = 0
+                    with self._autocast():
+                        out: LossOut = self.method.train_step(self.train_model, Batch(x, y), self.optimizer, ctx,
+                                                               self._backward_and_step(ctx))
+                    self.global_step += self.method.steps_per_batch()
+                    for k, v in out.logs.items():
+                        sums[k] = sums.get(k, torch.zeros((), device=self.device)) + torch.as_tensor(v).detach().float() * x.shape[0]
+                    if out.logits is not None:
+                        correct += (out.logits.detach().argmax(1) == y).sum()
+                    seen += x.shape[0]
+                    passes[1] += ctx.passes[1]
+                    bar.update(1)
+            passes[0] = self._fwd_images
+            stats = torch.stack([correct.float(), torch.tensor(float(seen), device=self.device)]
+                                + [sums[k] for k in sorted(sums)]
+                                + [torch.tensor(float(p), device=self.device) for p in passes])
+            stats = self.ddp.all_reduce_sum(stats).tolist()  # one sync per epoch
+            n_seen = stats[1]
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_accuracy": stats[0] / n_seen,
+                                   "seconds": time.perf_counter() - t0}
+            for i, k in enumerate(sorted(sums)):
+                row[f"train_{k}"] = stats[2 + i] / n_seen
+            row["forward_per_image"] = stats[-2] / n_seen
+            row["backward_per_image"] = stats[-1] / n_seen
+            self.epoch = epoch + 1
+            if self.ddp.main and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
+                row.update(self.evaluate())
+                self._check_overfitting(row)
+                if row["eval_robust"] > self.best["robust_accuracy"]:
+                    self.best = {"robust_accuracy": row["eval_robust"], "clean_accuracy": row["eval_clean"],
+                                 "epoch": self.epoch}
+                    save_model(self.run_dir / "best.safetensors", self.model, extra={"epoch": self.epoch, "config": _jsonable(vars(cfg))})
+            self.history.append(row)
+            if self.ddp.main:
+                self._log(row, tb)
+                save_model(self.run_dir / "last.safetensors", self.model, extra={"epoch": self.epoch, "config": _jsonable(vars(cfg))})
+                self.save_state(self.run_dir / "train_state.safetensors")
+            self.ddp.barrier()
+            if cfg.early_stop_co and "catastrophic_overfitting" in row:
+                log.warning("early stop: catastrophic overfitting at epoch %d", self.epoch)
+                break
+        if tb is not None:
+            tb.close()
+        return {"history": self.history, "best": self.best, "events": self.events, "run_dir": str(self.run_dir)}
+
+    def _check_overfitting(self, row: dict[str, Any]) -> None:
+        """Wong et al.'s criterion: robust accuracy dropping by more than 0.2 between evaluations."""
+        prev = [r["eval_robust"] for r in self.history if "eval_robust" in r]
+        if prev and row["eval_robust"] < prev[-1] - 0.2:
+            msg = (f"catastrophic overfitting at epoch {row['epoch']}: robust accuracy fell from {prev[-1]:.3f} to "
+                   f"{row['eval_robust']:.3f} under {row['eval_attack']}")
+            row["catastrophic_overfitting"] = True
+            self.events.append(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+    def _log(self, row: dict[str, Any], tb) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        csv_path = self.run_dir / "metrics.csv"
+        rows = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+        keys = sorted({k for r in rows for k in r})
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        if tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    tb.add_scalar(k, v, row["epoch"])
+        log.info("epoch %d: %s", row["epoch"], ", ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                           if isinstance(v, float)))
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            warnings.warn("tensorboard is not installed (pip install tensorboard); TensorBoard logs are off")
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # -- resumable state -----------------------------------------------------------------------
+    def save_state(self, path: Path) -> None:
+        from safetensors.torch import save
+
+        tensors: dict[str, Tensor] = {f"model/{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        opt_meta: dict[str, Any] = {"param_groups": opt["param_groups"], "state": {}}
+        for pid, st in opt["state"].items():
+            opt_meta["state"][str(pid)] = {}
+            for k, v in st.items():
+                if isinstance(v, Tensor):
+                    tensors[f"optim/{pid}/{k}"] = v.detach().cpu().contiguous()
+                else:
+                    opt_meta["state"][str(pid)][k] = v
+        for k, v in self.method.state_tensors().items():
+            tensors[f"method/{k}"] = v.detach().cpu().contiguous()
+        tensors["rng/torch"] = torch.get_rng_state()
+        if self.scaler is not None:
+            opt_meta["scaler"] = self.scaler.state_dict()
+        meta = {"format": STATE_FORMAT, "epoch": str(self.epoch), "global_step": str(self.global_step),
+                "best": json.dumps(self.best), "history": json.dumps(self.history), "events": json.dumps(self.events),
+                "optimizer": json.dumps(opt_meta), "config": json.dumps(_jsonable(vars(self.cfg)))}
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+
+    def load_state(self, path: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        if not path.exists():
+            raise CheckpointError(f"cannot resume: {path} does not exist (train without --resume first)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"training state {path} is corrupt or truncated: {e}") from None
+        if meta.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{path} is not a robustlab training state (format {meta.get('format')!r})")
+        saved_cfg = json.loads(meta["config"])
+        for key in ("model", "model_kwargs", "method", "method_kwargs", "dataset", "batch_size"):
+            if saved_cfg.get(key) != _jsonable(getattr(self.cfg, key)):
+                raise CheckpointError(f"cannot resume: config key {key!r} differs from the saved run "
+                                      f"({saved_cfg.get(key)!r} vs {getattr(self.cfg, key)!r})")
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+        opt_meta = json.loads(meta["optimizer"])
+        state: dict[int, dict[str, Any]] = {}
+        for pid, st in opt_meta["state"].items():
+            state[int(pid)] = dict(st)
+        for k, v in tensors.items():
+            if k.startswith("optim/"):
+                _, pid, name = k.split("/", 2)
+                state.setdefault(int(pid), {})[name] = v.to(self.device)
+        self.optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+        self.method.load_state_tensors({k[7:]: v.to(self.device) for k, v in tensors.items() if k.startswith("method/")})
+        torch.set_rng_state(tensors["rng/torch"])
+        if self.scaler is not None and "scaler" in opt_meta:
+            self.scaler.load_state_dict(opt_meta["scaler"])
+        self.epoch = int(meta["epoch"])
+        self.global_step = int(meta["global_step"])
+        self.best = json.loads(meta["best"])
+        self.history = json.loads(meta["history"])
+        self.events = json.loads(meta.get("events", "[]"))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def train(cfg: TrainConfig, resume: bool = False, data: ImageData | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    trainer = Trainer(cfg, data=data)
+    result = trainer.fit(resume=resume)
+    return trainer.model, result

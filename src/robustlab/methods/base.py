@@ -1,0 +1,83 @@
+"""The training-method interface shared by every defense.
+
+A method maps (model, batch, ctx) to a `LossOut`. The Trainer owns the loop: zero_grad, backward,
+clipping, optimiser and scheduler steps, logging and checkpoints. A method that needs several
+optimiser steps per batch overrides `train_step` (the one documented hook) and returns the LossOut
+of its last step; a method with its own trainable modules or persistent tensors lists them in
+`state_tensors`/`load_state_tensors` so checkpoints include them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.registry import METHODS
+
+
+@dataclass
+class Batch:
+    x: Tensor  # (N, C, H, W) in [0, 1]
+    y: Tensor  # (N,) int64
+
+
+@dataclass
+class LossOut:
+    loss: Tensor
+    logs: dict[str, Tensor | float] = field(default_factory=dict)  # detached scalars; averaged per epoch
+    logits: Tensor | None = None  # logits the loss was computed on (for training accuracy)
+    stepped: bool = False  # True when train_step already ran backward + optimiser step itself
+
+
+@dataclass
+class StepContext:
+    epoch: int
+    step: int
+    generator: torch.Generator  # seeded from (seed, epoch, step): resumable and order-independent
+    passes: list[int] = field(default_factory=lambda: [0, 0])  # forward, backward image-passes (engine-filled)
+    attack_model: nn.Module | None = None  # the unwrapped model (no DDP/compile wrapper) for inner attacks
+    progress: float = 0.0  # training progress in epochs (epoch + fraction), for eps ramps
+
+    def attacked(self, model: nn.Module) -> nn.Module:
+        return self.attack_model if self.attack_model is not None else model
+
+
+class Method:
+    """Base class; subclasses set `name`, `norm`/`eps` (the threat model they defend) and implement `loss`."""
+
+    name: ClassVar[str] = ""
+    norm: str | None = None
+    eps: float | None = None
+
+    def loss(self, model: nn.Module, batch: Batch, ctx: StepContext) -> LossOut:
+        raise NotImplementedError  # every method implements its loss
+
+    def train_step(self, model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
+                   ctx: StepContext, backward_and_step) -> LossOut:
+        """Default: one loss, one backward, one optimiser step (done by the Trainer's `backward_and_step`)."""
+        out = self.loss(model, batch, ctx)
+        backward_and_step(out.loss)
+        out.stepped = True
+        return out
+
+    def steps_per_batch(self) -> int:
+        return 1
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def create_method(name: str, **kwargs: Any) -> Method:
+    factory = METHODS.get(name)
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        raise TypeError(f"bad options for method {name!r}: {e}") from None

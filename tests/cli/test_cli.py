@@ -1,0 +1,100 @@
+"""The command line: --help everywhere, list, eval with JSON, train from a config, clear user errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from robustlab.cli.main import build_parser, main
+from robustlab.engine.checkpoint import save_model
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "robustlab.cli.main", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("cmd", [[], ["list"], ["eval"], ["train"], ["run"]])
+def test_help_on_every_command(cmd):
+    r = _run(*cmd, "--help")
+    assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_every_subcommand_is_covered_by_the_help_test():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == {"list", "eval", "train", "run"}
+
+
+def test_list(capsys):
+    assert main(["list", "attacks"]) == 0
+    out = capsys.readouterr().out
+    for name in ["fgsm", "pgd", "cw", "deepfool", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "square", "autoattack", "mma"]:
+        assert f"{name} " in out
+    assert main(["list", "models"]) == 0
+    out = capsys.readouterr().out
+    for name in ["mlp", "lenet5", "small-cnn", "preact-resnet18", "resnet18", "wrn"]:
+        assert f"{name} " in out
+    assert main(["list", "datasets"]) == 0
+    assert "mnist5k" in capsys.readouterr().out
+    assert main(["list", "methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ["standard", "fgsm-at", "fast-at", "free-at", "pgd-at", "trades", "mart", "vat"]:
+        assert f"{name} " in out
+
+
+def test_eval_writes_the_contracted_json(tmp_path, mnist_cnn, capsys):
+    ckpt = save_model(tmp_path / "m.safetensors", mnist_cnn)
+    out = tmp_path / "out.json"
+    rc = main(["eval", "--model", str(ckpt), "--data", "mnist5k", "--attack", "pgd:norm=linf,eps=0.3,steps=5",
+               "--attack", "fgsm:eps=0.1", "--json", str(out), "--n-samples", "50", "--quiet"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["n_samples"] == 50
+    assert 0 <= r["clean_accuracy"] <= 1
+    assert set(r["attacks"]) == {"pgd", "fgsm"}
+    pgd = r["attacks"]["pgd"]
+    assert pgd["norm"] == "linf" and pgd["eps"] == 0.3 and pgd["passes"]["forward"] > 0
+    assert 0 <= pgd["robust_accuracy"] <= r["clean_accuracy"]
+    assert r["union_accuracy"] <= min(a["robust_accuracy"] for a in r["attacks"].values())
+    assert "per_class" in r and "average_accuracy" in r
+    assert "| pgd |" in capsys.readouterr().out
+
+
+def test_eval_bad_inputs_exit_2(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "missing.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["eval", "--model", str(bad)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_eval_unknown_attack_exit_2(tmp_path, capsys):
+    from robustlab.models import create_model
+
+    ckpt = save_model(tmp_path / "m.safetensors", create_model("mlp", hidden=8, depth=1))
+    assert main(["eval", "--model", str(ckpt), "--attack", "pgdd:eps=0.1"]) == 2
+    assert "valid names" in capsys.readouterr().err
+
+
+def test_train_from_yaml_and_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: t\nmodel: mlp\nmodel_kwargs: {hidden: 32, depth: 1}\ndataset: digits\nepochs: 1\n"
+                   "batch_size: 128\noptimizer: adam\nlr: 0.003\nweight_decay: 0.0\neval_samples: 50\n")
+    r = _run("train", "--config", str(cfg), "--out-dir", str(tmp_path), "eval_attack=fgsm:eps=0.1")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "t" / "best.safetensors").exists() and (tmp_path / "t" / "metrics.csv").exists()
+
+
+def test_train_bad_config_names_the_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochz: 3\n")
+    r = _run("train", "--config", str(cfg))
+    assert r.returncode == 2 and "epochz" in r.stderr
+    r = _run("train", "epochs=-1")
+    assert r.returncode == 2 and "'epochs'" in r.stderr
+
+
+def test_threads_option_rejects_zero(tmp_path):
+    r = _run("train", "--threads", "0")
+    assert r.returncode == 2 and "threads" in r.stderr

@@ -1,0 +1,154 @@
+"""Trainer: resume equals an uninterrupted run, checkpoints refuse corruption, pass accounting, schedules,
+catastrophic-overfitting detection, config validation."""
+import pytest
+import torch
+
+from robustlab.engine.checkpoint import CheckpointError, load_model
+from robustlab.engine.config import ConfigError, TrainConfig, config_from_dict, load_config
+from robustlab.engine.trainer import Trainer, augment, lr_factor
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(name="t", dataset="digits", model="mlp", model_kwargs={"hidden": 32, "depth": 1}, epochs=3,
+                batch_size=128, optimizer="sgd", lr=0.05, weight_decay=5e-4, schedule="multistep",
+                eval_samples=64, eval_attack="pgd:eps=0.1,steps=3", out_dir=str(tmp_path), seed=1,
+                deterministic=True, method="pgd-at", method_kwargs={"eps": 0.1, "steps": 2, "step_size": 0.05})
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_after_kill_is_bit_exact(tmp_path):
+    full = Trainer(_cfg(tmp_path / "a"))
+    full.fit()
+    killed = Trainer(_cfg(tmp_path / "b"))
+    spe = killed.steps_per_epoch()
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit(stop_at_step=spe + 3)  # mid-epoch 2: the last checkpoint is the end of epoch 1
+    resumed = Trainer(_cfg(tmp_path / "b"))
+    resumed.fit(resume=True)
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+
+
+def test_free_at_state_survives_resume(tmp_path):
+    kw = dict(method="free-at", method_kwargs={"eps": 0.1, "replays": 2}, epochs=2)
+    full = Trainer(_cfg(tmp_path / "a", **kw))
+    full.fit()
+    part = Trainer(_cfg(tmp_path / "b", **kw))
+    with pytest.raises(KeyboardInterrupt):
+        part.fit(stop_at_step=part.steps_per_epoch() * 2 + 2)
+    resumed = Trainer(_cfg(tmp_path / "b", **kw))
+    resumed.fit(resume=True)
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_corrupt_training_state_refused(tmp_path):
+    t = Trainer(_cfg(tmp_path, epochs=1))
+    t.fit()
+    state = tmp_path / "t" / "train_state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        Trainer(_cfg(tmp_path, epochs=2)).fit(resume=True)
+
+
+def test_resume_with_a_different_method_refused(tmp_path):
+    Trainer(_cfg(tmp_path, epochs=1)).fit()
+    with pytest.raises(CheckpointError, match="'method'"):
+        Trainer(_cfg(tmp_path, epochs=2, method="standard", method_kwargs={})).fit(resume=True)
+
+
+def test_resume_without_state(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Trainer(_cfg(tmp_path)).fit(resume=True)
+
+
+def test_outputs_and_best_checkpoint(tmp_path):
+    t = Trainer(_cfg(tmp_path, epochs=2))
+    res = t.fit()
+    run = tmp_path / "t"
+    for f in ("best.safetensors", "last.safetensors", "train_state.safetensors", "metrics.jsonl", "metrics.csv",
+              "config.json"):
+        assert (run / f).exists(), f
+    model, extra = load_model(run / "best.safetensors")
+    assert extra["epoch"] == res["best"]["epoch"]
+    assert res["best"]["robust_accuracy"] == max(h["eval_robust"] for h in res["history"])
+
+
+@pytest.mark.parametrize("method,kw,fwd,bwd", [
+    ("standard", {}, 1, 1),
+    ("pgd-at", {"eps": 0.1, "steps": 3}, 4, 4),  # 3 attack fwd+bwd, 1 training fwd+bwd
+    ("fgsm-at", {"eps": 0.1}, 3, 3),  # 1 attack, then clean + adversarial in one training pass
+    ("fast-at", {"eps": 0.1}, 2, 2),
+    ("free-at", {"eps": 0.1, "replays": 3}, 3, 3),  # m replays, one backward each
+    ("trades", {"eps": 0.1, "steps": 3}, 6, 5),  # clean target fwd, 3 attack fwd+bwd, clean+adv training
+    ("mart", {"eps": 0.1, "steps": 3}, 6, 5),
+    ("vat", {"eps": 1.0}, 4, 3),  # target fwd, 1 power iteration fwd+bwd, clean+vadv training
+])
+def test_passes_per_image(tmp_path, method, kw, fwd, bwd):
+    t = Trainer(_cfg(tmp_path, method=method, method_kwargs=kw, epochs=1, deterministic=False))
+    row = t.fit()["history"][0]
+    assert row["forward_per_image"] == pytest.approx(fwd)
+    assert row["backward_per_image"] == pytest.approx(bwd)
+
+
+def test_free_at_steps_per_epoch_and_persistent_delta(tmp_path):
+    t = Trainer(_cfg(tmp_path, method="free-at", method_kwargs={"eps": 0.1, "replays": 3}, epochs=1))
+    t.fit()
+    assert t.global_step == 3 * t.steps_per_epoch()
+    assert t.method.delta is not None and t.method.delta.abs().max() <= 0.1 + 1e-7
+
+
+def test_catastrophic_overfitting_is_reported(tmp_path):
+    t = Trainer(_cfg(tmp_path, epochs=2))
+    t.history = [{"epoch": 1, "eval_robust": 0.6}]
+    row = {"epoch": 2, "eval_robust": 0.1, "eval_attack": "pgd"}
+    with pytest.warns(RuntimeWarning, match="catastrophic overfitting"):
+        t._check_overfitting(row)
+    assert row["catastrophic_overfitting"] and t.events
+
+
+def test_lr_schedules():
+    c = TrainConfig(epochs=10, schedule="multistep", milestones=(5, 8), gamma=0.1)
+    assert lr_factor(c, 0, 100) == 1 and lr_factor(c, 50, 100) == pytest.approx(0.1)
+    assert lr_factor(c, 85, 100) == pytest.approx(0.01)
+    cyc = TrainConfig(epochs=10, schedule="cyclic")
+    assert lr_factor(cyc, 50, 100) == pytest.approx(1.0) and lr_factor(cyc, 0, 100) == 0
+    cos = TrainConfig(epochs=10, schedule="cosine")
+    assert lr_factor(cos, 100, 100) == pytest.approx(0, abs=1e-12)
+
+
+def test_augment_shapes_and_determinism():
+    x = torch.rand(6, 3, 8, 8)
+    a = augment(x, "crop-flip", torch.Generator().manual_seed(0))
+    b = augment(x, "crop-flip", torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def test_config_validation_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'epochz'"):
+        config_from_dict({"epochz": 3})
+    with pytest.raises(ConfigError, match="'epochs' must be int"):
+        config_from_dict({"epochs": "three"})
+    with pytest.raises(ConfigError, match="'lr'"):
+        config_from_dict({"lr": -1.0})
+    with pytest.raises(ConfigError, match="'optimizer' must be one of"):
+        config_from_dict({"optimizer": "rmsprop"})
+    p = tmp_path / "c.yaml"
+    p.write_text("epochs: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_shipped_configs_are_valid():
+    import pathlib
+
+    files = sorted(pathlib.Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = load_config(f)
+        from robustlab.methods import create_method
+
+        create_method(cfg.method, **cfg.method_kwargs)
