@@ -161,3 +161,12 @@ def test_bad_threat_arguments():
         UnionThreat(())
     with pytest.raises(ValueError, match="q"):
         L1Ball(1.0, q=1.5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 50), st.floats(0.0, 0.999), st.integers(0, 1000))
+def test_slide_quantile_matches_torch_quantile(n, d, q, seed):
+    from robustlab.threat.lp import _quantile_linear
+
+    a = torch.rand(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    assert torch.allclose(_quantile_linear(a, q), torch.quantile(a, q, dim=1, keepdim=True), atol=1e-12)

@@ -10,6 +10,7 @@ only) per pixel (N, C, H, W) or (C, H, W).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -246,10 +247,26 @@ class L1Ball(LpBall):
             g = torch.where(((x_adv <= 0) & (g < 0)) | ((x_adv >= 1) & (g > 0)), torch.zeros_like(g), g)
         flat = g.flatten(1)
         a = flat.abs()
-        t = torch.quantile(a.float(), self.q, dim=1, keepdim=True, interpolation="linear").to(a.dtype)
+        t = _quantile_linear(a, self.q)
         e = torch.where((a >= t) & (a > 0), flat.sign(), torch.zeros_like(flat))
         e = e / e.abs().sum(1, keepdim=True).clamp_min(1.0)
         return e.view_as(g)
+
+
+def _quantile_linear(a: Tensor, q: float) -> Tensor:
+    """Per-row q-quantile with linear interpolation (numpy's default, what the reference SLIDE uses).
+
+    Two `kthvalue` selections instead of `torch.quantile`, which sorts every row (2-3x slower here).
+    """
+    d = a.shape[1]
+    pos = q * (d - 1)
+    lo = math.floor(pos)
+    frac = pos - lo
+    v_lo = a.kthvalue(lo + 1, dim=1, keepdim=True).values
+    if frac == 0 or lo + 1 >= d:
+        return v_lo
+    v_hi = a.kthvalue(lo + 2, dim=1, keepdim=True).values
+    return v_lo + (v_hi - v_lo) * frac
 
 
 _BALLS = {"linf": LinfBall, "l2": L2Ball, "l1": L1Ball}
