@@ -98,3 +98,22 @@ def test_train_bad_config_names_the_key(tmp_path):
 def test_threads_option_rejects_zero(tmp_path):
     r = _run("train", "--threads", "0")
     assert r.returncode == 2 and "threads" in r.stderr
+
+
+@pytest.mark.slow
+def test_main_job_end_to_end_reduced(tmp_path):
+    """README command 1 at a CI-sized setting: trains both models, evaluates, writes the report files."""
+    r = _run("run", "--out-dir", str(tmp_path), "--name", "ci", "--epochs", "1", "--width", "4", "--n-eval", "30",
+             "--n-curve", "30", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "ci"
+    for f in ("results.json", "report.md", "report.html", "accuracy_vs_eps.png", "training_curves.png",
+              "per_class.png", "standard/best.safetensors", "pgd-at/best.safetensors"):
+        assert (run / f).exists(), f
+    res = json.loads((run / "results.json").read_text())
+    assert set(res["results"]) == {"standard", "pgd-at"}
+    for model in res["results"].values():
+        assert set(model["attacks"]) == {"pgd", "autoattack"}
+        assert model["union_accuracy"] <= model["attacks"]["pgd"]["robust_accuracy"]
+    assert "| standard |" in r.stdout and "| pgd-at |" in r.stdout
+    assert "<table>" in (run / "report.html").read_text()

@@ -48,8 +48,10 @@ def _to_data(name: str, x_tr, y_tr, x_te, y_te, num_classes: int) -> ImageData:
         t = torch.from_numpy(np.array(a, copy=True))  # own, writable memory (IDX buffers are read-only)
         return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
 
-    return ImageData(name, imgs(x_tr), torch.as_tensor(y_tr, dtype=torch.long), imgs(x_te),
-                     torch.as_tensor(y_te, dtype=torch.long), num_classes)
+    def labels(a):
+        return torch.from_numpy(np.array(a, dtype=np.int64, copy=True))
+
+    return ImageData(name, imgs(x_tr), labels(y_tr), imgs(x_te), labels(y_te), num_classes)
 
 
 # -- MNIST IDX --------------------------------------------------------------------------------

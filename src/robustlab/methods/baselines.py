@@ -197,16 +197,20 @@ class TRADES(_Adversarial):
     name = "trades"
 
     def __init__(self, norm: str = "linf", eps: float = 0.031, steps: int = 10, step_size: float = 0.007,
-                 beta: float = 6.0) -> None:
+                 beta: float = 6.0, eps_ramp_epochs: float = 0.0) -> None:
         super().__init__(norm, eps, steps, step_size, False)
         check_positive(beta, "beta", allow_zero=True)
+        check_positive(eps_ramp_epochs, "eps_ramp_epochs", allow_zero=True)
         self.beta = beta
+        self.eps_ramp_epochs = eps_ramp_epochs
 
     def describe(self):
         return {**super().describe(), "beta": self.beta}
 
     def _inner(self, model, x, ctx, loss_of_logits):
         model = ctx.attacked(model)
+        f = self.ramp(ctx)
+        threat = self.threat if f == 1.0 else make_threat(self.norm, self.eps * f)
         with attack_mode(model):
             counter = PassCounter(model)
             with torch.no_grad():
@@ -217,7 +221,7 @@ class TRADES(_Adversarial):
                 xg = x_adv.detach().requires_grad_(True)
                 with torch.enable_grad():
                     g = counter.grad(loss_of_logits(counter.logits(xg), target).sum(), xg)
-                x_adv = self.threat.step(x_adv, g, self.step_size, x)
+                x_adv = threat.step(x_adv, g, f * self.step_size, x)
         _attack_passes(ctx, counter)
         return x_adv.detach()
 
@@ -237,8 +241,8 @@ class MART(TRADES):
     name = "mart"
 
     def __init__(self, norm: str = "linf", eps: float = 0.031, steps: int = 10, step_size: float = 0.007,
-                 beta: float = 6.0) -> None:
-        super().__init__(norm, eps, steps, step_size, beta)
+                 beta: float = 6.0, eps_ramp_epochs: float = 0.0) -> None:
+        super().__init__(norm, eps, steps, step_size, beta, eps_ramp_epochs)
 
     def loss(self, model, batch, ctx):
         y = batch.y
