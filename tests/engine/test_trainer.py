@@ -152,3 +152,10 @@ def test_shipped_configs_are_valid():
         from robustlab.methods import create_method
 
         create_method(cfg.method, **cfg.method_kwargs)
+
+
+def test_best_checkpoint_breaks_robust_ties_by_clean_accuracy(tmp_path):
+    t = Trainer(_cfg(tmp_path, method="standard", method_kwargs={}, epochs=3, eval_attack="pgd:eps=1.0,steps=5"))
+    res = t.fit()
+    evals = [(h["eval_robust"], h["eval_clean"]) for h in res["history"]]
+    assert (res["best"]["robust_accuracy"], res["best"]["clean_accuracy"]) == max(evals)

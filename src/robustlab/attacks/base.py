@@ -7,13 +7,14 @@ restores both in `finally`. Randomness comes only from a `torch.Generator` seede
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
 
-from robustlab.threat import LpBall, make_threat
+from robustlab.threat import LpBall
 from robustlab.validation import check_images, check_labels
 
 
@@ -96,7 +97,7 @@ def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     return gen
 
 
-class Attack:
+class Attack(ABC):
     """Base class. Subclasses set `name`, implement `_run(counter, x, y, generator) -> AttackOut`.
 
     Call as `attack(x, y) -> x_adv`, or `attack.run(x, y) -> AttackOut` for success flags, norms and passes.
@@ -159,10 +160,7 @@ class Attack:
         out.forward, out.backward = counter.forward, counter.backward
         return out
 
+    @abstractmethod
     def _run(self, counter: PassCounter, x: Tensor, y: Tensor, target: Tensor | None, gen: torch.Generator) -> AttackOut:
-        raise NotImplementedError  # abstract: each attack implements its algorithm here
-
-
-def threat_from(norm: str, eps: float | Tensor, **kwargs: Any) -> LpBall:
-    return make_threat(norm, eps, **kwargs)
+        """The algorithm: x, y validated, model in attack mode, passes counted by `counter`."""
 

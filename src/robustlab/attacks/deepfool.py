@@ -45,7 +45,6 @@ class DeepFool(Attack):
                 "overshoot": self.overshoot}
 
     def _run(self, counter, x, y, target, gen):
-        n = x.shape[0]
         with torch.no_grad():
             clean = counter.logits(x)
         k = min(self.num_classes, clean.shape[1])

@@ -36,7 +36,6 @@ def _machine() -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Train standard and PGD-AT on mnist5k, evaluate both, write runs/<name>/ with a report."""
-    import torch
 
     from robustlab import evaluate
     from robustlab.data import load_dataset

@@ -285,7 +285,10 @@ class Trainer:
             if self.ddp.main and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
                 row.update(self.evaluate())
                 self._check_overfitting(row)
-                if row["eval_robust"] > self.best["robust_accuracy"]:
+                # select_best: keep the most robust evaluated weights (robust overfitting); else the latest
+                # (ties on robust accuracy, e.g. 0 for standard training, go to the more accurate model)
+                key = (row["eval_robust"], row["eval_clean"])
+                if key > (self.best["robust_accuracy"], self.best.get("clean_accuracy", -1.0)) or not cfg.select_best:
                     self.best = {"robust_accuracy": row["eval_robust"], "clean_accuracy": row["eval_clean"],
                                  "epoch": self.epoch}
                     save_model(self.run_dir / "best.safetensors", self.model, extra={"epoch": self.epoch, "config": _jsonable(vars(cfg))})

@@ -8,6 +8,7 @@ of its last step; a method with its own trainable modules or persistent tensors 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -44,15 +45,16 @@ class StepContext:
         return self.attack_model if self.attack_model is not None else model
 
 
-class Method:
+class Method(ABC):
     """Base class; subclasses set `name`, `norm`/`eps` (the threat model they defend) and implement `loss`."""
 
     name: ClassVar[str] = ""
     norm: str | None = None
     eps: float | None = None
 
+    @abstractmethod
     def loss(self, model: nn.Module, batch: Batch, ctx: StepContext) -> LossOut:
-        raise NotImplementedError  # every method implements its loss
+        """The training loss on one batch (the model is in train mode; inner attacks switch modes themselves)."""
 
     def train_step(self, model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
                    ctx: StepContext, backward_and_step) -> LossOut:

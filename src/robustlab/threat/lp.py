@@ -11,6 +11,7 @@ only) per pixel (N, C, H, W) or (C, H, W).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -41,7 +42,7 @@ def _view(t: Tensor, x: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class LpBall:
+class LpBall(ABC):
     """Base class: an l_p ball of radius `eps` around x, intersected with [0, 1]^d."""
 
     eps: float | Tensor
@@ -101,14 +102,17 @@ class LpBall:
             in_ball = self.distance(x_adv, x) <= eps * (1 + tol) + tol
         return in_box & in_ball
 
+    @abstractmethod
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
-        raise NotImplementedError  # every concrete ball overrides it
+        """Nearest point (or the reference codes' feasible point) of the ball ∩ box to x_adv."""
 
+    @abstractmethod
     def random_init(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        raise NotImplementedError  # every concrete ball overrides it
+        """A random point inside the ball ∩ box around x."""
 
+    @abstractmethod
     def ascent_direction(self, grad: Tensor, x_adv: Tensor | None = None, x: Tensor | None = None) -> Tensor:
-        raise NotImplementedError  # every concrete ball overrides it
+        """Steepest-ascent direction of unit size in this norm."""
 
     def step(self, x_adv: Tensor, grad: Tensor, step_size: float | Tensor, x: Tensor) -> Tensor:
         """One projected steepest-ascent step: Proj(x_adv + step_size * direction(grad))."""

@@ -1,0 +1,82 @@
+"""Training cost per method: seconds per epoch and forward/backward image-passes per training image,
+as ratios to standard training measured in the same process.
+
+    python benchmarks/training.py                        # CPU, small CNN on mnist5k (width 8)
+    python benchmarks/training.py --methods pgd-at trades --steps 10 --device cuda
+
+PGD-AT with k steps should cost at most 1.1 x (k + 1) x standard training (the k attack passes plus
+the training pass, each a forward and a backward). Evaluation is switched off while timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from robustlab.data import load_dataset
+from robustlab.engine.config import TrainConfig
+from robustlab.engine.trainer import Trainer
+
+EPS = 0.3
+
+
+def method_kwargs(method: str, steps: int) -> dict:
+    return {"standard": {}, "fgsm-at": {"eps": EPS}, "fast-at": {"eps": EPS}, "free-at": {"eps": EPS, "replays": 4},
+            "pgd-at": {"eps": EPS, "steps": steps}, "trades": {"eps": EPS, "steps": steps},
+            "mart": {"eps": EPS, "steps": steps}, "vat": {"eps": 2.0}}[method]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=["standard", "fgsm-at", "fast-at", "free-at", "pgd-at", "trades",
+                                                     "mart", "vat"])
+    p.add_argument("--steps", type=int, default=7, help="inner PGD steps for pgd-at/trades/mart")
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--n-train", type=int, default=2000, help="training images per timed epoch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_dataset("mnist5k")
+    data.x_train, data.y_train = data.x_train[: args.n_train], data.y_train[: args.n_train]
+    rows = []
+    for method in args.methods:
+        cfg = TrainConfig(name=f"bench-{method}", method=method, method_kwargs=method_kwargs(method, args.steps),
+                          model="small-cnn", model_kwargs={"width": args.width, "hidden": 64}, epochs=2,
+                          batch_size=128, optimizer="sgd", lr=0.01, eval_every=10 ** 6, eval_samples=1,
+                          device=args.device, amp=args.amp, channels_last=args.channels_last,
+                          out_dir="/tmp/robustlab-bench", select_best=False, progress=False)
+        trainer = Trainer(cfg, data=data)
+        trainer.evaluate = lambda: {"eval_clean": 0.0, "eval_robust": 0.0, "eval_attack": "off"}  # type: ignore
+        t = time.perf_counter()
+        hist = trainer.fit()["history"]
+        # epoch 2 only (epoch 1 includes warm-up); the Trainer reports per-epoch seconds of the loop alone
+        rows.append({"method": method, "seconds_per_epoch": hist[-1]["seconds"],
+                     "forward_per_image": hist[-1]["forward_per_image"],
+                     "backward_per_image": hist[-1]["backward_per_image"], "wall": time.perf_counter() - t})
+    base = next((r for r in rows if r["method"] == "standard"), rows[0])
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU")
+    print(f"small-cnn width {args.width}, {args.n_train} images/epoch, batch 128, inner steps {args.steps}; {machine}\n")
+    print("| method | s/epoch | x standard | fwd/img | bwd/img | passes x standard |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        passes = (r["forward_per_image"] + r["backward_per_image"]) / (base["forward_per_image"] + base["backward_per_image"])
+        r["time_ratio"] = r["seconds_per_epoch"] / base["seconds_per_epoch"]
+        r["pass_ratio"] = passes
+        print(f"| {r['method']} | {r['seconds_per_epoch']:.2f} | {r['time_ratio']:.2f} | {r['forward_per_image']:.1f} | "
+              f"{r['backward_per_image']:.1f} | {passes:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
