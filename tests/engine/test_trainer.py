@@ -159,3 +159,19 @@ def test_best_checkpoint_breaks_robust_ties_by_clean_accuracy(tmp_path):
     res = t.fit()
     evals = [(h["eval_robust"], h["eval_clean"]) for h in res["history"]]
     assert (res["best"]["robust_accuracy"], res["best"]["clean_accuracy"]) == max(evals)
+
+
+def test_class_subset_and_imbalance_from_config(tmp_path):
+    t = Trainer(_cfg(tmp_path, method="standard", method_kwargs={}, epochs=1, classes=[3, 8], imbalance={8: 0.5}))
+    assert t.data.num_classes == 2 and t.model.config["num_classes"] == 2
+    n8 = int((t.data.y_train == 1).sum())
+    assert abs(n8 - 0.5 * int((Trainer(_cfg(tmp_path / "full", method="standard", method_kwargs={})).data.y_train == 8).sum())) <= 1
+    t.fit()
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
+    t = Trainer(_cfg(tmp_path, epochs=1, amp="bf16", channels_last=True, deterministic=False,
+                     model="small-cnn", model_kwargs={"width": 4, "hidden": 16}, dataset="mnist5k"))
+    t.data.x_train, t.data.y_train = t.data.x_train[:256], t.data.y_train[:256]
+    row = t.fit()["history"][0]
+    assert row["forward_per_image"] == pytest.approx(3) and 0 <= row["eval_robust"] <= row["eval_clean"]

@@ -20,7 +20,9 @@ class ConfigError(ValueError):
 class TrainConfig:
     name: str = "run"
     dataset: str = "mnist5k"
-    dataset_kwargs: dict = field(default_factory=dict)
+    dataset_kwargs: dict = field(default_factory=dict)  # e.g. {root: /data/cifar-10-batches-py}
+    classes: list | None = None  # keep only these classes (relabelled 0..k-1 in this order)
+    imbalance: dict | None = None  # {class: fraction of its training images kept}, e.g. {3: 0.3}
     model: str = "small-cnn"
     model_kwargs: dict = field(default_factory=dict)
     method: str = "standard"

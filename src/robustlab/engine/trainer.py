@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.data import ImageData, load_dataset
+from robustlab.data import ImageData, load_dataset, select_classes
 from robustlab.engine.checkpoint import CheckpointError, atomic_write_bytes, save_model
 from robustlab.engine.config import TrainConfig
 from robustlab.methods import Batch, LossOut, StepContext, create_method
@@ -126,6 +126,9 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.manual_seed(cfg.seed)
         self.data = data if data is not None else load_dataset(cfg.dataset, **cfg.dataset_kwargs)
+        if cfg.classes is not None or cfg.imbalance:
+            imbalance = {int(k): float(v) for k, v in (cfg.imbalance or {}).items()}
+            self.data = select_classes(self.data, cfg.classes, imbalance, seed=cfg.seed)
         kw = {"in_channels": self.data.in_channels, "num_classes": self.data.num_classes,
               "input_size": self.data.input_size, **cfg.model_kwargs}
         self.model = create_model(cfg.model, **kw).to(self.device)

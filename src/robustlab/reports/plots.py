@@ -61,7 +61,7 @@ def per_class_bars(results: dict[str, dict[str, Any]], path: Path) -> Path:
     plt = _plt()
     names = list(results)
     classes = sorted({c for r in results.values() for c in r["per_class"]}, key=int)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.9), dpi=120, squeeze=False)
     xs = np.arange(len(classes))
     for ax, name in zip(axes[0], names):
         pc = results[name]["per_class"]
@@ -72,7 +72,7 @@ def per_class_bars(results: dict[str, dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)
         ax.set_title(name)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
