@@ -175,3 +175,15 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     t.data.x_train, t.data.y_train = t.data.x_train[:256], t.data.y_train[:256]
     row = t.fit()["history"][0]
     assert row["forward_per_image"] == pytest.approx(3) and 0 <= row["eval_robust"] <= row["eval_clean"]
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard logging needs the tensorboard package")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(_cfg(tmp_path, method="standard", method_kwargs={}, epochs=2, tensorboard=True)).fit()
+    acc = EventAccumulator(str(tmp_path / "t" / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train_accuracy", "eval_robust", "lr"} <= set(tags)
+    assert [e.step for e in acc.Scalars("train_accuracy")] == [1, 2]

@@ -31,7 +31,9 @@ def _train(method, kw, tmp_path, epochs=3):
                       batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0, schedule="cosine",
                       eval_every=100, eval_samples=100, eval_attack=ATTACK["linf"], out_dir=str(tmp_path), seed=0)
     t = Trainer(cfg)
-    t.fit()
+    events = t.fit()["events"]
+    if method in ("pgd-at", "trades"):  # multi-step methods must not trip the catastrophic-overfitting check
+        assert not events, events
     return t.model.eval(), t.data
 
 
@@ -83,3 +85,19 @@ def test_trades_beta_zero_is_cross_entropy():
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
     out = create_method("trades", eps=0.1, steps=2, beta=0.0).loss(m, Batch(x, y), StepContext(0, 0, torch.Generator()))
     assert out.loss.item() == pytest.approx(out.logs["ce"].item(), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_fast_at_catastrophic_overfitting_is_detected(tmp_path):
+    """Fast-AT with a large step (alpha = 2 eps) at eps 0.3 overfits catastrophically on mnist5k: held-out
+    PGD accuracy falls while FGSM accuracy rises. The trainer must flag it (events, warning, metrics)."""
+    cfg = TrainConfig(name="co", method="fast-at", method_kwargs={"eps": EPS, "alpha": 2 * EPS}, dataset="mnist5k",
+                      model="small-cnn", model_kwargs={"width": 8, "hidden": 64}, epochs=5, batch_size=64,
+                      optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", eval_every=1,
+                      eval_samples=200, eval_attack="pgd:eps=0.3,steps=20,step_size=0.0375", out_dir=str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="catastrophic overfitting"):
+        res = Trainer(cfg).fit()
+    last = res["history"][-1]
+    assert last["catastrophic_overfitting"] and last["eval_fgsm"] - last["eval_robust"] > 0.3
+    assert any("catastrophic overfitting" in e for e in res["events"])
+    assert "catastrophic_overfitting" in (tmp_path / "co" / "metrics.jsonl").read_text()
