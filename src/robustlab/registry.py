@@ -42,7 +42,12 @@ class Registry(Generic[T]):
             ) from None
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> T:
-        return self.get(name)(*args, **kwargs)
+        """Build `name`; an unknown name lists the valid ones, a bad option names the entry it was for."""
+        factory = self.get(name)
+        try:
+            return factory(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"bad options for {self.kind} {name!r}: {e}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

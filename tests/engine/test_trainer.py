@@ -187,3 +187,11 @@ def test_tensorboard_scalars_are_written(tmp_path):
     tags = acc.Tags()["scalars"]
     assert {"train_accuracy", "eval_robust", "lr"} <= set(tags)
     assert [e.step for e in acc.Scalars("train_accuracy")] == [1, 2]
+
+
+@pytest.mark.parametrize("spec,has_fgsm", [("pgd:norm=l1,eps=3.0,steps=2", False), ("deepfool:steps=3", False),
+                                           ("pgd:norm=l2,eps=0.5,steps=2", True), ("fgsm:eps=0.1", True)])
+def test_evaluation_panel_for_any_eval_attack(tmp_path, spec, has_fgsm):
+    t = Trainer(_cfg(tmp_path, method="standard", method_kwargs={}, epochs=1, eval_attack=spec))
+    row = t.fit()["history"][0]
+    assert ("eval_fgsm" in row) == has_fgsm and 0 <= row["eval_robust"] <= row["eval_clean"]

@@ -54,8 +54,4 @@ def create_attack(name_or_spec: str, model: nn.Module, **overrides: Any):
     """Build an attack from its registry name or a full spec string; unknown options raise TypeError."""
     name, kwargs = parse_attack_spec(name_or_spec)
     kwargs.update(overrides)
-    factory = ATTACKS.get(name)
-    try:
-        return factory(model, **kwargs)
-    except TypeError as e:
-        raise TypeError(f"bad options for attack {name!r}: {e}") from None
+    return ATTACKS.create(name, model, **kwargs)

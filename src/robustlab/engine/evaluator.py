@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from robustlab.attacks.base import Attack, attack_mode
 from robustlab.attacks.spec import create_attack
 from robustlab.threat import make_threat, per_sample_norm
+from robustlab.utils import progress_bar
 from robustlab.validation import check_images, check_labels, check_positive_int
 
 
@@ -134,8 +135,6 @@ def evaluate(
     clean_passes = 0
     seen = 0
     first = True
-    from robustlab.utils import progress_bar
-
     with progress_bar(total=n_samples or (x.shape[0] if x is not None else None), desc="evaluate",
                       enabled=progress) as bar:
         for xb, yb in _batches(x, y, loader, batch_size):

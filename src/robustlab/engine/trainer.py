@@ -217,12 +217,19 @@ class Trainer:
         x, y = self.data.x_test[:n].to(self.device), self.data.y_test[:n].to(self.device)
         # FGSM beside the PGD evaluation (about 1/20 of its cost): a model that resists the single-step attack
         # but not PGD has overfitted catastrophically (or masks gradients).
-        norm = spec.partition(":")[2]
-        fgsm = "fgsm:" + ",".join(kv for kv in norm.split(",") if kv.split("=")[0] in ("norm", "eps"))
+        from robustlab.attacks.spec import parse_attack_spec
+
+        _, opts = parse_attack_spec(spec)
+        panel = [spec]
+        if "eps" in opts and str(opts.get("norm", "linf")).lower() in ("linf", "l2"):  # FGSM exists for these
+            panel.append(f"fgsm:norm={opts.get('norm', 'linf')},eps={opts['eps']}")
         with torch.autocast(self.device.type, enabled=False):
-            r = evaluate(self.model, x, y, [spec, fgsm], checks=False, progress=False)
+            r = evaluate(self.model, x, y, panel, checks=False, progress=False)
         accs = [a["robust_accuracy"] for a in r["attacks"].values()]
-        return {"eval_clean": r["clean_accuracy"], "eval_robust": accs[0], "eval_fgsm": accs[1], "eval_attack": spec}
+        row = {"eval_clean": r["clean_accuracy"], "eval_robust": accs[0], "eval_attack": spec}
+        if len(accs) > 1:
+            row["eval_fgsm"] = accs[1]
+        return row
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_at_step: int | None = None) -> dict[str, Any]:

@@ -78,8 +78,4 @@ class Method(ABC):
 
 
 def create_method(name: str, **kwargs: Any) -> Method:
-    factory = METHODS.get(name)
-    try:
-        return factory(**kwargs)
-    except TypeError as e:
-        raise TypeError(f"bad options for method {name!r}: {e}") from None
+    return METHODS.create(name, **kwargs)

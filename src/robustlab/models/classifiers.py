@@ -222,8 +222,4 @@ def wrn(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, depth
 
 def create_model(name: str, **kwargs: Any) -> Classifier:
     """Build a registered model; unknown names list the valid ones, unknown options raise TypeError."""
-    factory = MODELS.get(name)
-    try:
-        return factory(**kwargs)
-    except TypeError as e:
-        raise TypeError(f"bad options for model {name!r}: {e}") from None
+    return MODELS.create(name, **kwargs)
