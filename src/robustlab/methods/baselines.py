@@ -45,11 +45,11 @@ class _Adversarial(Method):
     """Shared by the PGD-family methods. eps_ramp_epochs > 0 grows eps (and the step) linearly from 0 over
     that many epochs, the usual remedy for MNIST PGD-AT at eps 0.3 stalling at chance accuracy."""
 
-    eps_ramp_epochs: float = 0.0
-
     def __init__(self, norm: str = "linf", eps: float = 8 / 255, steps: int = 10, step_size: float | None = None,
-                 random_start: bool = True) -> None:
+                 random_start: bool = True, eps_ramp_epochs: float = 0.0) -> None:
         check_eps(eps)
+        check_positive(eps_ramp_epochs, "eps_ramp_epochs", allow_zero=True)
+        self.eps_ramp_epochs = eps_ramp_epochs
         check_positive_int(steps, "steps")
         self.norm, self.eps, self.steps = norm, float(eps), steps
         self.step_size = float(step_size) if step_size is not None else 2.5 * float(eps) / steps
@@ -60,14 +60,14 @@ class _Adversarial(Method):
     def describe(self):
         return {"norm": self.norm, "eps": self.eps, "steps": self.steps, "step_size": self.step_size}
 
-    def ramp(self, ctx: StepContext) -> float:
-        """Fraction of eps in force at this step (1 without a ramp)."""
-        return 1.0 if self.eps_ramp_epochs <= 0 else min(1.0, (ctx.progress + 1e-9) / self.eps_ramp_epochs)
+    def ramped(self, ctx: StepContext):
+        """(threat model, fraction f of eps and of the step size) in force at this step; f = 1 without a ramp."""
+        f = 1.0 if self.eps_ramp_epochs <= 0 else min(1.0, (ctx.progress + 1e-9) / self.eps_ramp_epochs)
+        return (self.threat if f == 1.0 else make_threat(self.norm, self.eps * f)), f
 
     def _pgd(self, model, x, y, ctx, loss_fn=ce_loss, random_start=None, steps=None, step_size=None):
         model = ctx.attacked(model)
-        f = self.ramp(ctx)
-        threat = self.threat if f == 1.0 else make_threat(self.norm, self.eps * f)
+        threat, f = self.ramped(ctx)
         with attack_mode(model):
             counter = PassCounter(model)
             out = pgd(counter, x, y, threat=threat, loss_fn=loss_fn, steps=steps or self.steps,
@@ -86,9 +86,7 @@ class PGDAT(_Adversarial):
 
     def __init__(self, norm: str = "linf", eps: float = 8 / 255, steps: int = 10, step_size: float | None = 2 / 255,
                  random_start: bool = True, eps_ramp_epochs: float = 0.0) -> None:
-        super().__init__(norm, eps, steps, step_size, random_start)
-        check_positive(eps_ramp_epochs, "eps_ramp_epochs", allow_zero=True)
-        self.eps_ramp_epochs = eps_ramp_epochs
+        super().__init__(norm, eps, steps, step_size, random_start, eps_ramp_epochs)
 
     def loss(self, model, batch, ctx):
         x_adv = self._pgd(model, batch.x, batch.y, ctx)
@@ -198,19 +196,16 @@ class TRADES(_Adversarial):
 
     def __init__(self, norm: str = "linf", eps: float = 0.031, steps: int = 10, step_size: float = 0.007,
                  beta: float = 6.0, eps_ramp_epochs: float = 0.0) -> None:
-        super().__init__(norm, eps, steps, step_size, False)
+        super().__init__(norm, eps, steps, step_size, False, eps_ramp_epochs)
         check_positive(beta, "beta", allow_zero=True)
-        check_positive(eps_ramp_epochs, "eps_ramp_epochs", allow_zero=True)
         self.beta = beta
-        self.eps_ramp_epochs = eps_ramp_epochs
 
     def describe(self):
         return {**super().describe(), "beta": self.beta}
 
     def _inner(self, model, x, ctx, loss_of_logits):
         model = ctx.attacked(model)
-        f = self.ramp(ctx)
-        threat = self.threat if f == 1.0 else make_threat(self.norm, self.eps * f)
+        threat, f = self.ramped(ctx)
         with attack_mode(model):
             counter = PassCounter(model)
             with torch.no_grad():
