@@ -119,3 +119,10 @@ def tiny_cnn():
 @pytest.fixture
 def linear_model():
     return Linear(16, 3).eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _robustlab_cache(tmp_path_factory):
+    """Generated datasets (MNIST-Det) are cached in a per-session folder, never in the user's home."""
+    os.environ["ROBUSTLAB_CACHE"] = str(tmp_path_factory.mktemp("robustlab-cache"))
+    yield

@@ -1,5 +1,5 @@
 """robustlab: adversarial training and robustness evaluation for image classifiers and detectors."""
-from robustlab import attacks, data, models  # noqa: F401  (registers attacks, models, datasets)
+from robustlab import attacks, data, detection, models  # noqa: F401  (registers attacks, models, datasets)
 from robustlab.engine.evaluator import evaluate
 
 __version__ = "0.1.0"

@@ -73,7 +73,8 @@ def test_outputs_and_best_checkpoint(tmp_path):
         assert (run / f).exists(), f
     model, extra = load_model(run / "best.safetensors")
     assert extra["epoch"] == res["best"]["epoch"]
-    assert res["best"]["robust_accuracy"] == max(h["eval_robust"] for h in res["history"])
+    assert res["best"]["metric"] == "robust_accuracy"
+    assert res["best"]["score"] == max(h["eval_robust"] for h in res["history"])
 
 
 @pytest.mark.parametrize("method,kw,fwd,bwd", [
@@ -158,7 +159,7 @@ def test_best_checkpoint_breaks_robust_ties_by_clean_accuracy(tmp_path):
     t = Trainer(_cfg(tmp_path, method="standard", method_kwargs={}, epochs=3, eval_attack="pgd:eps=1.0,steps=5"))
     res = t.fit()
     evals = [(h["eval_robust"], h["eval_clean"]) for h in res["history"]]
-    assert (res["best"]["robust_accuracy"], res["best"]["clean_accuracy"]) == max(evals)
+    assert (res["best"]["score"], res["best"]["clean"]) == max(evals)
 
 
 def test_class_subset_and_imbalance_from_config(tmp_path):

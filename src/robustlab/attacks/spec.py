@@ -34,20 +34,26 @@ def parse_value(text: str) -> Any:
         return text.strip()
 
 
-def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """'pgd:norm=linf,eps=0.3,steps=40' -> ('pgd', {'norm': 'linf', 'eps': 0.3, 'steps': 40})."""
+def parse_spec(spec: str, registry=ATTACKS) -> tuple[str, dict[str, Any]]:
+    """'name:key=value,...' -> (name, {key: literal}) for any registry (attacks, datasets)."""
+    kind = registry.kind
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"empty attack specification {spec!r}; expected 'name:key=value,...'")
+        raise ValueError(f"empty {kind} specification {spec!r}; expected 'name:key=value,...'")
     name, _, rest = spec.partition(":")
     name = name.strip()
-    ATTACKS.get(name)  # fails listing valid names
+    registry.get(name)  # fails listing valid names
     kwargs: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in rest.split(","))):
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"bad option {part!r} in attack spec {spec!r}; expected key=value")
+            raise ValueError(f"bad option {part!r} in {kind} spec {spec!r}; expected key=value")
         kwargs[key.strip()] = parse_value(value)
     return name, kwargs
+
+
+def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'pgd:norm=linf,eps=0.3,steps=40' -> ('pgd', {'norm': 'linf', 'eps': 0.3, 'steps': 40})."""
+    return parse_spec(spec, ATTACKS)
 
 
 def create_attack(name_or_spec: str, model: nn.Module, **overrides: Any):

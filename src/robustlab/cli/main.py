@@ -33,10 +33,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_eval_data(name: str, split: str):
-    from robustlab.data import load_dataset
+def _load_eval_data(spec: str | None, split: str, extra: dict):
+    from robustlab.attacks.spec import parse_spec
+    from robustlab.registry import DATASETS
 
-    data = load_dataset(name)
+    if spec is None:  # the data the checkpoint was trained on, else mnist5k
+        cfg = extra.get("config") or {}
+        data = DATASETS.create(cfg.get("dataset", "mnist5k"), **(cfg.get("dataset_kwargs") or {}))
+    else:
+        name, kwargs = parse_spec(spec, DATASETS)
+        data = DATASETS.create(name, **kwargs)
+    if getattr(data, "task", "classification") != "classification":
+        raise ValueError(f"dataset {spec!r} is a detection dataset; a classifier needs classification data")
     return (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
 
 
@@ -50,8 +58,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab.utils import set_threads
 
     set_threads(args.threads)
-    model, _ = load_model(args.model, map_location=args.device)
-    x, y = _load_eval_data(args.data, args.split)
+    model, extra = load_model(args.model, map_location=args.device)
+    if getattr(model, "task", "classification") == "detection":
+        from robustlab.cli.detection import eval_detector
+
+        return eval_detector(args, model, extra)
+    x, y = _load_eval_data(args.data, args.split, extra)
     specs = args.attack or ["pgd:norm=linf,eps=0.3,steps=40"]
     attacks = [create_attack(s, model) for s in specs]
     if args.n_samples is not None:
@@ -81,9 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_list)
 
     pe = sub.add_parser("eval", help="evaluate a checkpoint under a panel of attacks",
-                        description="Evaluate a model checkpoint: clean, per-attack, union and average accuracy.")
+                        description="Evaluate a model checkpoint. Classifiers: clean, per-attack, union and average "
+                                    "accuracy. Detectors: mAP@0.5 and per-class AP (--ap-mode, --report).")
     pe.add_argument("--model", required=True, help="model checkpoint (.safetensors) written by robustlab")
-    pe.add_argument("--data", default="mnist5k", help="dataset name (see `robustlab list datasets`)")
+    pe.add_argument("--data", help="dataset NAME[:key=value,...] (see `robustlab list datasets`), e.g. "
+                                   "mnist-det:preset=coco; default: the dataset the checkpoint was trained on")
     pe.add_argument("--split", default="test", choices=("test", "train"))
     pe.add_argument("--attack", action="append", metavar="SPEC",
                     help='attack spec "name:key=value,..." (repeatable), e.g. "pgd:norm=linf,eps=0.3,steps=40"')
@@ -93,14 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     pe.add_argument("--threads", type=int, help="torch CPU threads (set 1-2 on small machines)")
     pe.add_argument("--quiet", action="store_true", help="no progress bar")
+    pe.add_argument("--ap-mode", default="11pt", choices=("11pt", "area", "coco"),
+                    help="detectors: VOC07 11-point AP, all-point (area) AP, or COCO-rules AP50")
+    pe.add_argument("--report", type=Path, help="detectors: write report.md with per-class AP and example images here")
     pe.set_defaults(func=cmd_eval)
 
-    try:
-        from robustlab.cli import training
+    from robustlab.cli import detection, training
 
-        training.add_commands(sub)
-    except ImportError:
-        pass
+    training.add_commands(sub)
+    detection.add_commands(sub)
     return p
 
 

@@ -18,12 +18,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.out_dir:
         overrides.append(f"out_dir={args.out_dir}")
-    cfg = load_config(args.config, overrides)
+    defaults = {}
+    if args.task == "detection":
+        from robustlab.cli.detection import DETECTION_DEFAULTS
+
+        defaults = DETECTION_DEFAULTS
+    cfg = load_config(args.config, overrides, defaults=defaults)
     trainer = Trainer(cfg)
     result = trainer.fit(resume=args.resume)
     best = result["best"]
-    print(f"trained {cfg.method} ({cfg.model}) on {cfg.dataset}: best robust accuracy "
-          f"{best['robust_accuracy']:.3f} at epoch {best['epoch']}; checkpoints in {result['run_dir']}")
+    metric = "mAP" if best["metric"] == "map" else "robust accuracy"
+    print(f"trained {cfg.method} ({cfg.model}) on {cfg.dataset}: best {metric} "
+          f"{best['score']:.3f} at epoch {best['epoch']}; checkpoints in {result['run_dir']}")
     return 0
 
 
@@ -105,6 +111,9 @@ def add_commands(sub) -> None:
                         description="Train with a YAML config; key=value arguments override config keys "
                                     "(method_kwargs.eps=0.1 sets a sub-key).")
     pt.add_argument("--config", type=Path, help="YAML config (see configs/)")
+    pt.add_argument("--task", choices=("classification", "detection"), default="classification",
+                    help="detection starts from the clean TinySSD-96 recipe on MNIST-Det (dataset mnist-det, model "
+                         "tinyssd-96, method det-std); the config and overrides replace any of its keys")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=3")
     pt.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     pt.add_argument("--out-dir", help="parent folder of the run folder (default: config out_dir)")

@@ -22,6 +22,7 @@ class ImageData:
     x_test: Tensor
     y_test: Tensor
     num_classes: int
+    task = "classification"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -34,6 +35,14 @@ class ImageData:
     @property
     def input_size(self) -> int:
         return int(self.x_train.shape[2])
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    def model_kwargs(self) -> dict:
+        """What a model factory needs to know about this data."""
+        return {"in_channels": self.in_channels, "num_classes": self.num_classes, "input_size": self.input_size}
 
 
 def _stratified_split(x: np.ndarray, y: np.ndarray, n_test: int) -> tuple[np.ndarray, ...]:

@@ -1,2 +1,10 @@
-"""Object detection (one-stage SSD). Box geometry lives in `boxes`; the detector, data, mAP and the
-class-aware attacks and training arrive with the detection issues (spec: shared/spec/cwat.md)."""
+"""Object detection (one-stage SSD; spec shared/spec/cwat.md): box geometry (`boxes`), detectors (`models`),
+the multibox loss and its per-object / per-class decomposition (`loss`), post-processing, mAP (`metrics`),
+data (`data`: MNIST-Det, VOC, COCO) and evaluation (`evaluate`)."""
+from robustlab.detection import data, models  # noqa: F401  (registers the detection datasets and models)
+from robustlab.detection.data import DetData
+from robustlab.detection.evaluate import evaluate_detector
+from robustlab.detection.loss import Decomp, decompose, multibox_loss
+from robustlab.detection.postprocess import Detections, detect
+
+__all__ = ["DetData", "Decomp", "Detections", "decompose", "detect", "evaluate_detector", "multibox_loss"]

@@ -44,10 +44,11 @@ def box_area(b: Tensor) -> Tensor:
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise IoU of corner-form boxes: a (..., N, 4), b (..., M, 4) -> (..., N, M)."""
-    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)
+    """Pairwise IoU of corner-form boxes: a (..., N, 4), b (..., M, 4) -> (..., N, M); 0 when the union is empty."""
+    ax1, ay1, ax2, ay2 = (a[..., :, None, i] for i in range(4))  # coordinate-wise: no (..., N, M, 2) temporaries
+    bx1, by1, bx2, by2 = (b[..., None, :, i] for i in range(4))
+    inter = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp_min(0) * \
+        (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp_min(0)
     union = box_area(a)[..., :, None] + box_area(b)[..., None, :] - inter
     return inter / union.clamp_min(1e-12)
 
@@ -117,22 +118,30 @@ def match(gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor, priors: Tensor,
     return conf_t, loc_t, obj_t
 
 
+def nms_sorted(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS for groups of candidates already sorted by descending score: boxes (G, n, 4), valid (G, n)
+    -> keep (G, n). Candidate i survives when no kept, earlier candidate of its group overlaps it with IoU
+    strictly greater than the threshold. That recursion has one solution, reached by the fixed-point sweep
+    below after at most (longest suppression chain + 1) batched steps, so every group is done at once."""
+    n = boxes.shape[1]
+    over = box_iou(boxes, boxes) > iou_threshold  # (G, n, n): over[g, i, j]
+    over &= torch.ones(n, n, dtype=torch.bool, device=boxes.device).tril(-1)  # only earlier j suppress i
+    keep = valid.clone()
+    while True:  # a host sync per sweep: post-processing only, never inside attacks
+        new = valid & ~(over & keep[:, None, :]).any(-1)
+        if torch.equal(new, keep):
+            return keep
+        keep = new
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS: indices kept, in selection order. A box is suppressed by a kept, higher-scoring box
     when their IoU is strictly greater than the threshold (equal scores keep index order)."""
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    iou = box_iou(boxes[order], boxes[order])
-    n = order.numel()
-    suppressed = torch.zeros(n, dtype=torch.bool, device=boxes.device)
-    over = iou > iou_threshold
-    keep = torch.zeros(n, dtype=torch.bool, device=boxes.device)
-    for i in range(n):  # sequential sweep over the sorted candidates; each step is one tensor op
-        if suppressed[i]:
-            continue
-        keep[i] = True
-        suppressed |= over[i]
+    keep = nms_sorted(boxes[order][None], torch.ones(1, order.numel(), dtype=torch.bool, device=boxes.device),
+                      iou_threshold)[0]
     return order[keep]
 
 

@@ -43,6 +43,7 @@ class TrainConfig:
     eval_every: int = 1
     eval_attack: str | None = None  # attack spec; default: PGD-20 at the method's threat model
     eval_samples: int = 500
+    ap_mode: str = "11pt"  # detectors: 11pt (VOC07) | area | coco (AP50 by COCO's rules)
     select_best: bool = True  # keep the checkpoint with the best robust accuracy (robust overfitting)
     early_stop_co: bool = False  # stop on catastrophic overfitting (Fast-AT's PGD check)
     seed: int = 0
@@ -60,7 +61,8 @@ class TrainConfig:
 
 
 _CHOICES = {"optimizer": ("sgd", "adam"), "schedule": ("constant", "multistep", "cosine", "cyclic"),
-            "augment": ("none", "crop-flip", "crop"), "amp": ("none", "bf16", "fp16")}
+            "augment": ("none", "crop-flip", "crop"), "amp": ("none", "bf16", "fp16"),
+            "ap_mode": ("11pt", "area", "coco")}
 _POSITIVE = ("epochs", "batch_size", "eval_every", "eval_samples")
 
 
@@ -140,16 +142,21 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """defaults (e.g. a task's recipe) < the YAML file < overrides."""
     import yaml
 
-    d: dict[str, Any] = {}
+    d: dict[str, Any] = dict(defaults or {})
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        d.update(loaded)
     return config_from_dict(apply_overrides(d, overrides or []))

@@ -25,9 +25,10 @@ from torch import Tensor, nn
 
 from robustlab.data import ImageData, load_dataset, select_classes
 from robustlab.engine.checkpoint import CheckpointError, atomic_write_bytes, save_model
-from robustlab.engine.config import TrainConfig
+from robustlab.engine.config import ConfigError, TrainConfig
 from robustlab.methods import Batch, LossOut, StepContext, create_method
 from robustlab.models import create_model
+from robustlab.registry import MODELS
 from robustlab.utils import progress_bar
 
 log = logging.getLogger("robustlab.train")
@@ -112,7 +113,7 @@ class _DDP:
 class Trainer:
     """Train `cfg.model` with `cfg.method` on `cfg.dataset`; writes checkpoints and logs to run_dir."""
 
-    def __init__(self, cfg: TrainConfig, data: ImageData | None = None, run_dir: str | Path | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, data: Any = None, run_dir: str | Path | None = None) -> None:
         self.cfg = cfg
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
@@ -126,15 +127,24 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.manual_seed(cfg.seed)
         self.data = data if data is not None else load_dataset(cfg.dataset, **cfg.dataset_kwargs)
+        self.task = getattr(self.data, "task", "classification")  # ImageData or detection DetData
         if cfg.classes is not None or cfg.imbalance:
+            if self.task != "classification":
+                raise ConfigError("config keys 'classes' and 'imbalance' apply to classification data only "
+                                  "(MNIST-Det sets its class imbalance with dataset_kwargs.alpha)")
             imbalance = {int(k): float(v) for k, v in (cfg.imbalance or {}).items()}
             self.data = select_classes(self.data, cfg.classes, imbalance, seed=cfg.seed)
-        kw = {"in_channels": self.data.in_channels, "num_classes": self.data.num_classes,
-              "input_size": self.data.input_size, **cfg.model_kwargs}
-        self.model = create_model(cfg.model, **kw).to(self.device)
+        self.method = create_method(cfg.method, **cfg.method_kwargs)
+        tasks = {"dataset": self.task, "model": getattr(MODELS.get(cfg.model), "task", "classification"),
+                 "method": self.method.task}
+        if len(set(tasks.values())) > 1:
+            raise ConfigError("dataset, model and method must be for the same task, got "
+                              + ", ".join(f"{k} {getattr(cfg, k)!r} ({v})" for k, v in tasks.items()))
+        self.model = create_model(cfg.model, **{**self.data.model_kwargs(), **cfg.model_kwargs}).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.method = create_method(cfg.method, **cfg.method_kwargs)
+        if self.task == "detection" and cfg.eval_attack is not None:
+            raise ConfigError("eval_attack applies to classifiers; detectors are evaluated by mAP on the test split")
         params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -151,7 +161,9 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
         self.epoch = 0
         self.global_step = 0
-        self.best: dict[str, Any] = {"robust_accuracy": -1.0, "epoch": None}
+        # best checkpoint: highest (score, clean) where score is the robust accuracy, or the mAP of a detector
+        self.best: dict[str, Any] = {"metric": "map" if self.task == "detection" else "robust_accuracy",
+                                     "score": -1.0, "clean": -1.0, "epoch": None}
         self.history: list[dict[str, Any]] = []
         self.events: list[str] = []
         self._fwd_images = 0
@@ -168,7 +180,7 @@ class Trainer:
 
     # -- pieces --------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.data.x_train.shape[0] / self.cfg.batch_size)
+        return math.ceil(self.data.n_train / self.cfg.batch_size)
 
     def _autocast(self):
         if self.cfg.amp == "none":
@@ -197,6 +209,18 @@ class Trainer:
                 self.optimizer.step()
         return step
 
+    def _train_batch(self, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        if self.task == "detection":  # pixel-scale images, padded targets; augmentation belongs to the source
+            x, y = self.data.train.batch(idx, gen, train=True)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        else:
+            x = self.data.x_train[idx].to(self.device, non_blocking=True)
+            y = self.data.y_train[idx].to(self.device, non_blocking=True)
+            x = augment(x, self.cfg.augment, gen)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
     def _set_lr(self) -> float:
         total = self.cfg.epochs * self.steps_per_epoch() * self.method.steps_per_batch()
         f = lr_factor(self.cfg, self.global_step, total)
@@ -210,6 +234,11 @@ class Trainer:
         return f"pgd:norm={norm},eps={eps},steps=20"
 
     def evaluate(self) -> dict[str, Any]:
+        if self.task == "detection":
+            from robustlab.detection.evaluate import evaluate_detector
+
+            r = evaluate_detector(self.model, self.data.test, self.cfg.eval_samples, ap_mode=self.cfg.ap_mode)
+            return {"eval_clean": r["clean"]["map"], "eval_map": r["clean"]["map"]}
         from robustlab import evaluate
 
         spec = self.cfg.eval_attack or self.default_eval_attack()
@@ -244,7 +273,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(_jsonable(vars(cfg)), indent=2))
         tb = self._tensorboard() if cfg.tensorboard and self.ddp.main else None
-        n_train = self.data.x_train.shape[0]
+        n_train = self.data.n_train
         spe = self.steps_per_epoch()
         while self.epoch < cfg.epochs:
             epoch = self.epoch
@@ -255,6 +284,7 @@ class Trainer:
             correct = torch.zeros((), device=self.device)
             seen = 0
             passes = [0, 0]
+            has_accuracy = False
             t0 = time.perf_counter()
             self._fwd_images = 0
             with progress_bar(spe, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress if self.ddp.main else False) as bar:
@@ -264,11 +294,7 @@ class Trainer:
                     idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                     idx = idx[self.ddp.rank::self.ddp.world]
                     gen = torch.Generator(device=self.device).manual_seed(_mix(cfg.seed, epoch, step, 3))
-                    x = self.data.x_train[idx].to(self.device, non_blocking=True)
-                    y = self.data.y_train[idx].to(self.device, non_blocking=True)
-                    x = augment(x, cfg.augment, gen)
-                    if cfg.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
+                    x, y = self._train_batch(idx, gen)
                     ctx = StepContext(epoch, step, gen, attack_model=self.model,  # attacks skip DDP hooks
                                       progress=epoch + step / spe)
                     lr = self._set_lr()
@@ -281,6 +307,7 @@ class Trainer:
                         sums[k] = sums.get(k, torch.zeros((), device=self.device)) + torch.as_tensor(v).detach().float() * x.shape[0]
                     if out.logits is not None:
                         correct += (out.logits.detach().argmax(1) == y).sum()
+                        has_accuracy = True
                     seen += x.shape[0]
                     passes[1] += ctx.passes[1]
                     bar.update(1)
@@ -290,8 +317,9 @@ class Trainer:
                                 + [torch.tensor(float(p), device=self.device) for p in passes])
             stats = self.ddp.all_reduce_sum(stats).tolist()  # one sync per epoch
             n_seen = stats[1]
-            row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_accuracy": stats[0] / n_seen,
-                                   "seconds": time.perf_counter() - t0}
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "seconds": time.perf_counter() - t0}
+            if has_accuracy:
+                row["train_accuracy"] = stats[0] / n_seen
             for i, k in enumerate(sorted(sums)):
                 row[f"train_{k}"] = stats[2 + i] / n_seen
             row["forward_per_image"] = stats[-2] / n_seen
@@ -302,10 +330,9 @@ class Trainer:
                 self._check_overfitting(row)
                 # select_best: keep the most robust evaluated weights (robust overfitting); else the latest
                 # (ties on robust accuracy, e.g. 0 for standard training, go to the more accurate model)
-                key = (row["eval_robust"], row["eval_clean"])
-                if key > (self.best["robust_accuracy"], self.best.get("clean_accuracy", -1.0)) or not cfg.select_best:
-                    self.best = {"robust_accuracy": row["eval_robust"], "clean_accuracy": row["eval_clean"],
-                                 "epoch": self.epoch}
+                key = (row.get("eval_robust", row["eval_clean"]), row["eval_clean"])
+                if key > (self.best["score"], self.best["clean"]) or not cfg.select_best:
+                    self.best = {**self.best, "score": key[0], "clean": key[1], "epoch": self.epoch}
                     save_model(self.run_dir / "best.safetensors", self.model, extra={"epoch": self.epoch, "config": _jsonable(vars(cfg))})
             self.history.append(row)
             if self.ddp.main:

@@ -20,8 +20,8 @@ from robustlab.registry import METHODS
 
 @dataclass
 class Batch:
-    x: Tensor  # (N, C, H, W) in [0, 1]
-    y: Tensor  # (N,) int64
+    x: Tensor  # (N, C, H, W): in [0, 1] for classifiers, pixel scale [0, 255] for detectors
+    y: Tensor  # (N,) int64 labels, or (N, M, 6) padded detection targets (robustlab.detection.targets)
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Method(ABC):
     """Base class; subclasses set `name`, `norm`/`eps` (the threat model they defend) and implement `loss`."""
 
     name: ClassVar[str] = ""
+    task: ClassVar[str] = "classification"  # or "detection": the data and models it trains
     norm: str | None = None
     eps: float | None = None
 

@@ -1,0 +1,190 @@
+"""Detection datasets: `mnist-det` (embedded, synthetic), `voc` and `coco` (users' own copies).
+
+A `DetData` holds a train and a test `DetSource`. A source returns batches as pixel-scale float images
+(B, 3, S, S) in [0, 255] and padded targets (B, M, 6) (see `targets.py`), so the Trainer and the evaluators
+handle detection batches like classification ones. MNIST-Det lives in memory as tensors; VOC and COCO read
+their image files per batch and apply the SSD augmentation pipeline to training batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from robustlab.detection.targets import pad_targets
+from robustlab.registry import DATASETS
+
+
+class DetSource:
+    """One split. `batch(idx, generator, train)` -> (images (B, 3, S, S) float in [0, 255], targets (B, M, 6))."""
+
+    image_size: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batch(self, idx: Tensor, generator: torch.Generator | None = None, train: bool = False) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def original_size(self, i: int) -> tuple[int, int]:
+        """(width, height) of image i before resizing (for COCO-format results in original pixels)."""
+        return (self.image_size, self.image_size)
+
+
+class TensorSource(DetSource):
+    """Images already at the model's size, held in memory as uint8 (N, 3, S, S)."""
+
+    def __init__(self, images: Tensor, targets: Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+            raise ValueError(f"detection images must be (N, 3, S, S), got {tuple(images.shape)}")
+        if targets.shape[0] != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {targets.shape[0]} target rows")
+        self.images, self.targets = images, targets
+        self.image_size = int(images.shape[-1])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batch(self, idx: Tensor, generator: torch.Generator | None = None, train: bool = False) -> tuple[Tensor, Tensor]:
+        return self.images[idx].float(), self.targets[idx]
+
+
+@dataclass
+class Record:
+    """One annotated image file: boxes in original pixels (corner form), labels 0..K-1, difficult flags."""
+
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    difficult: np.ndarray
+    image_id: Any = None
+
+
+class FileSource(DetSource):
+    """Image files with annotations; training batches go through SSD augmentation, test batches are resized."""
+
+    def __init__(self, records: Sequence[Record], image_size: int, mean_rgb: Sequence[float], flip: bool = True) -> None:
+        self.records = list(records)
+        self.image_size = int(image_size)
+        self.mean_rgb = tuple(float(m) for m in mean_rgb)
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def original_size(self, i: int) -> tuple[int, int]:
+        r = self.records[i]
+        return (r.width, r.height)
+
+    def batch(self, idx: Tensor, generator: torch.Generator | None = None, train: bool = False) -> tuple[Tensor, Tensor]:
+        from robustlab.detection.transforms import read_image, resize, ssd_augment
+
+        images, boxes, labels, diffs = [], [], [], []
+        for i in idx.tolist():  # image files differ in size: decoding and augmentation are per image
+            r = self.records[i]
+            img = read_image(r.path)
+            b = torch.as_tensor(r.boxes, dtype=torch.float32).reshape(-1, 4)
+            lab = torch.as_tensor(r.labels, dtype=torch.int64)
+            d = torch.as_tensor(r.difficult, dtype=torch.bool)
+            if train:
+                img, b, lab, d = ssd_augment(img, b, lab, d, self.mean_rgb, generator, flip=self.flip)
+            img, b = resize(img, b, self.image_size)
+            images.append(img)
+            boxes.append(b)
+            labels.append(lab)
+            diffs.append(d)
+        return torch.stack(images), pad_targets(boxes, labels, diffs)
+
+
+@dataclass
+class DetData:
+    name: str
+    train: DetSource
+    test: DetSource
+    num_classes: int
+    class_names: list[str]
+    mean: list[float]  # per-channel RGB mean, pixel scale (subtracted inside the model)
+    info: dict[str, Any] = field(default_factory=dict)
+    task = "detection"
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def input_size(self) -> int:
+        return self.train.image_size
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"in_channels": 3, "num_classes": self.num_classes, "input_size": self.input_size,
+                "mean": [round(m, 4) for m in self.mean], "class_names": self.class_names}
+
+
+def _tensor_source(split: dict[str, np.ndarray], size: int) -> TensorSource:
+    images = torch.from_numpy(split["images"]).permute(0, 3, 1, 2).contiguous()
+    off = split["offsets"]
+    boxes = [torch.from_numpy(split["boxes"][off[i]:off[i + 1]]) / size for i in range(len(off) - 1)]
+    labels = [torch.from_numpy(split["labels"][off[i]:off[i + 1]]) for i in range(len(off) - 1)]
+    return TensorSource(images, pad_targets(boxes, labels))
+
+
+@DATASETS.register("mnist-det")
+def mnist_det(preset: str = "voc", n_train: int = 2000, n_test: int = 500, image_size: int = 96, alpha: float = 1.0,
+              seed: int = 0, regenerate: bool = False, **overrides: Any) -> DetData:
+    """MNIST-Det: multi-object, multi-class detection scenes from real MNIST digits (presets voc, coco)."""
+    from robustlab.detection.mnistdet import load_or_generate, make_config
+
+    cfg = make_config(preset, n_train=n_train, n_test=n_test, image_size=image_size, alpha=alpha, seed=seed, **overrides)
+    d = load_or_generate(cfg, regenerate=regenerate)
+    from dataclasses import asdict
+
+    return DetData(f"mnist-det-{preset}", _tensor_source(d["train"], image_size), _tensor_source(d["test"], image_size),
+                   10, [str(i) for i in range(10)], [float(m) for m in d["mean"]["rgb"]], {"generator": asdict(cfg)})
+
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+VOC_MEAN = (123.0, 117.0, 104.0)
+
+
+@DATASETS.register("voc")
+def voc(root: str | None = None, train_sets: Sequence[str] = ("2007/trainval", "2012/trainval"),
+        test_set: str = "2007/test", image_size: int = 300) -> DetData:
+    """PASCAL VOC from a local copy: root/VOC2007, root/VOC2012 (07+12 trainval -> 07 test by default)."""
+    from robustlab.detection.folders import read_voc
+
+    if root is None:
+        raise ValueError("the voc dataset needs root=<folder holding VOC2007/ and VOC2012/> (dataset_kwargs.root)")
+    train = [r for s in train_sets for r in read_voc(root, s, keep_difficult=False)]
+    test = read_voc(root, test_set, keep_difficult=True)
+    return DetData("voc", FileSource(train, image_size, VOC_MEAN), FileSource(test, image_size, VOC_MEAN),
+                   len(VOC_CLASSES), list(VOC_CLASSES), list(VOC_MEAN), {"root": str(root)})
+
+
+@DATASETS.register("coco")
+def coco(root: str | None = None, train_split: str = "train2017", test_split: str = "val2017",
+         image_size: int = 300) -> DetData:
+    """MS-COCO from a local copy: root/{train2017,val2017}/ and root/annotations/instances_*.json."""
+    from robustlab.detection.folders import read_coco
+
+    if root is None:
+        raise ValueError("the coco dataset needs root=<folder holding train2017/, val2017/, annotations/>")
+    train, names, ids = read_coco(root, train_split, training=True)
+    test, names_t, _ = read_coco(root, test_split, training=False)
+    if names != names_t:
+        raise ValueError(f"COCO {train_split} and {test_split} annotation files list different categories")
+    return DetData("coco", FileSource(train, image_size, VOC_MEAN), FileSource(test, image_size, VOC_MEAN),
+                   len(names), names, list(VOC_MEAN), {"root": str(root), "category_ids": ids})
+
+
+def load_detection_data(name: str, **kwargs: Any) -> DetData:
+    data = DATASETS.create(name, **kwargs)
+    if not isinstance(data, DetData):
+        raise ValueError(f"dataset {name!r} is not a detection dataset")
+    return data

@@ -1,0 +1,86 @@
+"""mAP of a detector on a split, clean and under attacks (any callable (model, images, targets) -> images),
+with per-class AP. Batched: one forward and one batched post-processing per batch."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.detection.data import DetData, DetSource
+from robustlab.detection.metrics import detection_map
+from robustlab.detection.postprocess import Detections, detect
+from robustlab.detection.targets import check_targets, unpad
+from robustlab.utils import progress_bar
+
+DetAttack = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+def check_detection_images(x: Tensor) -> None:
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"detection images must be (B, 3, H, W), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("detection images contain NaN or inf")
+    if x.min() < 0 or x.max() > 255:
+        raise ValueError(f"detection images must be pixel-scale values in [0, 255], got [{x.min():.3g}, {x.max():.3g}]")
+
+
+def evaluate_detector(model: nn.Module, source: DetSource | DetData, n_images: int | None = None, batch_size: int = 32,
+                      ap_mode: str = "11pt", attacks: Mapping[str, DetAttack] | None = None,
+                      max_per_image: int = 200, keep_examples: int = 0, progress: bool | None = False) -> dict[str, Any]:
+    """{"clean": {map, ap}, "attacks": {name: {map, ap}}, n_images, class_names, ...}. `keep_examples` keeps the
+    first images with their detections (clean and attacked) for reports."""
+    if isinstance(source, DetData):
+        source = source.test
+    n = len(source) if n_images is None else min(int(n_images), len(source))
+    if n < 1:
+        raise ValueError("nothing to evaluate: the split has no images")
+    names = ["clean"] + list(attacks or {})
+    dets: dict[str, list[Detections]] = {k: [] for k in names}
+    gts: list[tuple[Tensor, Tensor, Tensor]] = []
+    examples: dict[str, Any] = {"images": {k: [] for k in names}, "detections": {k: [] for k in names}, "targets": []}
+    seconds = {k: 0.0 for k in names}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    k = model.num_classes
+    try:
+        with progress_bar((n + batch_size - 1) // batch_size, "evaluate", progress) as bar:
+            for start in range(0, n, batch_size):
+                idx = torch.arange(start, min(start + batch_size, n))
+                x, t = source.batch(idx)
+                check_detection_images(x)
+                check_targets(t, k)
+                x, t = x.to(device), t.to(device)
+                gts += [(b.cpu(), lab.cpu(), d.cpu()) for b, lab, d in unpad(t)]
+                keep = max(0, keep_examples - start)
+                if keep:
+                    examples["targets"] += [g for g in gts[start:start + keep]]
+                for name in names:
+                    t0 = time.perf_counter()
+                    xa = x if name == "clean" else attacks[name](model, x, t)  # type: ignore[index]
+                    with torch.no_grad():
+                        loc, conf = model(xa)
+                    d = detect(loc, conf, model.priors, max_per_image=max_per_image)
+                    seconds[name] += time.perf_counter() - t0
+                    dets[name] += d
+                    if keep:
+                        examples["images"][name].append(xa[:keep].detach().cpu())
+                        examples["detections"][name] += d[:keep]
+                bar.update(1)
+    finally:
+        model.train(was_training)
+    out: dict[str, Any] = {"n_images": n, "ap_mode": ap_mode, "class_names": list(model.class_names), "attacks": {}}
+    for name in names:
+        r = detection_map(dets[name], gts, k, mode=ap_mode)
+        entry = {"map": r["map"], "ap": r["ap"], "seconds": seconds[name]}
+        if name == "clean":
+            out["clean"] = entry
+            out["npos"] = r["npos"]
+        else:
+            out["attacks"][name] = entry
+    if keep_examples:
+        examples["images"] = {k_: torch.cat(v) for k_, v in examples["images"].items() if v}
+        out["examples"] = examples
+    return out

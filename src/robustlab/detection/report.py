@@ -1,0 +1,113 @@
+"""Pictures and tables for detection: image grids with ground-truth and predicted boxes (PNG, pillow), the
+per-class AP table (Markdown) and bar chart (PNG), and the detection report that `robustlab eval` writes."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
+
+
+def draw_grid(images: Tensor, path: str | Path, targets: Sequence[Any] | None = None,
+              detections: Sequence[Any] | None = None, class_names: Sequence[str] | None = None,
+              score_threshold: float = 0.3, ncols: int = 8, scale: int = 2) -> Path:
+    """Images (N, 3, S, S) in [0, 255] with ground truth (white, thin) and detections above `score_threshold`
+    (class colour, label and score) drawn on them, in a grid."""
+    from PIL import Image, ImageDraw
+
+    n, _, h, w = images.shape
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    hs, ws = h * scale, w * scale
+    grid = Image.new("RGB", (ncols * (ws + 4), nrows * (hs + 4)), (255, 255, 255))
+    names = list(class_names) if class_names is not None else None
+    for i in range(n):
+        arr = images[i].detach().clamp(0, 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        im = Image.fromarray(arr).resize((ws, hs), Image.NEAREST)
+        draw = ImageDraw.Draw(im)
+        size = torch.tensor([ws, hs, ws, hs], dtype=torch.float32)
+        if targets is not None:
+            for b in targets[i][0]:
+                draw.rectangle((b.float() * size).tolist(), outline=(255, 255, 255), width=1)
+        if detections is not None:
+            d = detections[i]
+            for b, s, lab in zip(d.boxes, d.scores, d.labels):
+                if float(s) < score_threshold:
+                    continue
+                col = PALETTE[int(lab) % len(PALETTE)]
+                xy = (b.float() * size).tolist()
+                draw.rectangle(xy, outline=col, width=2)
+                text = f"{names[int(lab)] if names else int(lab)} {float(s):.2f}"
+                draw.text((xy[0] + 2, xy[1] + 1), text, fill=col)
+        grid.paste(im, ((i % ncols) * (ws + 4) + 2, (i // ncols) * (hs + 4) + 2))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def ap_table(result: dict[str, Any]) -> str:
+    """Markdown: one row per class, one column per evaluation (clean, then each attack), mAP last."""
+    names = result["class_names"]
+    cols = {"clean": result["clean"], **result.get("attacks", {})}
+    head = "| class | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+    rows = []
+    for i, name in enumerate(names):
+        cells = [("–" if math.isnan(c["ap"][i]) else f"{c['ap'][i]:.3f}") for c in cols.values()]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows.append("| **mAP** | " + " | ".join(f"**{c['map']:.3f}**" for c in cols.values()) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
+def per_class_ap_plot(result: dict[str, Any], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = result["class_names"]
+    cols = {"clean": result["clean"], **result.get("attacks", {})}
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) * len(cols)), 3.5))
+    width = 0.8 / len(cols)
+    for j, (label, c) in enumerate(cols.items()):
+        ax.bar([i + j * width for i in range(len(names))], [0 if math.isnan(a) else a for a in c["ap"]], width,
+               label=f"{label} (mAP {c['map']:.3f})")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=45 if len(names) > 10 else 0)
+    ax.set_ylabel(f"AP@0.5 ({result['ap_mode']})")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_detection_report(out_dir: str | Path, result: dict[str, Any], title: str, command: str = "",
+                           machine: str = "") -> Path:
+    """report.md + per_class_ap.png + examples_<name>.png (when the result kept examples)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [("Per-class AP", per_class_ap_plot(result, out / "per_class_ap.png").name)]
+    ex = result.get("examples")
+    if ex:
+        for name, imgs in ex["images"].items():
+            p = draw_grid(imgs, out / f"examples_{name}.png", ex["targets"], ex["detections"][name],
+                          result["class_names"])
+            figures.append((f"Detections ({name}; white: ground truth, colour: predictions with score >= 0.3)", p.name))
+    lines = [f"# {title}", "", f"{result['n_images']} test images, AP@0.5 ({result['ap_mode']}).", ""]
+    if command:
+        lines += ["Reproduce:", "", "```", command, "```", ""]
+    if machine:
+        lines += [f"Machine: {machine}", ""]
+    lines += [ap_table(result), ""]
+    for caption, name in figures:
+        lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
