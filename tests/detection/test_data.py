@@ -131,6 +131,9 @@ def test_voc_reader_and_dataset(voc_root):
     assert xt.shape == (2, 3, 64, 64) and 0 <= xt.min() and xt.max() <= 255
     check_targets(tt, 20)
     assert data.test.original_size(0) == (120, 80)
+    one = FileSource(data.train.records, 64, (0, 0, 0), workers=1).batch(torch.tensor([0, 1, 0]), torch.Generator().manual_seed(3), True)
+    many = FileSource(data.train.records, 64, (0, 0, 0), workers=3).batch(torch.tensor([0, 1, 0]), torch.Generator().manual_seed(3), True)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])  # thread timing never changes a batch
 
 
 def test_voc_bad_files(voc_root):

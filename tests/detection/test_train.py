@@ -89,3 +89,15 @@ def test_ddp_detection_training_runs_under_torchrun(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["backward_per_image"] == 1.0 and "eval_map" in rows[0]
+
+
+def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path):
+    base = Trainer(TrainConfig(name="base", out_dir=str(tmp_path), **{**TINY, "epochs": 1}))
+    base.fit()
+    ft = Trainer(TrainConfig(name="ft", out_dir=str(tmp_path), init_from=str(tmp_path / "base" / "last.safetensors"),
+                             **TINY))
+    for (k, a), (_, b) in zip(base.model.state_dict().items(), ft.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ConfigError, match="holds a"):
+        Trainer(TrainConfig(**{**TINY, "model": "tinyssd-128", "dataset_kwargs": {**TINY["dataset_kwargs"], "image_size": 128}},
+                            init_from=str(tmp_path / "base" / "last.safetensors"), out_dir=str(tmp_path)))

@@ -7,6 +7,7 @@ their image files per batch and apply the SSD augmentation pipeline to training 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -67,13 +68,17 @@ class Record:
 
 
 class FileSource(DetSource):
-    """Image files with annotations; training batches go through SSD augmentation, test batches are resized."""
+    """Image files with annotations; training batches go through SSD augmentation, test batches are resized.
+    Images of a batch are decoded and augmented in a thread pool (pillow and torch release the GIL); each image
+    draws from its own generator seeded from the batch's, so results do not depend on thread timing."""
 
-    def __init__(self, records: Sequence[Record], image_size: int, mean_rgb: Sequence[float], flip: bool = True) -> None:
+    def __init__(self, records: Sequence[Record], image_size: int, mean_rgb: Sequence[float], flip: bool = True,
+                 workers: int | None = None) -> None:
         self.records = list(records)
         self.image_size = int(image_size)
         self.mean_rgb = tuple(float(m) for m in mean_rgb)
         self.flip = flip
+        self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -82,23 +87,33 @@ class FileSource(DetSource):
         r = self.records[i]
         return (r.width, r.height)
 
-    def batch(self, idx: Tensor, generator: torch.Generator | None = None, train: bool = False) -> tuple[Tensor, Tensor]:
+    def _load(self, i: int, seed: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from robustlab.detection.transforms import read_image, resize, ssd_augment
 
-        images, boxes, labels, diffs = [], [], [], []
-        for i in idx.tolist():  # image files differ in size: decoding and augmentation are per image
-            r = self.records[i]
-            img = read_image(r.path)
-            b = torch.as_tensor(r.boxes, dtype=torch.float32).reshape(-1, 4)
-            lab = torch.as_tensor(r.labels, dtype=torch.int64)
-            d = torch.as_tensor(r.difficult, dtype=torch.bool)
-            if train:
-                img, b, lab, d = ssd_augment(img, b, lab, d, self.mean_rgb, generator, flip=self.flip)
-            img, b = resize(img, b, self.image_size)
-            images.append(img)
-            boxes.append(b)
-            labels.append(lab)
-            diffs.append(d)
+        r = self.records[i]
+        img = read_image(r.path)
+        b = torch.as_tensor(r.boxes, dtype=torch.float32).reshape(-1, 4)
+        lab = torch.as_tensor(r.labels, dtype=torch.int64)
+        d = torch.as_tensor(r.difficult, dtype=torch.bool)
+        if seed is not None:
+            img, b, lab, d = ssd_augment(img, b, lab, d, self.mean_rgb, torch.Generator().manual_seed(seed),
+                                         flip=self.flip)
+        img, b = resize(img, b, self.image_size)
+        return img, b, lab, d
+
+    def batch(self, idx: Tensor, generator: torch.Generator | None = None, train: bool = False) -> tuple[Tensor, Tensor]:
+        ids = idx.tolist()
+        seeds: list[int | None] = [None] * len(ids)
+        if train:
+            seeds = torch.randint(0, 2 ** 62, (len(ids),), generator=generator).tolist()
+        if self.workers > 1 and len(ids) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(self.workers) as pool:
+                items = list(pool.map(self._load, ids, seeds))
+        else:
+            items = [self._load(i, s) for i, s in zip(ids, seeds)]
+        images, boxes, labels, diffs = zip(*items)
         return torch.stack(images), pad_targets(boxes, labels, diffs)
 
 

@@ -25,6 +25,8 @@ class TrainConfig:
     imbalance: dict | None = None  # {class: fraction of its training images kept}, e.g. {3: 0.3}
     model: str = "small-cnn"
     model_kwargs: dict = field(default_factory=dict)
+    init_from: str | None = None  # start from this robustlab checkpoint's weights (fine-tuning, e.g. from STD)
+    init_backbone: str | None = None  # SSD300: torchvision-format ImageNet state dict for the backbone
     method: str = "standard"
     method_kwargs: dict = field(default_factory=dict)
     epochs: int = 5

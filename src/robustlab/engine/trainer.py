@@ -140,7 +140,9 @@ class Trainer:
         if len(set(tasks.values())) > 1:
             raise ConfigError("dataset, model and method must be for the same task, got "
                               + ", ".join(f"{k} {getattr(cfg, k)!r} ({v})" for k, v in tasks.items()))
-        self.model = create_model(cfg.model, **{**self.data.model_kwargs(), **cfg.model_kwargs}).to(self.device)
+        self.model = create_model(cfg.model, **{**self.data.model_kwargs(), **cfg.model_kwargs})
+        self._initialise(self.model)
+        self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.task == "detection" and cfg.eval_attack is not None:
@@ -169,6 +171,25 @@ class Trainer:
         self._fwd_images = 0
         self._train_fwd_images = 0
         self.model.register_forward_pre_hook(self._count_forward)
+
+    def _initialise(self, model: nn.Module) -> None:
+        """Weights from `init_backbone` (ImageNet, SSD300 only) and/or `init_from` (a robustlab checkpoint of the
+        same architecture: the fine-tuning start). A resumed run then loads its own state over these."""
+        if self.cfg.init_backbone:
+            from robustlab.detection.models import load_imagenet_backbone
+
+            load_imagenet_backbone(model, self.cfg.init_backbone)
+        if self.cfg.init_from:
+            from robustlab.engine.checkpoint import read_checkpoint
+
+            state, config, _ = read_checkpoint(self.cfg.init_from)
+            if config.get("name") != self.cfg.model:
+                raise ConfigError(f"init_from {self.cfg.init_from} holds a {config.get('name')!r} model, "
+                                  f"not {self.cfg.model!r}")
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"init_from {self.cfg.init_from} does not fit the configured model: {e}") from None
 
     # -- accounting ----------------------------------------------------------------------------
     def _count_forward(self, module: nn.Module, inputs: tuple) -> None:
