@@ -28,9 +28,13 @@ def check_detection_images(x: Tensor) -> None:
 
 def evaluate_detector(model: nn.Module, source: DetSource | DetData, n_images: int | None = None, batch_size: int = 32,
                       ap_mode: str = "11pt", attacks: Mapping[str, DetAttack] | None = None,
-                      max_per_image: int = 200, keep_examples: int = 0, progress: bool | None = False) -> dict[str, Any]:
+                      max_per_image: int | None = None, keep_examples: int = 0,
+                      progress: bool | None = False) -> dict[str, Any]:
     """{"clean": {map, ap}, "attacks": {name: {map, ap}}, n_images, class_names, ...}. `keep_examples` keeps the
-    first images with their detections (clean and attacked) for reports."""
+    first images with their detections (clean and attacked) for reports. At most `max_per_image` detections
+    per image: 100 under COCO rules (COCOeval's maxDets), else 200 (the SSD reference)."""
+    if max_per_image is None:
+        max_per_image = 100 if ap_mode == "coco" else 200
     if isinstance(source, DetData):
         source = source.test
     n = len(source) if n_images is None else min(int(n_images), len(source))
