@@ -14,7 +14,7 @@ def _run(*args):
                           timeout=300)
 
 
-@pytest.mark.parametrize("cmd", [[], ["list"], ["eval"], ["train"], ["run"], ["data"]])
+@pytest.mark.parametrize("cmd", [[], ["list"], ["eval"], ["train"], ["run"], ["data"], ["det-report"]])
 def test_help_on_every_command(cmd):
     r = _run(*cmd, "--help")
     assert r.returncode == 0 and "usage:" in r.stdout
@@ -22,7 +22,7 @@ def test_help_on_every_command(cmd):
 
 def test_every_subcommand_is_covered_by_the_help_test():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"list", "eval", "train", "run", "data"}
+    assert set(sub.choices) == {"list", "eval", "train", "run", "data", "det-report"}
 
 
 def test_list(capsys):

@@ -71,11 +71,13 @@ def eval_detector(args: argparse.Namespace, model, extra: dict[str, Any]) -> int
         raise ValueError(f"dataset {name!r} is not a detection dataset; a detector needs mnist-det, voc or coco")
     if data.num_classes != model.num_classes:
         raise ValueError(f"the model detects {model.num_classes} classes but dataset {name!r} has {data.num_classes}")
-    if args.attack:
-        raise ValueError("--attack: attacks on detectors are not available yet; a detector is evaluated clean")
+    from robustlab.detection.attacks import detection_attacks
+
+    attacks = detection_attacks(args.attack, model) if args.attack else None
     source = data.test if args.split == "test" else data.train
     result = evaluate_detector(model, source, args.n_samples, batch_size=min(args.batch_size, 64), ap_mode=args.ap_mode,
-                               keep_examples=16 if args.report else 0, progress=None if not args.quiet else False)
+                               attacks=attacks, keep_examples=16 if args.report else 0,
+                               progress=None if not args.quiet else False)
     print(ap_table(result))
     result.update({"model": str(args.model), "data": {"name": name, "kwargs": kwargs, "split": args.split}})
     if args.report:
@@ -94,7 +96,62 @@ def eval_detector(args: argparse.Namespace, model, extra: dict[str, Any]) -> int
     return 0
 
 
+def cmd_det_report(args: argparse.Namespace) -> int:
+    from robustlab.cli.training import _machine
+    from robustlab.detection.compare import compare_detectors, write_comparison
+    from robustlab.detection.data import DetData
+    from robustlab.engine.checkpoint import load_model
+    from robustlab.utils import set_threads
+
+    set_threads(args.threads)
+    models, extra = {}, {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).parent.name or Path(item).stem, item
+        model, extra = load_model(path, map_location=args.device)
+        if getattr(model, "task", None) != "detection":
+            raise ValueError(f"{path} is not a detector checkpoint")
+        models[name] = model
+    data, _, _ = _data_from_spec(args.data, extra)
+    if not isinstance(data, DetData):
+        raise ValueError("det-report needs a detection dataset (mnist-det, voc, coco)")
+    ints = lambda s: [int(v) for v in s.split(",")] if s else []  # noqa: E731
+    floats = lambda s: [float(v) for v in s.split(",")] if s else []  # noqa: E731
+    result = compare_detectors(models, data.test, args.n_samples, args.panel or ["table1", "table3"], args.ap_mode,
+                               ints(args.steps), floats(args.eps), examples=8, progress=None if not args.quiet else False)
+    command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path = write_comparison(args.out, result, command, _machine())
+    print(path.read_text().split("## mAP vs")[0])
+    from robustlab.reports.json import write_json
+
+    for r in result["models"].values():
+        r.pop("examples", None)
+    write_json(Path(args.out) / "results.json", result)
+    print(f"wrote {path} and {Path(args.out) / 'results.json'}")
+    return 0
+
+
 def add_commands(sub) -> None:
+    pr = sub.add_parser("det-report", help="compare detectors under the seed's attack panels, curves and examples",
+                        description="Evaluate detector checkpoints on the same test images under the CWAT seed's "
+                                    "panels (table1: FGSM/PGD-10 A_cls and A_reg, CWA, DAG; table3: per-class AP under "
+                                    "MDA, OWA, CWA), optional mAP-vs-steps and mAP-vs-eps curves, and write "
+                                    "report.md, PNG figures and results.json.")
+    pr.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT",
+                    help="a detector checkpoint with its row name (repeatable), e.g. STD=runs/std/best.safetensors")
+    pr.add_argument("--data", help="detection dataset spec; default: the one the last checkpoint was trained on")
+    pr.add_argument("--panel", action="append", choices=("table1", "table3"), help="attack panels (default: both)")
+    pr.add_argument("--n-samples", type=int, default=200, help="test images")
+    pr.add_argument("--steps", default="", help="PGD steps for the mAP-vs-steps curve, e.g. 1,2,5,10,20")
+    pr.add_argument("--eps", default="", help="eps values for the mAP-vs-eps curve, e.g. 0,1,2,4,6,8,10,12,16")
+    pr.add_argument("--ap-mode", default="11pt", choices=("11pt", "area", "coco"))
+    pr.add_argument("--out", type=Path, default=Path("det-report"))
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--threads", type=int)
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=cmd_det_report)
+
     pd = sub.add_parser("data", help="generate MNIST-Det, print its statistics, render a preview grid",
                         description="Generate (and cache) the synthetic MNIST-Det detection dataset from the embedded "
                                     "MNIST digits, print realised statistics next to the preset's targets, and "

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mnist-det:preset=coco; default: the dataset the checkpoint was trained on")
     pe.add_argument("--split", default="test", choices=("test", "train"))
     pe.add_argument("--attack", action="append", metavar="SPEC",
-                    help='attack spec "name:key=value,..." (repeatable), e.g. "pgd:norm=linf,eps=0.3,steps=40"')
+                    help='attack spec "name:key=value,..." (repeatable), e.g. "pgd:norm=linf,eps=0.3,steps=40"; '
+                         'detectors: "cwa", "det-pgd:objective=reg,eps=8", or the seed\'s panels table1 / table3')
     pe.add_argument("--json", type=Path, help="write the full results as JSON to this file")
     pe.add_argument("--n-samples", type=int, help="evaluate only the first N test samples")
     pe.add_argument("--batch-size", type=int, default=500)

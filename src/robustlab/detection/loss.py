@@ -63,9 +63,11 @@ class Decomp:
 
 def anchor_losses(loc: Tensor, conf: Tensor, conf_t: Tensor, loc_t: Tensor) -> tuple[Tensor, Tensor]:
     """Per-anchor softmax cross-entropy (B, P) and smooth-L1 regression (B, P; zero on background)."""
-    lc = F.cross_entropy(conf.float().flatten(0, 1), conf_t.flatten(), reduction="none").view_as(conf_t)
+    if conf.dtype in (torch.float16, torch.bfloat16):  # AMP: losses in float32; float64 stays float64
+        conf, loc = conf.float(), loc.float()
+    lc = F.cross_entropy(conf.flatten(0, 1), conf_t.flatten(), reduction="none").view_as(conf_t)
     pos = conf_t > 0
-    lr = F.smooth_l1_loss(loc.float(), loc_t, reduction="none").sum(-1) * pos
+    lr = F.smooth_l1_loss(loc, loc_t.to(loc.dtype), reduction="none").sum(-1) * pos
     return lc, lr
 
 

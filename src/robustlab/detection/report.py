@@ -111,3 +111,59 @@ def write_detection_report(out_dir: str | Path, result: dict[str, Any], title: s
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def map_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown in the layout of the seed's Tables 1, 2, 4, 5: one row per model, clean then each attack."""
+    cols = ["clean"] + [a for a in next(iter(results.values()))["attacks"]]
+    head = "| model | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+    rows = []
+    for name, r in results.items():
+        cells = [r["clean"]["map"]] + [r["attacks"][a]["map"] for a in cols[1:]]
+        rows.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
+def per_class_table(results: dict[str, dict[str, Any]], attacks: Sequence[str]) -> str:
+    """Markdown in the layout of the seed's Table 3: per-class AP under each attack for each model, plus the
+    standard deviation and the minimum over classes (how evenly a defense protects the classes)."""
+    import statistics
+
+    first = next(iter(results.values()))
+    names = first["class_names"]
+    cols = [(m, a) for m in results for a in attacks]
+    head = "| class | " + " | ".join(f"{m} {a}" for m, a in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+    rows = []
+    for i, name in enumerate(names):
+        rows.append(f"| {name} | " + " | ".join(f"{results[m]['attacks'][a]['ap'][i]:.3f}" for m, a in cols) + " |")
+    for label, fn in (("std", statistics.pstdev), ("min", min)):
+        vals = [fn([v for v in results[m]["attacks"][a]["ap"] if not math.isnan(v)]) for m, a in cols]
+        rows.append(f"| *{label}* | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    rows.append("| **mAP** | " + " | ".join(f"**{results[m]['attacks'][a]['map']:.3f}**" for m, a in cols) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
+def curve_plot(curves: dict[str, dict[str, tuple[list[float], list[float]]]], path: str | Path, xlabel: str) -> Path:
+    """mAP against attack steps or eps: one panel per attack, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(next(iter(curves.values())))
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4 * len(attacks), 3.2), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        for model, per_attack in curves.items():
+            xs, ys = per_attack[attack]
+            ax.plot(xs, ys, marker="o", label=model)
+        ax.set_title(attack)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mAP@0.5")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

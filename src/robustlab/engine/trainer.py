@@ -145,8 +145,6 @@ class Trainer:
         self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if self.task == "detection" and cfg.eval_attack is not None:
-            raise ConfigError("eval_attack applies to classifiers; detectors are evaluated by mAP on the test split")
         params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -258,8 +256,17 @@ class Trainer:
         if self.task == "detection":
             from robustlab.detection.evaluate import evaluate_detector
 
-            r = evaluate_detector(self.model, self.data.test, self.cfg.eval_samples, ap_mode=self.cfg.ap_mode)
-            return {"eval_clean": r["clean"]["map"], "eval_map": r["clean"]["map"]}
+            from robustlab.detection.attacks import detection_attacks
+
+            # detectors: clean mAP, and mAP under eval_attack (e.g. "cwa") when set; the latter picks the best epoch
+            spec = self.cfg.eval_attack
+            attacks = detection_attacks([spec], self.model) if spec else None
+            r = evaluate_detector(self.model, self.data.test, self.cfg.eval_samples, ap_mode=self.cfg.ap_mode,
+                                  attacks=attacks)
+            row = {"eval_clean": r["clean"]["map"], "eval_map": r["clean"]["map"]}
+            if spec:
+                row.update(eval_robust=r["attacks"][spec]["map"], eval_attack=spec)
+            return row
         from robustlab import evaluate
 
         spec = self.cfg.eval_attack or self.default_eval_attack()

@@ -1,0 +1,319 @@
+"""White-box L_inf attacks on SSD detectors (spec cwat.md 3), on pixel-scale images: budgets in 0-255 units.
+
+`det-fgsm` / `det-pgd` ascend any objective of `objectives.py` (A_cls, A_reg, full, TOAT, OWA, CWA); `owa` and
+`cwa` are PGD on those objectives; `mda` is MTD's multi-task domain attack (per-image choice between the A_cls
+and A_reg examples); `dag` is DAG adapted to a one-stage detector (priors as proposals).
+
+Attacks run the model in eval mode with frozen parameters (restored afterwards, also on errors), match the
+ground truth to the priors once, and take input gradients with `torch.autograd.grad`: no parameter gradient
+is touched. Calling an attack returns x_adv; `run` also returns pass counts and statistics.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.attacks.base import attack_mode
+from robustlab.detection.boxes import box_iou, center_to_corner
+from robustlab.detection.evaluate import check_detection_images
+from robustlab.detection.loss import decompose
+from robustlab.detection.objectives import Objective
+from robustlab.detection.targets import check_targets, match_targets
+from robustlab.registry import ATTACKS
+from robustlab.validation import check_positive, check_positive_int
+
+PIXEL_MAX = 255.0
+
+
+@dataclass
+class DetAttackOut:
+    x_adv: Tensor
+    forward: int = 0  # image-passes
+    backward: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class DetectionAttack:
+    """Base: validation, model state, and `__call__(x, targets) -> x_adv` in the classification attacks' style."""
+
+    task = "detection"
+    name = ""
+
+    def __init__(self, model: nn.Module, eps: float = 8.0, seed: int = 0) -> None:
+        if getattr(model, "task", None) != "detection":
+            raise ValueError(f"{self.name} attacks detectors (robustlab SSD models); got {type(model).__name__}")
+        if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be a finite number >= 0 in pixel units (0-255 scale), got {eps!r}")
+        self.model = model
+        self.eps = float(eps)
+        self.seed = seed
+
+    def __call__(self, x: Tensor, targets: Tensor) -> Tensor:
+        return self.run(x, targets).x_adv
+
+    def run(self, x: Tensor, targets: Tensor) -> DetAttackOut:
+        check_detection_images(x)
+        check_targets(targets, self.model.num_classes)
+        if targets.shape[0] != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} images but {targets.shape[0]} target rows")
+        with attack_mode(self.model, "eval"):
+            out = self._run(x.detach(), targets.to(x.device))
+        return out
+
+    def _run(self, x: Tensor, targets: Tensor) -> DetAttackOut:
+        raise NotImplementedError
+
+
+def _project(x: Tensor, delta: Tensor, eps: float) -> Tensor:
+    delta = delta.clamp(-eps, eps)
+    return (x + delta).clamp(0, PIXEL_MAX) - x
+
+
+def ascend(model: nn.Module, x: Tensor, targets: Tensor, objective: Objective, eps: float, alpha: float, steps: int,
+           random_start: bool = False, generator: torch.Generator | None = None,
+           matched: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, int]:
+    """Signed-gradient ascent of sum_b J_b within the L_inf ball of radius eps and [0, 255] (spec cwat.md 3.1).
+    Returns (x_adv, backward passes in images). The caller puts the model in eval mode."""
+    matched = matched if matched is not None else match_targets(targets, model.priors)
+    k = model.num_classes
+    m = targets.shape[1]
+    if random_start:
+        delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
+        delta = _project(x, delta, eps)
+    else:
+        delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        with torch.enable_grad():
+            loc, conf = model(x + delta)
+            j = objective(decompose(loc, conf, targets, model.priors, matched), k, m).sum()
+            (g,) = torch.autograd.grad(j, delta)
+        delta = _project(x, delta.detach() + alpha * g.sign(), eps)  # sign(0) = 0: zero-gradient pixels stay
+    return (x + delta).detach(), steps * x.shape[0]
+
+
+class DetPGD(DetectionAttack):
+    """PGD-K (FGSM when steps=1 and alpha=eps) on a detection objective; eps, alpha in pixel units."""
+
+    name = "det-pgd"
+
+    def __init__(self, model: nn.Module, objective: str = "cls", eps: float = 8.0, alpha: float | None = None,
+                 steps: int = 10, random_start: bool = False, beta_cls: float = math.inf, beta_reg: float = math.inf,
+                 beta_o: float = 6.0, granularity: str = "anchor", attack_negatives: str = "none",
+                 cwa_scope: str = "image", seed: int = 0) -> None:
+        super().__init__(model, eps, seed)
+        check_positive_int(steps, "steps")
+        self.alpha = self.eps / 4 if alpha is None else float(alpha)  # spec DECISION: eps/4 (= 2 at eps 8)
+        check_positive(self.alpha, "alpha", allow_zero=True)
+        self.steps = steps
+        self.random_start = random_start
+        self.objective = Objective(objective, float(beta_cls), float(beta_reg), float(beta_o), granularity,
+                                   attack_negatives, cwa_scope)
+
+    def _run(self, x: Tensor, targets: Tensor) -> DetAttackOut:
+        gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        x_adv, bwd = ascend(self.model, x, targets, self.objective, self.eps, self.alpha, self.steps,
+                            self.random_start, gen)
+        return DetAttackOut(x_adv, forward=bwd, backward=bwd, stats={"max_abs_delta": float((x_adv - x).abs().max())})
+
+
+@ATTACKS.register("det-pgd")
+def det_pgd(model: nn.Module, **kwargs: Any) -> DetPGD:
+    """Detector PGD-K on an objective (cls = A_cls, reg = A_reg, full, toat, owa, cwa); pixel-unit eps 8, alpha eps/4."""
+    return DetPGD(model, **kwargs)
+
+
+@ATTACKS.register("det-fgsm")
+def det_fgsm(model: nn.Module, objective: str = "cls", eps: float = 8.0, **kwargs: Any) -> DetPGD:
+    """Detector FGSM: one signed step of size eps on an objective (cls = A_cls, reg = A_reg, ...)."""
+    a = DetPGD(model, objective=objective, eps=eps, alpha=eps, steps=1, **kwargs)
+    a.name = "det-fgsm"
+    return a
+
+
+@ATTACKS.register("owa")
+def owa(model: nn.Module, beta_o: float = 6.0, steps: int = 10, **kwargs: Any) -> DetPGD:
+    """Object-wise attack: PGD on the sum of per-object losses, each clipped at beta_o (the seed's eq. 10-11)."""
+    a = DetPGD(model, objective="owa", beta_o=beta_o, steps=steps, **kwargs)
+    a.name = "owa"
+    return a
+
+
+@ATTACKS.register("cwa")
+def cwa(model: nn.Module, beta_o: float = 6.0, steps: int = 10, **kwargs: Any) -> DetPGD:
+    """Class-wise attack: PGD on clipped object losses averaged within each class, then over classes (eq. 12)."""
+    a = DetPGD(model, objective="cwa", beta_o=beta_o, steps=steps, **kwargs)
+    a.name = "cwa"
+    return a
+
+
+class MDA(DetectionAttack):
+    """MTD's multi-task domain attack: PGD-K on A_cls and on A_reg, then per image the example with the larger
+    total (unclipped) multibox loss, ties to the A_reg example (spec cwat.md 3.3)."""
+
+    name = "mda"
+
+    def __init__(self, model: nn.Module, eps: float = 8.0, alpha: float | None = None, steps: int = 10,
+                 random_start: bool = False, seed: int = 0) -> None:
+        super().__init__(model, eps, seed)
+        check_positive_int(steps, "steps")
+        self.alpha = self.eps / 4 if alpha is None else float(alpha)
+        self.steps = steps
+        self.random_start = random_start
+
+    def _run(self, x: Tensor, targets: Tensor) -> DetAttackOut:
+        gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        matched = match_targets(targets, self.model.priors)
+        args = (self.eps, self.alpha, self.steps, self.random_start, gen, matched)
+        x_cls, b1 = ascend(self.model, x, targets, Objective("cls"), *args)
+        x_reg, b2 = ascend(self.model, x, targets, Objective("reg"), *args)
+        pick_cls, _ = select_by_total_loss(self.model, x_cls, x_reg, targets, matched)
+        x_adv = torch.where(pick_cls[:, None, None, None], x_cls, x_reg)
+        n = x.shape[0]
+        return DetAttackOut(x_adv, forward=b1 + b2 + 2 * n, backward=b1 + b2,
+                            stats={"chose_cls": float(pick_cls.float().mean())})
+
+
+@torch.no_grad()
+def select_by_total_loss(model: nn.Module, xa: Tensor, xb: Tensor, targets: Tensor,
+                         matched: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Per image: True where xa has the strictly larger total loss L_cls,b + L_reg,b (two no-grad forwards)."""
+    totals = []
+    for xi in (xa, xb):
+        loc, conf = model(xi)
+        lcls, lreg = decompose(loc, conf, targets, model.priors, matched).task_losses()
+        totals.append(lcls + lreg)
+    return totals[0] > totals[1], torch.stack(totals)
+
+
+@ATTACKS.register("mda")
+def mda(model: nn.Module, **kwargs: Any) -> MDA:
+    """MTD's multi-task domain attack: per image the stronger of PGD-K A_cls and PGD-K A_reg."""
+    return MDA(model, **kwargs)
+
+
+class DAG(DetectionAttack):
+    """Dense Adversary Generation adapted to SSD (spec cwat.md 3.4): priors with IoU > 0.1 to an object and
+    probability > 0.1 for its class are the targets; each present class maps to a different, absent class
+    (injective when enough absent classes exist); each iteration raises the adversarial logit and lowers the
+    true one on still-active targets, r += gamma * g / max|g| per image, until no target keeps its true class.
+    Unbounded by default (as the original); eps > 0 projects r onto [-eps, eps] (the `dag-eps` variant)."""
+
+    name = "dag"
+
+    def __init__(self, model: nn.Module, eps: float = 0.0, gamma: float = 0.5, max_iter: int = 150,
+                 iou_threshold: float = 0.1, prob_threshold: float = 0.1, seed: int = 0) -> None:
+        super().__init__(model, eps, seed)
+        check_positive(gamma, "gamma")
+        check_positive_int(max_iter, "max_iter")
+        self.gamma, self.max_iter = float(gamma), max_iter
+        self.iou_threshold, self.prob_threshold = iou_threshold, prob_threshold
+
+    def adversarial_map(self, present: Tensor, gen: torch.Generator) -> Tensor:
+        """(B, K + 1) map of anchor labels: present class c -> a different class, injective onto absent classes
+        when there are at least as many absent as present ones; background maps to itself (never targeted)."""
+        b, k1 = present.shape
+        out = torch.arange(k1).repeat(b, 1)
+        for i in range(b):  # per image, a handful of classes: host-side bookkeeping, not a hot loop
+            pres = present[i].nonzero().flatten().tolist()
+            absent = [c for c in range(1, k1) if c not in pres]
+            perm = torch.randperm(len(absent), generator=gen).tolist()
+            for j, c in enumerate(pres):
+                if len(absent) >= len(pres):
+                    out[i, c] = absent[perm[j]]
+                else:
+                    others = [o for o in range(1, k1) if o != c]
+                    out[i, c] = others[int(torch.randint(len(others), (), generator=gen))]
+        return out
+
+    def _run(self, x: Tensor, targets: Tensor) -> DetAttackOut:
+        model = self.model
+        gen = torch.Generator().manual_seed(self.seed)
+        b, p = x.shape[0], model.priors.shape[0]
+        valid = (targets[..., 4] >= 0) & (targets[..., 5] <= 0)
+        iou = box_iou(targets[..., :4], center_to_corner(model.priors)[None].expand(b, p, 4))  # (B, M, P)
+        iou = torch.where(valid[..., None], iou, torch.full_like(iou, -1.0))
+        best_iou, best_gt = iou.max(1)
+        true = targets[..., 4].long().clamp_min(0).gather(1, best_gt) + 1  # (B, P) anchor label 1..K
+        with torch.no_grad():
+            conf0 = model(x)[1]
+            prob = torch.softmax(conf0.float(), -1)
+        is_target = (best_iou > self.iou_threshold) & (prob.gather(2, true[..., None])[..., 0] > self.prob_threshold)
+        n_targets = is_target.sum().clamp_min(1)
+        true_before = (is_target & (conf0.argmax(-1) == true)).sum() / n_targets
+        present = torch.zeros(b, model.num_classes + 1, dtype=torch.bool)
+        present.scatter_(1, (targets[..., 4].long().clamp_min(-1) + 1).cpu(), True)
+        present[:, 0] = False
+        amap = self.adversarial_map(present, gen).to(x.device)
+        adv = amap.gather(1, true)
+        r = torch.zeros_like(x)
+        done = torch.zeros(b, dtype=torch.bool, device=x.device)
+        iters = torch.zeros(b, dtype=torch.long, device=x.device)
+        fwd = bwd = 0
+        for _ in range(self.max_iter):
+            xr = (x + r).clamp(0, PIXEL_MAX).requires_grad_(True)
+            with torch.enable_grad():
+                conf = model(xr)[1]
+                fwd += b
+                pred = conf.argmax(-1)
+                still = is_target & (pred == true)
+                done = ~still.any(1)  # stop per image as soon as no target keeps its true class
+                if bool(done.all()):
+                    break
+                active = is_target & (pred != adv) & (pred != 0) & ~done[:, None]
+                z_adv = conf.gather(2, adv[..., None])[..., 0]
+                z_true = conf.gather(2, true[..., None])[..., 0]
+                (g,) = torch.autograd.grad(((z_adv - z_true) * active).sum(), xr)
+                bwd += b
+            scale = g.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            step = torch.where(done.view(-1, 1, 1, 1), torch.zeros_like(g), self.gamma * g / scale)
+            r = r + step
+            if self.eps > 0:
+                r = r.clamp(-self.eps, self.eps)
+            iters += (~done).long()
+        x_adv = (x + r).clamp(0, PIXEL_MAX).detach()
+        with torch.no_grad():
+            true_after = (is_target & (model(x_adv)[1].argmax(-1) == true)).sum() / n_targets
+        return DetAttackOut(x_adv, forward=fwd + b, backward=bwd,
+                            stats={"targets_per_image": float(is_target.sum(1).float().mean()),
+                                   "targets_true_before": float(true_before), "targets_true_after": float(true_after),
+                                   "fooled_fraction": float(done.float().mean()),
+                                   "mean_iterations": float(iters.float().mean()),
+                                   "max_abs_delta": float((x_adv - x).abs().max())})
+
+
+@ATTACKS.register("dag")
+def dag(model: nn.Module, **kwargs: Any) -> DAG:
+    """DAG on a one-stage detector (priors as proposals, gamma 0.5, 150 iterations); eps > 0 bounds it (dag-eps)."""
+    return DAG(model, **kwargs)
+
+
+# The seed's evaluation panels (spec cwat.md 5.2; eps 8, PGD-10 with alpha 2, no random start):
+# Tables 1, 2, 4, 5 (columns) and Table 3 (per-class AP under MDA, OWA, CWA).
+PANELS = {
+    "table1": {"fgsm-cls": "det-fgsm:objective=cls", "fgsm-reg": "det-fgsm:objective=reg",
+               "pgd-cls": "det-pgd:objective=cls", "pgd-reg": "det-pgd:objective=reg", "cwa": "cwa", "dag": "dag"},
+    "table3": {"mda": "mda", "owa": "owa", "cwa": "cwa"},
+}
+
+
+def detection_attacks(specs: list[str], model: nn.Module) -> dict[str, Any]:
+    """{label: callable(model, x, targets) -> x_adv} from attack specs or panel names ('table1', 'table3');
+    the evaluator calls each on the model under evaluation."""
+    from robustlab.attacks.spec import create_attack
+
+    out: dict[str, Any] = {}
+    for spec in specs:
+        items = PANELS[spec].items() if spec in PANELS else [(spec, spec)]
+        for label, s in items:
+            atk = create_attack(s, model)
+            if getattr(atk, "task", None) != "detection":
+                raise ValueError(f"attack {s!r} is a classifier attack; detectors take det-fgsm, det-pgd, owa, cwa, "
+                                 "mda, dag (or the panels table1, table3)")
+            out[label] = (lambda a: (lambda m, x, t: a(x, t)))(atk)
+    return out
+
