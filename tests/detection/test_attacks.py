@@ -216,3 +216,32 @@ def test_bad_attack_inputs(batch):
         DetPGD(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="target rows"):
         DetPGD(model)(x, t[:2])
+
+
+def test_cli_eval_under_attacks_and_det_report(trained_std_detector, tmp_path, capsys):
+    from robustlab.cli.main import main
+    from robustlab.engine.checkpoint import save_model
+
+    model, _, _ = trained_std_detector
+    ckpt = save_model(tmp_path / "std.safetensors", model, extra={"config": {
+        "dataset": "mnist-det", "dataset_kwargs": {"preset": "voc", "n_train": 600, "n_test": 200}}})
+    assert main(["eval", "--model", str(ckpt), "--n-samples", "8", "--quiet", "--attack", "cwa:steps=2",
+                 "--attack", "table3", "--json", str(tmp_path / "e.json")]) == 0
+    import json
+
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert set(r["attacks"]) == {"cwa:steps=2", "mda", "owa", "cwa"}
+    assert all(a["map"] <= r["clean"]["map"] + 0.05 for a in r["attacks"].values())
+    assert main(["eval", "--model", str(ckpt), "--n-samples", "8", "--attack", "pgd:eps=0.3"]) == 2
+    assert "classifier attack" in capsys.readouterr().err
+    rc = main(["det-report", "--model", f"STD={ckpt}", "--n-samples", "8", "--panel", "table1", "--steps", "1,2",
+               "--eps", "0,8", "--out", str(tmp_path / "rep"), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| STD |" in out
+    for f in ("report.md", "results.json", "curves_steps.png", "curves_eps.png", "examples_STD_clean.png",
+              "examples_STD_cwa.png"):
+        assert (tmp_path / "rep" / f).stat().st_size > 0, f
+    res = json.loads((tmp_path / "rep" / "results.json").read_text())
+    eps_curve = res["eps"]["STD"]["pgd-cls"]
+    assert eps_curve[1][0] == pytest.approx(res["models"]["STD"]["clean"]["map"])  # eps 0 = clean
+    assert eps_curve[1][1] <= eps_curve[1][0] + 0.02  # mAP does not rise with eps
