@@ -28,6 +28,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = trainer.fit(resume=args.resume)
     best = result["best"]
     metric = "mAP" if best["metric"] == "map" else "robust accuracy"
+    if best["metric"] == "map" and cfg.eval_attack:
+        metric = f"mAP under {cfg.eval_attack}"
     print(f"trained {cfg.method} ({cfg.model}) on {cfg.dataset}: best {metric} "
           f"{best['score']:.3f} at epoch {best['epoch']}; checkpoints in {result['run_dir']}")
     return 0
