@@ -254,9 +254,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         if self.task == "detection":
-            from robustlab.detection.evaluate import evaluate_detector
-
             from robustlab.detection.attacks import detection_attacks
+            from robustlab.detection.evaluate import evaluate_detector
 
             # detectors: clean mAP, and mAP under eval_attack (e.g. "cwa") when set; the latter picks the best epoch
             spec = self.cfg.eval_attack
@@ -355,7 +354,8 @@ class Trainer:
             self.epoch = epoch + 1
             if self.ddp.main and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
                 row.update(self.evaluate())
-                self._check_overfitting(row)
+                if self.task == "classification":  # the FGSM/PGD rules are about classifier accuracy
+                    self._check_overfitting(row)
                 # select_best: keep the most robust evaluated weights (robust overfitting); else the latest
                 # (ties on robust accuracy, e.g. 0 for standard training, go to the more accurate model)
                 key = (row.get("eval_robust", row["eval_clean"]), row["eval_clean"])
