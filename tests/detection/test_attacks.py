@@ -117,6 +117,13 @@ def test_budget_box_and_model_state(batch, spec, eps):
     model.eval()
 
 
+def test_every_detection_attack_has_a_budget_case():
+    from robustlab.registry import ATTACKS
+
+    detection = {n for n in ATTACKS.names() if getattr(ATTACKS.get(n), "task", None) == "detection"}
+    assert detection == {"det-fgsm", "det-pgd", "owa", "cwa", "mda", "dag"}
+
+
 def test_fgsm_moves_every_pixel_with_gradient_by_eps(batch):
     model, x, t = batch
     xm = x.clamp(20, 235)  # no clipping at 0/255 for eps 8

@@ -68,6 +68,12 @@ class DetectionAttack:
         raise NotImplementedError
 
 
+def _detection_factory(f):
+    """Tags an attack factory as attacking detectors (classifier evaluators and tests tell them apart)."""
+    f.task = "detection"
+    return f
+
+
 def _project(x: Tensor, delta: Tensor, eps: float) -> Tensor:
     delta = delta.clamp(-eps, eps)
     return (x + delta).clamp(0, PIXEL_MAX) - x
@@ -122,12 +128,14 @@ class DetPGD(DetectionAttack):
 
 
 @ATTACKS.register("det-pgd")
+@_detection_factory
 def det_pgd(model: nn.Module, **kwargs: Any) -> DetPGD:
     """Detector PGD-K on an objective (cls = A_cls, reg = A_reg, full, toat, owa, cwa); pixel-unit eps 8, alpha eps/4."""
     return DetPGD(model, **kwargs)
 
 
 @ATTACKS.register("det-fgsm")
+@_detection_factory
 def det_fgsm(model: nn.Module, objective: str = "cls", eps: float = 8.0, **kwargs: Any) -> DetPGD:
     """Detector FGSM: one signed step of size eps on an objective (cls = A_cls, reg = A_reg, ...)."""
     a = DetPGD(model, objective=objective, eps=eps, alpha=eps, steps=1, **kwargs)
@@ -136,6 +144,7 @@ def det_fgsm(model: nn.Module, objective: str = "cls", eps: float = 8.0, **kwarg
 
 
 @ATTACKS.register("owa")
+@_detection_factory
 def owa(model: nn.Module, beta_o: float = 6.0, steps: int = 10, **kwargs: Any) -> DetPGD:
     """Object-wise attack: PGD on the sum of per-object losses, each clipped at beta_o (the seed's eq. 10-11)."""
     a = DetPGD(model, objective="owa", beta_o=beta_o, steps=steps, **kwargs)
@@ -144,6 +153,7 @@ def owa(model: nn.Module, beta_o: float = 6.0, steps: int = 10, **kwargs: Any) -
 
 
 @ATTACKS.register("cwa")
+@_detection_factory
 def cwa(model: nn.Module, beta_o: float = 6.0, steps: int = 10, **kwargs: Any) -> DetPGD:
     """Class-wise attack: PGD on clipped object losses averaged within each class, then over classes (eq. 12)."""
     a = DetPGD(model, objective="cwa", beta_o=beta_o, steps=steps, **kwargs)
@@ -191,6 +201,7 @@ def select_by_total_loss(model: nn.Module, xa: Tensor, xb: Tensor, targets: Tens
 
 
 @ATTACKS.register("mda")
+@_detection_factory
 def mda(model: nn.Module, **kwargs: Any) -> MDA:
     """MTD's multi-task domain attack: per image the stronger of PGD-K A_cls and PGD-K A_reg."""
     return MDA(model, **kwargs)
@@ -287,6 +298,7 @@ class DAG(DetectionAttack):
 
 
 @ATTACKS.register("dag")
+@_detection_factory
 def dag(model: nn.Module, **kwargs: Any) -> DAG:
     """DAG on a one-stage detector (priors as proposals, gamma 0.5, 150 iterations); eps > 0 bounds it (dag-eps)."""
     return DAG(model, **kwargs)
