@@ -11,6 +11,7 @@ is touched. Calling an attack returns x_adv; `run` also returns pass counts and 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ class DetAttackOut:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-class DetectionAttack:
+class DetectionAttack(ABC):
     """Base: validation, model state, and `__call__(x, targets) -> x_adv` in the classification attacks' style."""
 
     task = "detection"
@@ -64,8 +65,9 @@ class DetectionAttack:
             out = self._run(x.detach(), targets.to(x.device))
         return out
 
+    @abstractmethod
     def _run(self, x: Tensor, targets: Tensor) -> DetAttackOut:
-        raise NotImplementedError
+        """The attack on validated inputs, with the model in eval mode and frozen parameters."""
 
 
 def _detection_factory(f):
@@ -127,38 +129,38 @@ class DetPGD(DetectionAttack):
         return DetAttackOut(x_adv, forward=bwd, backward=bwd, stats={"max_abs_delta": float((x_adv - x).abs().max())})
 
 
+def _variant(model: nn.Module, name: str, **kwargs: Any) -> DetPGD:
+    a = DetPGD(model, **kwargs)
+    a.name = name
+    return a
+
+
 @ATTACKS.register("det-pgd")
 @_detection_factory
 def det_pgd(model: nn.Module, **kwargs: Any) -> DetPGD:
-    """Detector PGD-K on an objective (cls = A_cls, reg = A_reg, full, toat, owa, cwa); pixel-unit eps 8, alpha eps/4."""
+    """Detector PGD-K (Madry et al. 2018) on an objective: cls = A_cls, reg = A_reg, full, toat, owa, cwa."""
     return DetPGD(model, **kwargs)
 
 
 @ATTACKS.register("det-fgsm")
 @_detection_factory
 def det_fgsm(model: nn.Module, objective: str = "cls", eps: float = 8.0, **kwargs: Any) -> DetPGD:
-    """Detector FGSM: one signed step of size eps on an objective (cls = A_cls, reg = A_reg, ...)."""
-    a = DetPGD(model, objective=objective, eps=eps, alpha=eps, steps=1, **kwargs)
-    a.name = "det-fgsm"
-    return a
+    """Detector FGSM (Goodfellow et al. 2015): one signed step of size eps on an objective (cls = A_cls, ...)."""
+    return _variant(model, "det-fgsm", objective=objective, eps=eps, alpha=eps, steps=1, **kwargs)
 
 
 @ATTACKS.register("owa")
 @_detection_factory
 def owa(model: nn.Module, beta_o: float = 6.0, steps: int = 10, **kwargs: Any) -> DetPGD:
-    """Object-wise attack: PGD on the sum of per-object losses, each clipped at beta_o (the seed's eq. 10-11)."""
-    a = DetPGD(model, objective="owa", beta_o=beta_o, steps=steps, **kwargs)
-    a.name = "owa"
-    return a
+    """Object-wise attack (Chen et al., CVPR 2021, eq. 10-11): PGD on per-object losses clipped at beta_o."""
+    return _variant(model, "owa", objective="owa", beta_o=beta_o, steps=steps, **kwargs)
 
 
 @ATTACKS.register("cwa")
 @_detection_factory
 def cwa(model: nn.Module, beta_o: float = 6.0, steps: int = 10, **kwargs: Any) -> DetPGD:
-    """Class-wise attack: PGD on clipped object losses averaged within each class, then over classes (eq. 12)."""
-    a = DetPGD(model, objective="cwa", beta_o=beta_o, steps=steps, **kwargs)
-    a.name = "cwa"
-    return a
+    """Class-wise attack (Chen et al., CVPR 2021, eq. 12): clipped object losses averaged per class, then over classes."""
+    return _variant(model, "cwa", objective="cwa", beta_o=beta_o, steps=steps, **kwargs)
 
 
 class MDA(DetectionAttack):
@@ -203,7 +205,7 @@ def select_by_total_loss(model: nn.Module, xa: Tensor, xb: Tensor, targets: Tens
 @ATTACKS.register("mda")
 @_detection_factory
 def mda(model: nn.Module, **kwargs: Any) -> MDA:
-    """MTD's multi-task domain attack: per image the stronger of PGD-K A_cls and PGD-K A_reg."""
+    """MTD's multi-task domain attack (Zhang & Wang, ICCV 2019): per image the stronger of PGD-K A_cls / A_reg."""
     return MDA(model, **kwargs)
 
 
@@ -300,7 +302,7 @@ class DAG(DetectionAttack):
 @ATTACKS.register("dag")
 @_detection_factory
 def dag(model: nn.Module, **kwargs: Any) -> DAG:
-    """DAG on a one-stage detector (priors as proposals, gamma 0.5, 150 iterations); eps > 0 bounds it (dag-eps)."""
+    """DAG (Xie et al., ICCV 2017) on a one-stage detector: priors as proposals, 150 iterations; eps > 0 bounds it."""
     return DAG(model, **kwargs)
 
 

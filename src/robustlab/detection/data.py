@@ -8,6 +8,7 @@ their image files per batch and apply the SSD augmentation pipeline to training 
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,16 +21,18 @@ from robustlab.detection.targets import pad_targets
 from robustlab.registry import DATASETS
 
 
-class DetSource:
+class DetSource(ABC):
     """One split. `batch(idx, generator, train)` -> (images (B, 3, S, S) float in [0, 255], targets (B, M, 6))."""
 
     image_size: int
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of images."""
 
+    @abstractmethod
     def batch(self, idx: Tensor, generator: torch.Generator | None = None, train: bool = False) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """Images and padded targets of the indexed images (augmented when train=True)."""
 
     def original_size(self, i: int) -> tuple[int, int]:
         """(width, height) of image i before resizing (for COCO-format results in original pixels)."""

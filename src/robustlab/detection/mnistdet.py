@@ -194,7 +194,7 @@ def load_or_generate(cfg: MnistDetConfig, regenerate: bool = False) -> dict[str,
                 out["mean"] = {"rgb": z["mean"]}
                 return out
         except (OSError, ValueError, KeyError):
-            pass
+            pass  # damaged or foreign cache file: regenerate below
     out = {s: generate_split(cfg, s) for s in ("train", "test")}
     out["mean"] = {"rgb": out["train"]["images"].reshape(-1, 3).astype(np.float64).mean(0)}
     buf = io.BytesIO()

@@ -130,15 +130,20 @@ def _mean(mean) -> list[float]:
     return list(VOC_MEAN_RGB) if mean is None else [float(m) for m in mean]
 
 
+def _tinyssd(name: str, size: int, priors: dict, num_classes: int, input_size: int | None, mean,
+             class_names) -> Detector:
+    _check_size(name, input_size, size)
+    cfg = {"name": name, "num_classes": num_classes, "in_channels": 3, "input_size": size, "mean": _mean(mean),
+           "class_names": class_names}
+    return Detector(_TinyBackbone(), (64, 96, 96, 96, 96), num_classes, priors, _mean(mean), cfg)
+
+
 @MODELS.register("tinyssd-96")
 @_detector_factory
 def tinyssd_96(num_classes: int = 10, in_channels: int = 3, input_size: int | None = 96, mean=None,
                class_names=None) -> Detector:
     """TinySSD-96: CPU SSD for 96x96 MNIST-Det (5 sources, 866 priors)."""
-    _check_size("tinyssd-96", input_size, 96)
-    cfg = {"name": "tinyssd-96", "num_classes": num_classes, "in_channels": 3, "input_size": 96,
-           "mean": _mean(mean), "class_names": class_names}
-    return Detector(_TinyBackbone(), (64, 96, 96, 96, 96), num_classes, TINYSSD_96, _mean(mean), cfg)
+    return _tinyssd("tinyssd-96", 96, TINYSSD_96, num_classes, input_size, mean, class_names)
 
 
 @MODELS.register("tinyssd-128")
@@ -146,10 +151,7 @@ def tinyssd_96(num_classes: int = 10, in_channels: int = 3, input_size: int | No
 def tinyssd_128(num_classes: int = 10, in_channels: int = 3, input_size: int | None = 128, mean=None,
                 class_names=None) -> Detector:
     """TinySSD-128: the TinySSD layers on 128x128 inputs for denser coco-like scenes (1,524 priors)."""
-    _check_size("tinyssd-128", input_size, 128)
-    cfg = {"name": "tinyssd-128", "num_classes": num_classes, "in_channels": 3, "input_size": 128,
-           "mean": _mean(mean), "class_names": class_names}
-    return Detector(_TinyBackbone(), (64, 96, 96, 96, 96), num_classes, TINYSSD_128, _mean(mean), cfg)
+    return _tinyssd("tinyssd-128", 128, TINYSSD_128, num_classes, input_size, mean, class_names)
 
 
 # -- SSD300 with VGG16-BN ------------------------------------------------------------------------------
@@ -201,7 +203,7 @@ def _ssd300_priors(priors: str) -> dict:
 @_detector_factory
 def ssd300_vgg16(num_classes: int = 20, in_channels: int = 3, input_size: int | None = 300, mean=None,
                  class_names=None, priors: str = "voc", extras_bn: bool = True) -> Detector:
-    """SSD300 with a VGG16-BN backbone (the seed's test bed; 8,732 priors)."""
+    """SSD300 (Liu et al. 2016) with a VGG16-BN backbone, the CWAT seed's test bed (8,732 priors)."""
     _check_size("ssd300-vgg16", input_size, 300)
     cfg = {"name": "ssd300-vgg16", "num_classes": num_classes, "in_channels": 3, "input_size": 300,
            "mean": _mean(mean), "class_names": class_names, "priors": priors, "extras_bn": extras_bn}

@@ -78,5 +78,26 @@ class Method(ABC):
         return {k: v for k, v in vars(self).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
+class PersistentDelta:
+    """Mixin for Free-AT-style methods: a perturbation buffer that persists across minibatches and epochs
+    (zero at the start of training, grown when a larger batch arrives) and is saved in training checkpoints."""
+
+    delta: Tensor | None = None
+
+    def delta_for(self, x: Tensor) -> Tensor:
+        """The buffer's rows for this batch (a view: writing to it updates the buffer)."""
+        if self.delta is None or self.delta.shape[1:] != x.shape[1:]:
+            self.delta = torch.zeros_like(x)
+        elif self.delta.shape[0] < x.shape[0]:
+            self.delta = torch.cat([self.delta, torch.zeros_like(x[self.delta.shape[0]:])])
+        return self.delta[: x.shape[0]]
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {} if self.delta is None else {"delta": self.delta}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.delta = tensors.get("delta")
+
+
 def create_method(name: str, **kwargs: Any) -> Method:
     return METHODS.create(name, **kwargs)

@@ -13,7 +13,7 @@ from torch import Tensor
 from robustlab.attacks.base import PassCounter, attack_mode
 from robustlab.attacks.pgd import pgd
 from robustlab.losses import ce_loss
-from robustlab.methods.base import LossOut, Method, StepContext
+from robustlab.methods.base import LossOut, Method, PersistentDelta, StepContext
 from robustlab.registry import METHODS
 from robustlab.threat import make_threat
 from robustlab.validation import check_eps, check_positive, check_positive_int
@@ -140,7 +140,7 @@ class FastAT(_Adversarial):
 
 
 @METHODS.register("free-at")
-class FreeAT(_Adversarial):
+class FreeAT(PersistentDelta, _Adversarial):
     """Free-AT (Shafahi et al. 2019): each minibatch replayed m times; one backward gives both the parameter
     update and the perturbation step (size eps); the perturbation persists across minibatches."""
 
@@ -158,25 +158,15 @@ class FreeAT(_Adversarial):
     def steps_per_batch(self) -> int:
         return self.replays
 
-    def state_tensors(self):
-        return {} if self.delta is None else {"delta": self.delta}
-
-    def load_state_tensors(self, tensors):
-        self.delta = tensors.get("delta")
-
     def loss(self, model, batch, ctx):  # used only for reporting; training goes through train_step
         logits = model(batch.x)
         return LossOut(F.cross_entropy(logits, batch.y), {}, logits)
 
     def train_step(self, model, batch, optimizer, ctx, backward_and_step):
         x, y = batch.x, batch.y
-        if self.delta is None or self.delta.shape[1:] != x.shape[1:]:
-            self.delta = torch.zeros_like(x)  # zero at the start of training, then carried over
-        elif self.delta.shape[0] < x.shape[0]:
-            self.delta = torch.cat([self.delta, torch.zeros_like(x[self.delta.shape[0]:])])
         out = None
         for _ in range(self.replays):
-            delta = self.delta[: x.shape[0]].detach().requires_grad_(True)
+            delta = self.delta_for(x).detach().requires_grad_(True)
             x_adv = self.threat.project(x + delta, x)
             logits = model(x_adv)
             loss = F.cross_entropy(logits, y)

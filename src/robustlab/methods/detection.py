@@ -20,7 +20,7 @@ from robustlab.detection.attacks import ascend, select_by_total_loss
 from robustlab.detection.loss import decompose, multibox_loss
 from robustlab.detection.objectives import Objective
 from robustlab.detection.targets import match_targets
-from robustlab.methods.base import LossOut, Method
+from robustlab.methods.base import LossOut, Method, PersistentDelta
 from robustlab.registry import METHODS
 from robustlab.validation import check_positive, check_positive_int
 
@@ -91,7 +91,7 @@ class _DetPGDMethod(Method):
 
 @METHODS.register("cls")
 class CLS(_DetPGDMethod):
-    """Adversarial training on PGD-K of the classification loss (A_cls)."""
+    """CLS (Zhang & Wang, ICCV 2019; Chen et al., CVPR 2021): adversarial training on PGD-K of A_cls."""
 
     name = "cls"
     objective_name = "cls"
@@ -99,7 +99,7 @@ class CLS(_DetPGDMethod):
 
 @METHODS.register("reg")
 class REG(_DetPGDMethod):
-    """Adversarial training on PGD-K of the regression loss (A_reg)."""
+    """REG (Zhang & Wang, ICCV 2019; Chen et al., CVPR 2021): adversarial training on PGD-K of A_reg."""
 
     name = "reg"
     objective_name = "reg"
@@ -107,7 +107,7 @@ class REG(_DetPGDMethod):
 
 @METHODS.register("toat")
 class TOAT(_DetPGDMethod):
-    """Task-oriented AT: PGD-K of min(L_cls, beta_cls) + min(L_reg, beta_reg) (TOAT-6 by default; inf: no clip)."""
+    """TOAT (Chen et al., CVPR 2021): PGD-K of min(L_cls, beta_cls) + min(L_reg, beta_reg); TOAT-6 by default."""
 
     name = "toat"
     objective_name = "toat"
@@ -118,7 +118,7 @@ class TOAT(_DetPGDMethod):
 
 @METHODS.register("owat")
 class OWAT(_DetPGDMethod):
-    """Object-wise AT: PGD-K of the sum of per-object losses clipped at beta_o = 6 (OWA)."""
+    """OWAT (Chen et al., CVPR 2021): PGD-K of the sum of per-object losses clipped at beta_o = 6 (OWA)."""
 
     name = "owat"
     objective_name = "owa"
@@ -126,7 +126,7 @@ class OWAT(_DetPGDMethod):
 
 @METHODS.register("cwat")
 class CWAT(_DetPGDMethod):
-    """Class-wise AT: PGD-K of the class-normalised clipped object losses (CWA, beta_o = 6)."""
+    """CWAT (Chen et al., CVPR 2021): PGD-K of the class-normalised clipped object losses (CWA, beta_o = 6)."""
 
     name = "cwat"
     objective_name = "cwa"
@@ -152,10 +152,11 @@ class MTD(_DetPGDMethod):
         return torch.where(pick_cls[:, None, None, None], x_cls, x_reg), {"chose_cls": pick_cls.float().mean()}
 
 
-class _FastMethod(Method):
-    """Free-AT skeleton (spec cwat.md 4.4-4.5): each minibatch is replayed m times; the perturbation (step eps)
-    persists across minibatches and epochs. `epochs` in the config counts data epochs, so N_ep update epochs
-    need ceil(N_ep / m) of them; the lr schedule, stepped per optimiser update, lands at the same fractions."""
+class _FastMethod(PersistentDelta, Method):
+    """Free-AT skeleton (spec cwat.md 4.4-4.5; Shafahi et al. 2019): each minibatch is replayed m times; the
+    perturbation (step eps) persists across minibatches and epochs. `epochs` in the config counts data epochs,
+    so N_ep update epochs need ceil(N_ep / m) of them; the lr schedule, stepped per optimiser update, lands at the
+    same fractions."""
 
     task = "detection"
 
@@ -168,19 +169,6 @@ class _FastMethod(Method):
     def steps_per_batch(self) -> int:
         return self.replays
 
-    def state_tensors(self):
-        return {} if self.delta is None else {"delta": self.delta}
-
-    def load_state_tensors(self, tensors):
-        self.delta = tensors.get("delta")
-
-    def _delta_for(self, x: Tensor) -> Tensor:
-        if self.delta is None or self.delta.shape[1:] != x.shape[1:]:
-            self.delta = torch.zeros_like(x)  # zero at the start of training, then carried over
-        elif self.delta.shape[0] < x.shape[0]:
-            self.delta = torch.cat([self.delta, torch.zeros_like(x[self.delta.shape[0]:])])
-        return self.delta[: x.shape[0]]
-
     def loss(self, model, batch, ctx):  # reporting only; training goes through train_step
         loc, conf = model(batch.x)
         return LossOut(multibox_loss(loc, conf, batch.y, ctx.attacked(model).priors)[0])
@@ -188,7 +176,7 @@ class _FastMethod(Method):
 
 @METHODS.register("cwat-fast")
 class CWATFast(_FastMethod):
-    """Fast CWAT (the seed's Algorithm 1): per replay one train-mode forward, one backward of the class-wise
+    """Fast CWAT (Chen et al., CVPR 2021, Algorithm 1): per replay one train-mode forward, one backward of the class-wise
     objective for the perturbation and one of the multibox loss for the update (2 backward passes)."""
 
     name = "cwat-fast"
@@ -206,7 +194,7 @@ class CWATFast(_FastMethod):
         matched = match_targets(targets, net.priors)
         out = None
         for _ in range(self.replays):
-            delta = self._delta_for(x).detach().requires_grad_(True)
+            delta = self.delta_for(x).detach().requires_grad_(True)
             loc, conf = model((x + delta).clamp(0, 255))  # ONE forward in train mode, shared by both gradients
             d = decompose(loc, conf, targets, net.priors, matched)
             j = self.objective(d, net.num_classes, targets.shape[1]).sum()
@@ -223,7 +211,7 @@ class CWATFast(_FastMethod):
 
 @METHODS.register("mtd-fast")
 class MTDFast(_FastMethod):
-    """Fast MTD (spec cwat.md 4.4): per replay one train-mode forward, the gradients of sum L_cls and sum L_reg
+    """Fast MTD (named in Chen et al., CVPR 2021; made precise in spec cwat.md 4.4): per replay one train-mode forward, the gradients of sum L_cls and sum L_reg
     for the perturbation and the update (3 backward passes), then per image the candidate step (A_cls or A_reg)
     with the larger total loss, by two no-grad eval-mode forwards."""
 
@@ -236,7 +224,7 @@ class MTDFast(_FastMethod):
         n = x.shape[0]
         out = None
         for _ in range(self.replays):
-            delta = self._delta_for(x).detach().requires_grad_(True)
+            delta = self.delta_for(x).detach().requires_grad_(True)
             loc, conf = model((x + delta).clamp(0, 255))
             d = decompose(loc, conf, targets, net.priors, matched)
             lcls_b, lreg_b = d.task_losses()
