@@ -3,6 +3,10 @@
 Reference class = the clean prediction; candidates = the `num_classes` largest clean logits. Each
 iteration linearises all candidate boundaries (one backward per candidate) and steps to the closest,
 with overshoot 0.02; iterates are clipped to [0, 1]. Only samples not yet fooled are processed.
+
+The adversary-critic paper's variant (critic.md 8.1) is `deepfool:steps=500,max_step=0.1,project=true`:
+each step's length is capped at max_step and the accumulated perturbation itself is projected so that
+x + (1 + overshoot) r stays in the box (instead of only clipping the iterate).
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ class DeepFool(Attack):
     minimal = True
 
     def __init__(self, model: nn.Module, *, norm: str = "l2", steps: int = 50, overshoot: float = 0.02,
-                 num_classes: int = 10, eps: float | None = None, seed: int | None = 0, bn_mode: str = "eval") -> None:
+                 num_classes: int = 10, eps: float | None = None, max_step: float | None = None, project: bool = False,
+                 seed: int | None = 0, bn_mode: str = "eval") -> None:
         super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
         key = str(norm).lower()
         if key not in ("l2", "linf", "inf"):
@@ -33,6 +38,9 @@ class DeepFool(Attack):
         check_positive_int(steps, "steps")
         check_positive_int(num_classes, "num_classes", minimum=2)
         check_positive(overshoot, "overshoot", allow_zero=True)
+        if max_step is not None:
+            check_positive(max_step, "max_step")
+        self.max_step, self.project = max_step, bool(project)
         self._norm = "l2" if key == "l2" else "linf"
         self.steps, self.overshoot, self.num_classes, self.eps_value = steps, overshoot, num_classes, eps
 
@@ -42,7 +50,7 @@ class DeepFool(Attack):
 
     def describe(self) -> dict[str, Any]:
         return {"attack": self.name, "norm": self._norm, "eps": self.eps_value, "steps": self.steps,
-                "overshoot": self.overshoot}
+                "overshoot": self.overshoot, "max_step": self.max_step, "project": self.project}
 
     def _run(self, counter, x, y, target, gen):
         with torch.no_grad():
@@ -72,13 +80,18 @@ class DeepFool(Attack):
             j = dist.argmin(1)
             ar = torch.arange(idx.numel(), device=x.device)
             wl, fl, sl = w[ar, j], f[ar, j], size[ar, j]
+            d = fl.abs() / (sl + 1e-12)  # distance to the linearised boundary
+            if self.max_step is not None:
+                d = d.clamp(max=self.max_step)
             if self._norm == "l2":
-                r_i = ((fl.abs() + 1e-4 * sl) / (sl ** 2 + 1e-12))[:, None] * wl  # (|f|/||w|| + 1e-4) w/||w||
+                r_i = ((d + 1e-4) / (sl + 1e-12))[:, None] * wl  # (d + 1e-4) w/||w||
             else:
-                r_i = ((fl.abs() / (sl + 1e-12)) + 1e-4)[:, None] * wl.sign()
+                r_i = (d + 1e-4)[:, None] * wl.sign()
             r_i = torch.where(still[:, None], r_i, torch.zeros_like(r_i))
             r_tot[idx] = r_tot[idx] + r_i.view_as(xi)
             x_adv[idx] = (x[idx] + (1 + self.overshoot) * r_tot[idx]).clamp(0, 1)
+            if self.project:  # keep r itself feasible: r = (clip(x + (1+o) r) - x) / (1+o)
+                r_tot[idx] = (x_adv[idx] - x[idx]) / (1 + self.overshoot)
             active[idx] = still
         with torch.no_grad():
             pred = counter.logits(x_adv).argmax(1)

@@ -56,6 +56,24 @@ def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return parse_spec(spec, ATTACKS)
 
 
+# Named classifier panels: the evaluation protocols of the seed papers, usable wherever a list of attack specs
+# is (`robustlab eval --attack critic-rho`). Detection panels live in robustlab.detection.attacks.
+PANELS: dict[str, list[str]] = {
+    # adversary critic, Table 1 (critic.md 8): minimal l_2 perturbations, reported as rho = ||r||_2 / ||x||_2
+    "critic-rho": ["deepfool:steps=500,max_step=0.1,project=true", "cw:steps=1000", "critic"],
+}
+
+
+def expand_panels(specs: list[str]) -> list[str]:
+    """Replace panel names by their attack specs (order kept, duplicates dropped)."""
+    out: list[str] = []
+    for s in specs:
+        for item in PANELS.get(s.strip(), [s]):
+            if item not in out:
+                out.append(item)
+    return out
+
+
 def create_attack(name_or_spec: str, model: nn.Module, **overrides: Any):
     """Build an attack from its registry name or a full spec string; unknown options raise TypeError."""
     name, kwargs = parse_attack_spec(name_or_spec)

@@ -64,7 +64,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         return eval_detector(args, model, extra)
     x, y = _load_eval_data(args.data, args.split, extra)
-    specs = args.attack or ["pgd:norm=linf,eps=0.3,steps=40"]
+    from robustlab.attacks.spec import expand_panels
+
+    specs = expand_panels(args.attack or ["pgd:norm=linf,eps=0.3,steps=40"])
     attacks = [create_attack(s, model) for s in specs]
     if args.n_samples is not None:
         x, y = x[: args.n_samples], y[: args.n_samples]
@@ -100,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mnist-det:preset=coco; default: the dataset the checkpoint was trained on")
     pe.add_argument("--split", default="test", choices=("test", "train"))
     pe.add_argument("--attack", action="append", metavar="SPEC",
-                    help='attack spec "name:key=value,..." (repeatable), e.g. "pgd:norm=linf,eps=0.3,steps=40"; '
-                         'detectors: "cwa", "det-pgd:objective=reg,eps=8", or the seed\'s panels table1 / table3')
+                    help='attack spec "name:key=value,..." (repeatable), e.g. "pgd:norm=linf,eps=0.3,steps=40", or a '
+                         'named panel (critic-rho: DeepFool, C&W, critic attack); detectors: "cwa", '
+                         '"det-pgd:objective=reg,eps=8", or the seed\'s panels table1 / table3')
     pe.add_argument("--json", type=Path, help="write the full results as JSON to this file")
     pe.add_argument("--n-samples", type=int, help="evaluate only the first N test samples")
     pe.add_argument("--batch-size", type=int, default=500)
@@ -113,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--report", type=Path, help="detectors: write report.md with per-class AP and example images here")
     pe.set_defaults(func=cmd_eval)
 
-    from robustlab.cli import detection, training
+    from robustlab.cli import compare, detection, training
 
     training.add_commands(sub)
+    compare.add_commands(sub)
     detection.add_commands(sub)
     return p
 

@@ -81,8 +81,9 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 @DATASETS.register("mnist")
-def mnist(root: str | Path) -> ImageData:
-    """MNIST from the four IDX files (gzip or not)."""
+def mnist(root: str | Path, validation: int = 0) -> ImageData:
+    """MNIST from the four IDX files (gzip or not). validation=N holds out the first N training images (not
+    trained on), as TensorFlow's read_data_sets does: the adversary-critic paper trains on the last 50,000."""
     root = Path(root)
     parts = []
     for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
@@ -91,6 +92,9 @@ def mnist(root: str | Path) -> ImageData:
     for x, y, split in ((x_tr, y_tr, "train"), (x_te, y_te, "test")):
         if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
             raise DataError(f"MNIST {split} images {x.shape} and labels {y.shape} do not match in {root}")
+    if isinstance(validation, bool) or not isinstance(validation, int) or not 0 <= validation < x_tr.shape[0]:
+        raise DataError(f"validation must be an integer in [0, {x_tr.shape[0]}), got {validation!r}")
+    x_tr, y_tr = x_tr[validation:], y_tr[validation:]
     return _to_data("mnist", x_tr[:, None], y_tr, x_te[:, None], y_te, 10)
 
 

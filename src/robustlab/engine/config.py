@@ -34,9 +34,10 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd | adam
     lr: float = 0.1
     momentum: float = 0.9
+    betas: tuple = (0.9, 0.999)  # adam only (the adversary critic uses beta1 = 0.5)
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: str = "multistep"  # constant | multistep | cosine | cyclic
+    schedule: str = "multistep"  # constant | multistep | cosine | cyclic | exponential (gamma per epoch)
     milestones: tuple = (0.5, 0.75)  # fractions of training (or epochs if > 1) for multistep
     gamma: float = 0.1
     warmup_epochs: float = 0.0
@@ -62,7 +63,7 @@ class TrainConfig:
         _check(self)
 
 
-_CHOICES = {"optimizer": ("sgd", "adam"), "schedule": ("constant", "multistep", "cosine", "cyclic"),
+_CHOICES = {"optimizer": ("sgd", "adam"), "schedule": ("constant", "multistep", "cosine", "cyclic", "exponential"),
             "augment": ("none", "crop-flip", "crop"), "amp": ("none", "bf16", "fp16"),
             "ap_mode": ("11pt", "area", "coco")}
 _POSITIVE = ("epochs", "batch_size", "eval_every", "eval_samples")
@@ -84,6 +85,8 @@ def _check(cfg: TrainConfig) -> None:
     for k in ("lr", "weight_decay", "momentum", "gamma", "warmup_epochs"):
         if getattr(cfg, k) < 0:
             raise ConfigError(f"config key {k!r} must be >= 0, got {getattr(cfg, k)}")
+    if len(cfg.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.betas):
+        raise ConfigError(f"config key 'betas' must be two numbers in [0, 1), got {cfg.betas!r}")
     if cfg.lr == 0:
         raise ConfigError("config key 'lr' must be > 0")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:

@@ -159,7 +159,7 @@ def evaluate(
             correct = pred == yb
             labels.append(yb.cpu())
             clean_pred.append(pred.cpu())
-            xnorm.append(per_sample_norm(xb, "l2").cpu())
+            xnorm.append(torch.stack([per_sample_norm(xb, "l2"), per_sample_norm(xb - 0.5, "l2")], 1).cpu())
             idx = correct.nonzero().squeeze(1)
             for name, atk in zip(names, built):
                 rob = torch.zeros_like(correct)
@@ -225,7 +225,7 @@ def _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xn
     n = y.shape[0]
     k = num_classes
     correct = pred == y
-    xn = torch.cat(xnorm)
+    xn, xgray = torch.cat(xnorm).unbind(1)  # ||x||_2 and ||x - 0.5||_2 (C&W's failure image is constant 0.5)
     result: dict[str, Any] = {"n_samples": n, "num_classes": k, "clean_accuracy": correct.float().mean().item(), "attacks": {}}
     union = correct.clone()
     per_norm: dict[str, Tensor] = {}
@@ -251,6 +251,9 @@ def _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xn
             r2_used = torch.where(correct, r2, torch.zeros_like(r2))  # misclassified points: r = 0
             ok = ~failed
             rho = (r2_used[ok] / xn[ok].clamp_min(1e-12)).mean().item() if ok.any() else float("nan")
+            # the original C&W code returns a constant 0.5 image on failure; its scripts also log rho with those
+            r2_gray = torch.where(failed, xgray, r2_used)
+            rho_gray = (r2_gray / xn.clamp_min(1e-12)).mean().item()
             entry["perturbation"] = {
                 "norm": atk.norm,
                 "mean": nr[fooled].mean().item() if fooled.any() else None,
@@ -258,9 +261,11 @@ def _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xn
                 "mean_l2": r2[fooled].mean().item() if fooled.any() else None,
                 "median_l2": r2[fooled].median().item() if fooled.any() else None,
                 "rho": rho,
+                "rho_with_failures_as_gray": rho_gray,
                 "n_failed": int(failed.sum()),
                 "rho_convention": "mean ||r||_2/||x||_2 over all samples, misclassified ones with r = 0, "
-                                  "failed attacks excluded (counted in n_failed)",
+                                  "failed attacks excluded (counted in n_failed); rho_with_failures_as_gray counts "
+                                  "each failure as the constant 0.5 image the original C&W code returns",
             }
         result["attacks"][name] = entry
     result["union_accuracy"] = union.float().mean().item()

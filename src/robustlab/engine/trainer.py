@@ -56,6 +56,8 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * t))
     if cfg.schedule == "cyclic":  # one cycle: 0 -> peak at half -> 0 (Fast-AT)
         return 1 - abs(2 * t - 1)
+    if cfg.schedule == "exponential":  # times gamma after every epoch (the IJCNN margin baselines: 0.95)
+        return cfg.gamma ** math.floor(t * cfg.epochs + 1e-9)
     marks = [m / cfg.epochs if m > 1 else m for m in cfg.milestones]
     return cfg.gamma ** sum(t >= m for m in marks)
 
@@ -150,7 +152,7 @@ class Trainer:
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                              weight_decay=cfg.weight_decay)
         else:
-            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.train_model: nn.Module = self.model
         if self.ddp.enabled:
             self.train_model = nn.parallel.DistributedDataParallel(
@@ -241,11 +243,12 @@ class Trainer:
         return x, y
 
     def _set_lr(self) -> float:
+        """Sets the lr of this step; returns the schedule's factor (methods with optimisers of their own use it)."""
         total = self.cfg.epochs * self.steps_per_epoch() * self.method.steps_per_batch()
         f = lr_factor(self.cfg, self.global_step, total)
         for g in self.optimizer.param_groups:
             g["lr"] = self.cfg.lr * f
-        return self.cfg.lr * f
+        return f
 
     def default_eval_attack(self) -> str:
         norm = self.method.norm or "linf"
@@ -322,9 +325,10 @@ class Trainer:
                     idx = idx[self.ddp.rank::self.ddp.world]
                     gen = torch.Generator(device=self.device).manual_seed(_mix(cfg.seed, epoch, step, 3))
                     x, y = self._train_batch(idx, gen)
+                    factor = self._set_lr()
+                    lr = cfg.lr * factor
                     ctx = StepContext(epoch, step, gen, attack_model=self.model,  # attacks skip DDP hooks
-                                      progress=epoch + step / spe)
-                    lr = self._set_lr()
+                                      progress=epoch + step / spe, lr_factor=factor)
                     self._train_fwd_images = 0
                     with self._autocast():
                         out: LossOut = self.method.train_step(self.train_model, Batch(x, y), self.optimizer, ctx,

@@ -4,7 +4,10 @@ A method maps (model, batch, ctx) to a `LossOut`. The Trainer owns the loop: zer
 clipping, optimiser and scheduler steps, logging and checkpoints. A method that needs several
 optimiser steps per batch overrides `train_step` (the one documented hook) and returns the LossOut
 of its last step; a method with its own trainable modules or persistent tensors lists them in
-`state_tensors`/`load_state_tensors` so checkpoints include them.
+`state_tensors`/`load_state_tensors` so checkpoints include them. A method with an optimiser of its
+own (the adversary critic's) steps it inside `train_step` and scales its lr by `ctx.lr_factor`, so
+both optimisers follow the configured schedule; `optimizer_state_tensors` / `load_optimizer_state`
+put that optimiser's state into the same checkpoint.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ class StepContext:
     passes: list[int] = field(default_factory=lambda: [0, 0])  # forward, backward image-passes (engine-filled)
     attack_model: nn.Module | None = None  # the unwrapped model (no DDP/compile wrapper) for inner attacks
     progress: float = 0.0  # training progress in epochs (epoch + fraction), for eps ramps
+    lr_factor: float = 1.0  # the lr schedule's factor at this step, for a method's own optimisers (a critic's)
 
     def attacked(self, model: nn.Module) -> nn.Module:
         return self.attack_model if self.attack_model is not None else model
@@ -97,6 +101,26 @@ class PersistentDelta:
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         self.delta = tensors.get("delta")
+
+
+def optimizer_state_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """An optimiser's per-parameter state as flat tensors (`prefix/<param index>/<key>`) for safetensors;
+    hyper-parameters are not saved (the method rebuilds them from its config)."""
+    out = {}
+    for pid, st in optimizer.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"{prefix}/{pid}/{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
+    return out
+
+
+def load_optimizer_state(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "/"):
+            _, pid, k = key.split("/", 2)
+            state.setdefault(int(pid), {})[k] = v
+    sd = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
 def create_method(name: str, **kwargs: Any) -> Method:

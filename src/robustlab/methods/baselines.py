@@ -1,4 +1,5 @@
-"""Baseline defenses (baselines.md section 3): standard, FGSM-AT, Fast-AT, Free-AT, PGD-AT, TRADES, MART, VAT.
+"""Baseline defenses (baselines.md section 3): standard, FGSM-AT, Fast-AT, Free-AT, PGD-AT, TRADES, MART, VAT,
+and the l_2 margin maximisation of the adversary-critic paper's Table 1 (critic.md 9).
 
 Defaults are the papers' (CIFAR-10 scale, pixel units); MNIST configs override eps/steps. The inner
 attacks run through robustlab's attack core in eval mode (BatchNorm statistics frozen), except
@@ -257,24 +258,66 @@ class VAT(Method):
         check_positive(alpha, "alpha", allow_zero=True)
         self.norm, self.eps, self.xi, self.ip, self.alpha = "l2", float(eps), xi, power_iterations, alpha
 
-    def loss(self, model, batch, ctx):
-        x = batch.x
-        inner = ctx.attacked(model)
-        with attack_mode(inner):
+    def perturbation(self, model: torch.nn.Module, x: Tensor, gen: torch.Generator) -> Tensor:
+        """r_vadv: eps times the unit l_2 direction found by power iteration on KL(p(x) || p(x + d))."""
+        with attack_mode(model):
             with torch.no_grad():
-                target = inner(x)
-            d = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
+                target = model(x)
+            d = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
             for _ in range(self.ip):
                 d = (self.xi * d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)).requires_grad_(True)
                 with torch.enable_grad():
-                    (d,) = torch.autograd.grad(_kl_sum(target, inner(x + d)).sum(), d)
-            r = self.eps * d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                    (d,) = torch.autograd.grad(_kl_sum(target, model(x + d)).sum(), d)
+        return self.eps * d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+    def loss(self, model, batch, ctx):
+        x = batch.x
+        r = self.perturbation(ctx.attacked(model), x, ctx.generator)
         ctx.passes[1] += x.shape[0] * self.ip
-        logits = model(torch.cat([x, (x + r).clamp(0, 1)]))
+        logits = model(torch.cat([x, (x + r).clamp(0, 1)]))  # [0, 1] is robustlab's domain (the IJCNN code does not clip)
         clean, vadv = logits.chunk(2)
         ce = F.cross_entropy(clean, batch.y)
         lds = _kl_sum(clean.detach(), vadv).mean()
         return LossOut(ce + self.alpha * lds, {"ce": ce.detach(), "lds": lds.detach()}, clean)
 
 
-__all__ = ["Standard", "PGDAT", "FGSMAT", "FastAT", "FreeAT", "TRADES", "MART", "VAT"]
+@METHODS.register("margin")
+class MarginMaximization(Method):
+    """l_2 margin maximisation (Matyasko & Chau, IJCNN 2017; critic.md 9): multiclass hinge loss
+    + lambda * ||grad_x z_y - grad_x z_l||_2^2, l the class whose logit gradient differs most from z_y's
+    (argmax taken as a constant); double backpropagation through the input gradients. lambda 0.1."""
+
+    name = "margin"
+    norm = "l2"
+
+    def __init__(self, lam: float = 0.1, margin: float = 1.0) -> None:
+        check_positive(lam, "lam", allow_zero=True)
+        check_positive(margin, "margin", allow_zero=True)
+        self.lam, self.margin = float(lam), float(margin)
+
+    def regularizer(self, logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Per-sample ||grad_x (z_y - z_l)||^2 with a graph (x must require grad and `logits` depend on it)."""
+        from robustlab.attacks.critic import logit_jacobian
+
+        jac = logit_jacobian(logits, x)  # (N, K, D) without a graph: only to choose l
+        ar = torch.arange(x.shape[0], device=x.device)
+        l_ = (jac - jac[ar, y][:, None]).pow(2).sum(2).argmax(1)
+        diff = logits[ar, y] - logits[ar, l_]
+        (g,) = torch.autograd.grad(diff.sum(), x, create_graph=True)
+        return g.flatten(1).pow(2).sum(1)
+
+    def loss(self, model, batch, ctx):
+        x = batch.x.detach().requires_grad_(True)
+        logits = model(x)
+        y = batch.y
+        ar = torch.arange(x.shape[0], device=x.device)
+        other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+        hinge = (self.margin + other - logits[ar, y]).clamp_min(0).mean()
+        if self.lam == 0:
+            return LossOut(hinge, {"hinge": hinge.detach()}, logits)
+        reg = self.regularizer(logits, x, y).mean()
+        ctx.passes[1] += x.shape[0] * (logits.shape[1] + 1)
+        return LossOut(hinge + self.lam * reg, {"hinge": hinge.detach(), "grad_reg": reg.detach()}, logits)
+
+
+__all__ = ["Standard", "PGDAT", "FGSMAT", "FastAT", "FreeAT", "TRADES", "MART", "VAT", "MarginMaximization"]

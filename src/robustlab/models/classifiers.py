@@ -54,32 +54,65 @@ def _make(name: str, body: nn.Module, in_channels: int, mean, std, **config: Any
                                                       "std": std, **config})
 
 
+def he_init_(module: nn.Module) -> None:
+    """He ("MSRA") normal weights with fan-in scaling and zero biases, on every Linear and Conv2d: the critic
+    paper's initialisation (critic.md 2.1). PyTorch's default is a uniform with a smaller variance."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _check_init(init: str) -> None:
+    if init not in ("default", "he"):
+        raise ValueError(f"init must be 'default' (PyTorch's) or 'he', got {init!r}")
+
+
 @MODELS.register("mlp")
 def mlp(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, hidden: int = 1200, depth: int = 3,
-        mean=None, std=None) -> Classifier:
+        init: str = "default", mean=None, std=None) -> Classifier:
     """Fully connected ReLU network, `depth` hidden layers of `hidden` units (3x1200 as in the critic paper)."""
+    _check_init(init)
     d = in_channels * input_size * input_size
     layers: list[nn.Module] = [nn.Flatten()]
     for _ in range(depth):
         layers += [nn.Linear(d, hidden), nn.ReLU()]
         d = hidden
     layers.append(nn.Linear(d, num_classes))
-    return _make("mlp", nn.Sequential(*layers), in_channels, mean, std, num_classes=num_classes,
-                 input_size=input_size, hidden=hidden, depth=depth)
+    body = nn.Sequential(*layers)
+    if init == "he":
+        he_init_(body)
+    return _make("mlp", body, in_channels, mean, std, num_classes=num_classes,
+                 input_size=input_size, hidden=hidden, depth=depth, init=init)
 
 
 @MODELS.register("lenet5")
-def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, mean=None, std=None) -> Classifier:
-    """LeNet-5: conv6(5,pad2)-pool-conv16(5)-pool-fc120-fc84 (ReLU, max pooling)."""
-    s = _conv_out(input_size, 5, p=2) // 2
+def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, channels: Sequence[int] = (6, 16),
+           hidden: Sequence[int] = (120, 84), padding: int = 2, init: str = "default", mean=None,
+           std=None) -> Classifier:
+    """LeNet-5: conv(5x5)-pool-conv(5x5)-pool-FC...-FC (ReLU, max pooling). Default: the classic 6/16 filters,
+    first conv padded by 2, FC 120-84; the critic paper's variant is channels [32, 64], hidden [512], padding 0."""
+    _check_init(init)
+    if len(channels) != 2 or any(int(c) < 1 for c in channels):
+        raise ValueError(f"lenet5 channels must be two positive filter counts, got {channels!r}")
+    s = _conv_out(input_size, 5, p=padding) // 2
     s = _conv_out(s, 5) // 2
     if s < 1:
-        raise ValueError(f"lenet5 needs input_size >= 12, got {input_size}")
-    body = nn.Sequential(
-        nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(16 * s * s, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes))
-    return _make("lenet5", body, in_channels, mean, std, num_classes=num_classes, input_size=input_size)
+        raise ValueError(f"lenet5 needs input_size >= {12 - 2 * padding + 4 * (padding == 0)}, got {input_size}")
+    c1, c2 = int(channels[0]), int(channels[1])
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, c1, 5, padding=padding), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()]
+    d = c2 * s * s
+    for h in hidden:
+        layers += [nn.Linear(d, int(h)), nn.ReLU()]
+        d = int(h)
+    layers.append(nn.Linear(d, num_classes))
+    body = nn.Sequential(*layers)
+    if init == "he":
+        he_init_(body)
+    return _make("lenet5", body, in_channels, mean, std, num_classes=num_classes, input_size=input_size,
+                 channels=[c1, c2], hidden=[int(h) for h in hidden], padding=padding, init=init)
 
 
 @MODELS.register("small-cnn")

@@ -1,0 +1,120 @@
+"""`robustlab compare` (classifiers side by side under one panel), `robustlab export-adversarials` and
+`robustlab score-labels` (the adversary-critic paper's human-study material)."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+
+def _models(pairs: list[str], device: str):
+    from robustlab.engine.checkpoint import load_model
+
+    out, extra0 = {}, None
+    for item in pairs:
+        label, sep, path = item.partition("=")
+        if not sep:
+            label, path = Path(item).stem, item
+        if label in out:
+            raise ValueError(f"model label {label!r} given twice; use LABEL=PATH to name them")
+        model, extra = load_model(path, map_location=device)
+        if getattr(model, "task", "classification") != "classification":
+            raise ValueError(f"{path} is a detector; compare detectors with `robustlab det-report`")
+        out[label] = model.eval()
+        extra0 = extra0 or extra
+    return out, extra0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from robustlab.attacks.spec import expand_panels
+    from robustlab.cli.main import _load_eval_data
+    from robustlab.reports.compare import compare_models, compare_table, write_compare
+    from robustlab.utils import set_threads
+
+    set_threads(args.threads)
+    models, extra = _models(args.model, args.device)
+    x, y = _load_eval_data(args.data, "test", extra or {})
+    n = min(args.n_samples or x.shape[0], x.shape[0])
+    x, y = x[:n].to(args.device), y[:n].to(args.device)
+    specs = expand_panels(args.attack)
+    results = compare_models(models, x, y, specs, batch_size=args.batch_size, progress=None if not args.quiet else False)
+    print(compare_table(results))
+    if args.out:
+        command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        path = write_compare(args.out, results, specs=specs, n_samples=n, command=command,
+                             machine=f"{platform.processor() or platform.machine()}, torch threads {args.threads or 'default'}")
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from robustlab.cli.main import _load_eval_data
+    from robustlab.engine.checkpoint import load_model
+    from robustlab.reports.human_study import export_adversarials
+    from robustlab.utils import set_threads
+
+    set_threads(args.threads)
+    model, extra = load_model(args.model, map_location=args.device)
+    x, y = _load_eval_data(args.data, "test", extra)
+    summary = export_adversarials(model.eval(), x[: args.n_samples].to(args.device), y[: args.n_samples].to(args.device),
+                                  args.out, seed=args.seed, deepfool_steps=args.steps, critic_steps=args.steps)
+    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}/labels_to_fill.csv (for annotators) and {args.out}/targets.csv (the key)")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from robustlab.reports.human_study import score_labels
+
+    for path in (args.targets, args.labels):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} does not exist")
+    scores = score_labels(args.targets, args.labels)
+    print("| adversarial kind | labelled | change (%) | no change (%) |\n|---|---|---|---|")
+    for kind, s in scores.items():
+        print(f"| {kind} | {s['n']} | {100 * s['change']:.2f} | {100 * s['no_change']:.2f} |")
+    return 0
+
+
+def add_commands(sub) -> None:
+    pc = sub.add_parser("compare", help="several classifiers under one attack panel, as one table",
+                        description="Evaluate classifiers on the same test images and attacks and print one table: "
+                                    "error (%%), robust accuracy (%%) for bounded attacks, rho = mean ||r||/||x|| for "
+                                    "minimal ones (DeepFool, C&W, critic). --out writes compare.md/.html/.json.")
+    pc.add_argument("--model", action="append", required=True, metavar="LABEL=PATH",
+                    help="a checkpoint, optionally labelled (repeatable)")
+    pc.add_argument("--attack", action="append", required=True, metavar="SPEC",
+                    help="attack spec or panel name (repeatable), e.g. critic-rho")
+    pc.add_argument("--data", help="dataset NAME[:key=value,...]; default: the first checkpoint's training data")
+    pc.add_argument("--n-samples", type=int, help="evaluate the first N test images")
+    pc.add_argument("--batch-size", type=int, default=500)
+    pc.add_argument("--out", type=Path, help="write compare.md, compare.html and compare.json here")
+    pc.add_argument("--device", default="cpu")
+    pc.add_argument("--threads", type=int, help="torch CPU threads")
+    pc.add_argument("--quiet", action="store_true", help="no progress bar")
+    pc.set_defaults(func=cmd_compare)
+
+    px = sub.add_parser("export-adversarials", help="boundary and high-confidence adversarial examples for a human study",
+                        description="Adversarial examples at the decision boundary (DeepFool) and at high confidence "
+                                    "(critic attack, target confidence = confidence on the original) as PNG grids, "
+                                    "one PNG per image under shuffled ids, labels_to_fill.csv and targets.csv.")
+    px.add_argument("--model", required=True, help="classifier checkpoint (.safetensors)")
+    px.add_argument("--out", type=Path, required=True, help="output folder")
+    px.add_argument("--data", help="dataset NAME[:key=value,...]; default: the checkpoint's training data")
+    px.add_argument("--n-samples", type=int, default=100, help="test images to attack (correctly classified ones)")
+    px.add_argument("--steps", type=int, default=500, help="iterations of both attacks")
+    px.add_argument("--seed", type=int, default=0, help="seed of the shuffled ids")
+    px.add_argument("--device", default="cpu")
+    px.add_argument("--threads", type=int, help="torch CPU threads")
+    px.set_defaults(func=cmd_export)
+
+    ps = sub.add_parser("score-labels", help="score a filled labels_to_fill.csv against targets.csv",
+                        description="Share of annotations equal to the adversarial target (change) and to the "
+                                    "original class (no change), per kind of adversarial example.")
+    ps.add_argument("--targets", required=True, type=Path, help="targets.csv written by export-adversarials")
+    ps.add_argument("--labels", required=True, type=Path, help="the filled labels_to_fill.csv")
+    ps.set_defaults(func=cmd_score)
