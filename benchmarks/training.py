@@ -26,7 +26,8 @@ EPS = 0.3
 def method_kwargs(method: str, steps: int) -> dict:
     return {"standard": {}, "fgsm-at": {"eps": EPS}, "fast-at": {"eps": EPS}, "free-at": {"eps": EPS, "replays": 4},
             "pgd-at": {"eps": EPS, "steps": steps}, "trades": {"eps": EPS, "steps": steps},
-            "mart": {"eps": EPS, "steps": steps}, "vat": {"eps": 2.0}}[method]
+            "mart": {"eps": EPS, "steps": steps}, "vat": {"eps": 2.0}, "margin": {"lam": 0.1},
+            "critic": {"critic_hidden": 1200}}[method]
 
 
 def main() -> None:
@@ -35,6 +36,8 @@ def main() -> None:
                                                      "mart", "vat"])
     p.add_argument("--steps", type=int, default=7, help="inner PGD steps for pgd-at/trades/mart")
     p.add_argument("--width", type=int, default=8)
+    p.add_argument("--model", default="small-cnn", choices=("small-cnn", "mlp"),
+                   help="mlp: the adversary-critic paper's 3x1200 network")
     p.add_argument("--n-train", type=int, default=2000, help="training images per timed epoch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
@@ -49,7 +52,8 @@ def main() -> None:
     rows = []
     for method in args.methods:
         cfg = TrainConfig(name=f"bench-{method}", method=method, method_kwargs=method_kwargs(method, args.steps),
-                          model="small-cnn", model_kwargs={"width": args.width, "hidden": 64}, epochs=2,
+                          model=args.model, epochs=2,  # the critic pretrains in epoch 1; epoch 2 is timed
+                          model_kwargs={"width": args.width, "hidden": 64} if args.model == "small-cnn" else {},
                           batch_size=128, optimizer="sgd", lr=0.01, eval_every=10 ** 6, eval_samples=1,
                           device=args.device, amp=args.amp, channels_last=args.channels_last,
                           out_dir="/tmp/robustlab-bench", select_best=False, progress=False)
@@ -64,14 +68,17 @@ def main() -> None:
     base = next((r for r in rows if r["method"] == "standard"), rows[0])
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU")
-    print(f"small-cnn width {args.width}, {args.n_train} images/epoch, batch 128, inner steps {args.steps}; {machine}\n")
-    print("| method | s/epoch | x standard | fwd/img | bwd/img | passes x standard |")
-    print("|---|---|---|---|---|---|")
+    fgsm = next((r for r in rows if r["method"] == "fgsm-at"), None)
+    net = f"small-cnn width {args.width}" if args.model == "small-cnn" else "mlp 3x1200"
+    print(f"{net}, {args.n_train} images/epoch, batch 128, inner steps {args.steps}; {machine}\n")
+    print("| method | s/epoch | x standard |" + (" x fgsm-at |" if fgsm else "") + " fwd/img | bwd/img | passes x standard |")
+    print("|---|---|---|" + ("---|" if fgsm else "") + "---|---|---|")
     for r in rows:
         passes = (r["forward_per_image"] + r["backward_per_image"]) / (base["forward_per_image"] + base["backward_per_image"])
         r["time_ratio"] = r["seconds_per_epoch"] / base["seconds_per_epoch"]
         r["pass_ratio"] = passes
-        print(f"| {r['method']} | {r['seconds_per_epoch']:.2f} | {r['time_ratio']:.2f} | {r['forward_per_image']:.1f} | "
+        vs_fgsm = f" {r['seconds_per_epoch'] / fgsm['seconds_per_epoch']:.2f} |" if fgsm else ""
+        print(f"| {r['method']} | {r['seconds_per_epoch']:.2f} | {r['time_ratio']:.2f} |{vs_fgsm} {r['forward_per_image']:.1f} | "
               f"{r['backward_per_image']:.1f} | {passes:.2f} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -235,3 +235,13 @@ def test_bad_inputs_give_clear_errors():
         CriticAttack(model).run(x, y, target=y)
     with pytest.raises(ValueError, match="max_step"):
         CriticAttack(model, max_step=0)
+
+
+def test_random_targets_are_uniform_over_the_other_classes():
+    from robustlab.attacks.critic import random_targets
+
+    ref = torch.full((20000,), 3)
+    t = random_targets(ref, 5, torch.Generator().manual_seed(0))
+    assert not (t == 3).any()
+    counts = torch.bincount(t, minlength=5).float() / 20000
+    assert torch.allclose(counts[[0, 1, 2, 4]], torch.full((4,), 0.25), atol=0.02)

@@ -14,7 +14,8 @@ def _run(*args):
                           timeout=300)
 
 
-@pytest.mark.parametrize("cmd", [[], ["list"], ["eval"], ["train"], ["run"], ["data"], ["det-report"]])
+@pytest.mark.parametrize("cmd", [[], ["list"], ["eval"], ["train"], ["run"], ["data"], ["det-report"], ["compare"],
+                                 ["export-adversarials"], ["score-labels"]])
 def test_help_on_every_command(cmd):
     r = _run(*cmd, "--help")
     assert r.returncode == 0 and "usage:" in r.stdout
@@ -22,13 +23,15 @@ def test_help_on_every_command(cmd):
 
 def test_every_subcommand_is_covered_by_the_help_test():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"list", "eval", "train", "run", "data", "det-report"}
+    assert set(sub.choices) == {"list", "eval", "train", "run", "data", "det-report", "compare", "export-adversarials",
+                                "score-labels"}
 
 
 def test_list(capsys):
     assert main(["list", "attacks"]) == 0
     out = capsys.readouterr().out
-    for name in ["fgsm", "pgd", "cw", "deepfool", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "square", "autoattack", "mma"]:
+    for name in ["fgsm", "pgd", "cw", "deepfool", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "square", "autoattack", "mma",
+                 "critic"]:
         assert f"{name} " in out
     assert main(["list", "models"]) == 0
     out = capsys.readouterr().out
@@ -38,7 +41,7 @@ def test_list(capsys):
     assert "mnist5k" in capsys.readouterr().out
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out
-    for name in ["standard", "fgsm-at", "fast-at", "free-at", "pgd-at", "trades", "mart", "vat"]:
+    for name in ["standard", "fgsm-at", "fast-at", "free-at", "pgd-at", "trades", "mart", "vat", "margin", "critic"]:
         assert f"{name} " in out
 
 
@@ -117,3 +120,48 @@ def test_main_job_end_to_end_reduced(tmp_path):
         assert model["union_accuracy"] <= model["attacks"]["pgd"]["robust_accuracy"]
     assert "| standard |" in r.stdout and "| pgd-at |" in r.stdout
     assert "<table>" in (run / "report.html").read_text()
+
+
+def test_compare_critic_panel_and_human_study_export(tmp_path, mnist_cnn, capsys):
+    """`compare` with the critic-rho panel (reduced iterations) prints rho per attack and writes md/html/json;
+    `export-adversarials` writes the grids, per-image PNGs and the two CSVs; `score-labels` scores a sheet."""
+    import csv
+
+    ckpt = save_model(tmp_path / "m.safetensors", mnist_cnn)
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--model", f"a={ckpt}", "--model", f"b={ckpt}", "--data", "mnist5k", "--n-samples", "20",
+               "--attack", "deepfool:steps=20,max_step=0.1,project=true", "--attack", "cw:steps=10,binary_steps=2",
+               "--attack", "critic:steps=50", "--attack", "pgd:norm=l2,eps=1.0,steps=5", "--out", str(out), "--quiet"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "deepfool (rho)" in table and "critic (rho)" in table and "pgd (acc %)" in table
+    r = json.loads((out / "compare.json").read_text())
+    assert set(r["results"]) == {"a", "b"}
+    rho = r["results"]["a"]["attacks"]["critic"]["perturbation"]["rho"]
+    assert rho > 0 and r["results"]["b"]["attacks"]["critic"]["perturbation"]["rho"] == rho  # same model, same number
+    assert (out / "compare.md").exists() and (out / "compare.html").exists()
+
+    exp = tmp_path / "study"
+    assert main(["export-adversarials", "--model", str(ckpt), "--data", "mnist5k", "--n-samples", "12",
+                 "--steps", "100", "--out", str(exp)]) == 0
+    for f in ("originals.png", "boundary.png", "high_confidence.png", "targets.csv", "labels_to_fill.csv",
+              "summary.json"):
+        assert (exp / f).exists(), f
+    key = list(csv.DictReader(open(exp / "targets.csv")))
+    sheet = list(csv.DictReader(open(exp / "labels_to_fill.csv")))
+    assert len(key) == len(sheet) > 0 and all((exp / row["file"]).exists() for row in sheet)
+    assert {row["kind"] for row in key} <= {"boundary", "high_confidence"} and "kind" not in sheet[0]
+    assert all(row["target"] != row["true_label"] for row in key)
+    summary = json.loads((exp / "summary.json").read_text())
+    hc = summary["mean_confidence_high_confidence"]
+    assert hc is None or hc > summary["mean_confidence_boundary"]  # Figure 4: boundary ~ low, high ~ high
+    by_id = {row["id"]: row for row in key}
+    filled = tmp_path / "filled.csv"
+    with open(filled, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "file", "label"])
+        for row in sheet:  # an annotator who always sees the target
+            w.writerow([row["id"], row["file"], by_id[row["id"]]["target"]])
+    capsys.readouterr()
+    assert main(["score-labels", "--targets", str(exp / "targets.csv"), "--labels", str(filled)]) == 0
+    assert "| 100.00 | 0.00 |" in capsys.readouterr().out

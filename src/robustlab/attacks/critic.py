@@ -70,6 +70,12 @@ def find_targets(model: nn.Module, x: Tensor, reference: Tensor | None = None) -
     return closest_boundary_targets(logits.detach(), jac, ref)
 
 
+def random_targets(reference: Tensor, num_classes: int, gen: torch.Generator | None = None) -> Tensor:
+    """Masked-uniform targets: a class drawn uniformly among the num_classes - 1 classes other than reference."""
+    shift = torch.randint(1, num_classes, reference.shape, generator=gen, device=reference.device)
+    return (reference + shift) % num_classes
+
+
 def straight_through_indicator(pt: Tensor, c: Tensor) -> Tensor:
     """Forward: 1 where p_t < C, else 0 (sigmoid(C - p_t) > 1/2, so exactly equal gives 0);
     backward: the derivative of sigmoid(C - p_t) (the sigmoid-adjusted straight-through estimator)."""

@@ -24,18 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.attacks.base import PassCounter
-from robustlab.attacks.critic import (
-    closest_boundary_targets,
-    high_confidence_attack,
-    logit_jacobian,
-)
-from robustlab.methods.base import (
-    LossOut,
-    Method,
-    StepContext,
-    load_optimizer_state,
-    optimizer_state_tensors,
-)
+from robustlab.attacks.critic import closest_boundary_targets, high_confidence_attack, logit_jacobian, random_targets
+from robustlab.methods.base import LossOut, Method, StepContext, load_optimizer_state, optimizer_state_tensors
 from robustlab.registry import METHODS
 from robustlab.validation import check_choice, check_positive, check_positive_int
 
@@ -256,9 +246,8 @@ class AdversaryCritic(Method):
             jac = logit_jacobian(z0, xg)
             counter.backward += n * k
             t = closest_boundary_targets(z0.detach(), jac, pred0)
-        else:  # masked uniform: a random class other than the prediction
-            shift = torch.randint(1, k, (n,), generator=ctx.generator, device=x.device)
-            t = (pred0 + shift) % k
+        else:
+            t = random_targets(pred0, k, ctx.generator)
         c = self.confidence.value[t].detach().clamp(1e-6, 1 - 1e-6)
         x_adv = self._attack(model, x, t, c, ctx, counter)
         with torch.no_grad():

@@ -99,7 +99,7 @@ def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, ch
     s = _conv_out(input_size, 5, p=padding) // 2
     s = _conv_out(s, 5) // 2
     if s < 1:
-        raise ValueError(f"lenet5 needs input_size >= {12 - 2 * padding + 4 * (padding == 0)}, got {input_size}")
+        raise ValueError(f"lenet5 (first conv padding {padding}) needs a larger input than {input_size}x{input_size}")
     c1, c2 = int(channels[0]), int(channels[1])
     layers: list[nn.Module] = [nn.Conv2d(in_channels, c1, 5, padding=padding), nn.ReLU(), nn.MaxPool2d(2),
                                nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()]
