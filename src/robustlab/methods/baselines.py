@@ -66,9 +66,14 @@ class _Adversarial(Method):
         f = 1.0 if self.eps_ramp_epochs <= 0 else min(1.0, (ctx.progress + 1e-9) / self.eps_ramp_epochs)
         return (self.threat if f == 1.0 else make_threat(self.norm, self.eps * f)), f
 
+    def batch_threat(self, model, x: Tensor, ctx: StepContext):
+        """(threat model, step-size factor) of this batch's inner attack. PART overrides it with its per-element
+        budget map; the default is the method's ball (eps-ramped when asked)."""
+        return self.ramped(ctx)
+
     def _pgd(self, model, x, y, ctx, loss_fn=ce_loss, random_start=None, steps=None, step_size=None):
         model = ctx.attacked(model)
-        threat, f = self.ramped(ctx)
+        threat, f = self.batch_threat(model, x, ctx)
         with attack_mode(model):
             counter = PassCounter(model)
             out = pgd(counter, x, y, threat=threat, loss_fn=loss_fn, steps=steps or self.steps,
@@ -196,7 +201,7 @@ class TRADES(_Adversarial):
 
     def _inner(self, model, x, ctx, loss_of_logits):
         model = ctx.attacked(model)
-        threat, f = self.ramped(ctx)
+        threat, f = self.batch_threat(model, x, ctx)
         with attack_mode(model):
             counter = PassCounter(model)
             with torch.no_grad():
