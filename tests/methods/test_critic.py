@@ -250,3 +250,20 @@ def test_critic_is_more_robust_than_standard_and_fgsm_training_under_deepfool_an
         rho[method] = {a: e["perturbation"]["rho"] for a, e in r["attacks"].items()}
     for attack in ("deepfool", "cw"):
         assert rho["critic"][attack] > max(rho["standard"][attack], rho["fgsm-at"][attack]), rho
+
+
+@pytest.mark.slow
+def test_margin_maximisation_is_more_robust_than_standard_training(mnist, tmp_path):
+    """The l_2 margin baseline (lambda 0.1) against standard training, both with the Table-1 MLP settings."""
+    from robustlab import evaluate
+
+    data = _subset(mnist, 2000)
+    x, y = mnist.x_test[:200], mnist.y_test[:200]
+    acc = {}
+    for method, kw in (("standard", {}), ("margin", {"lam": 0.1})):
+        t = Trainer(_cfg(method, tmp_path / method, epochs=4, hidden=128, method_kwargs=kw), data=data)
+        t.fit()
+        r = evaluate(t.model.eval(), x, y, ["pgd:norm=l2,eps=1.5,steps=10,step_size=0.3"], checks=False)
+        acc[method] = (r["clean_accuracy"], r["union_accuracy"])
+    assert acc["margin"][0] > 0.85, acc
+    assert acc["margin"][1] >= acc["standard"][1] + 0.1, acc

@@ -19,7 +19,16 @@ CASES = {
     "fast-at": ({"eps": EPS}, 0.05, "linf"),
     "free-at": ({"eps": EPS, "replays": 3}, 0.05, "linf"),
     "vat": ({"eps": 2.0}, 0.03, "l2"),
+    # PART: 1 burn-in epoch of the base method, then 2 epochs of Pixel-AG with eps_low = 7/8 eps (the seed's ratio)
+    "part": ({"eps": EPS, "eps_low": 0.2625, "steps": 3, "step_size": 0.15, "eps_ramp_epochs": 1, "burn_in_epochs": 1},
+             0.15, "linf"),
+    "part-t": ({"eps": EPS, "eps_low": 0.2625, "steps": 3, "step_size": 0.15, "beta": 6.0, "burn_in_epochs": 1},
+               0.15, "linf"),
+    "part-m": ({"eps": EPS, "eps_low": 0.2625, "steps": 3, "step_size": 0.15, "beta": 6.0, "eps_ramp_epochs": 1,
+                "burn_in_epochs": 1}, 0.10, "linf"),
 }
+TESTED_ELSEWHERE = {"critic": "tests/methods/test_critic.py (rho under DeepFool and C&W, its own protocol)",
+                    "margin": "tests/methods/test_critic.py (the critic paper's MLP and Adam settings)"}
 ATTACK = {"linf": f"pgd:norm=linf,eps={EPS},steps=10,step_size=0.05",
           "l2": "pgd:norm=l2,eps=2.0,steps=10,step_size=0.4"}
 N_EVAL = 300
@@ -32,7 +41,7 @@ def _train(method, kw, tmp_path, epochs=3):
                       eval_every=100, eval_samples=100, eval_attack=ATTACK["linf"], out_dir=str(tmp_path), seed=0)
     t = Trainer(cfg)
     events = t.fit()["events"]
-    if method in ("pgd-at", "trades"):  # multi-step methods must not trip the catastrophic-overfitting check
+    if method in ("pgd-at", "trades", "part", "part-t"):  # multi-step methods: no catastrophic overfitting
         assert not events, events
     return t.model.eval(), t.data
 
@@ -46,7 +55,7 @@ def standard(tmp_path_factory):
 
 def test_every_method_has_a_case():
     classification = {n for n in METHODS.names() if METHODS.get(n).task == "classification"}  # detection: tests/detection
-    assert classification - {"standard"} <= set(CASES)
+    assert classification - {"standard"} - set(TESTED_ELSEWHERE) <= set(CASES)
 
 
 def test_standard_training_is_accurate_and_not_robust(standard):

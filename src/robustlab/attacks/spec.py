@@ -57,18 +57,44 @@ def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 # Named classifier panels: the evaluation protocols of the seed papers, usable wherever a list of attack specs
-# is (`robustlab eval --attack critic-rho`). Detection panels live in robustlab.detection.attacks.
-PANELS: dict[str, list[str]] = {
-    # adversary critic, Table 1 (critic.md 8): minimal l_2 perturbations, reported as rho = ||r||_2 / ||x||_2
-    "critic-rho": ["deepfool:steps=500,max_step=0.1,project=true", "cw:steps=1000", "critic"],
-}
+# is (`robustlab eval --attack critic-rho`, `--attack part:eps=0.3,step_size=0.01`). A panel takes options like an
+# attack spec. Detection panels live in robustlab.detection.attacks.
+def _critic_rho() -> list[str]:
+    """Adversary critic, Table 1 (critic.md 8): minimal l_2 perturbations reported as rho = ||r||_2 / ||x||_2."""
+    return ["deepfool:steps=500,max_step=0.1,project=true", "cw:steps=1000", "critic"]
+
+
+def _part(eps: float = 8 / 255, step_size: float = 2 / 255, aa_impl: str = "robustlab") -> list[str]:
+    """PART's table (part.md 9): PGD-20 (uniform start), MMA (3 targets, 20 steps, confidence 50) and
+    AutoAttack standard at l_inf eps; the training step is the attack step. aa_impl=torchattacks for the
+    10-iteration AutoAttack the published numbers used."""
+    return [f"pgd:norm=linf,eps={eps!r},steps=20,step_size={step_size!r}",
+            f"mma:eps={eps!r},steps=20,step_size={step_size!r},k=3,confidence=50",
+            f"autoattack:norm=linf,eps={eps!r},impl={aa_impl}"]
+
+
+PANELS = {"critic-rho": _critic_rho, "part": _part}
 
 
 def expand_panels(specs: list[str]) -> list[str]:
-    """Replace panel names by their attack specs (order kept, duplicates dropped)."""
+    """Replace panel names (with options) by their attack specs (order kept, duplicates dropped)."""
     out: list[str] = []
     for s in specs:
-        for item in PANELS.get(s.strip(), [s]):
+        name, _, rest = s.strip().partition(":")
+        if name in PANELS:
+            kwargs = {}
+            for part in filter(None, (q.strip() for q in rest.split(","))):
+                key, sep, value = part.partition("=")
+                if not sep:
+                    raise ValueError(f"bad option {part!r} in panel spec {s!r}; expected key=value")
+                kwargs[key.strip()] = parse_value(value)
+            try:
+                items = PANELS[name](**kwargs)
+            except TypeError as e:
+                raise ValueError(f"panel {name!r}: {e}") from None
+        else:
+            items = [s]
+        for item in items:
             if item not in out:
                 out.append(item)
     return out

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--split", default="test", choices=("test", "train"))
     pe.add_argument("--attack", action="append", metavar="SPEC",
                     help='attack spec "name:key=value,..." (repeatable), e.g. "pgd:norm=linf,eps=0.3,steps=40", or a '
-                         'named panel (critic-rho: DeepFool, C&W, critic attack); detectors: "cwa", '
+                         'named panel: critic-rho (DeepFool, C&W, critic attack), part[:eps=E,step_size=A] (PGD-20, MMA, '
+                         'AutoAttack); detectors: "cwa", '
                          '"det-pgd:objective=reg,eps=8", or the seed\'s panels table1 / table3')
     pe.add_argument("--json", type=Path, help="write the full results as JSON to this file")
     pe.add_argument("--n-samples", type=int, help="evaluate only the first N test samples")
