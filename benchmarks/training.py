@@ -27,7 +27,11 @@ def method_kwargs(method: str, steps: int) -> dict:
     return {"standard": {}, "fgsm-at": {"eps": EPS}, "fast-at": {"eps": EPS}, "free-at": {"eps": EPS, "replays": 4},
             "pgd-at": {"eps": EPS, "steps": steps}, "trades": {"eps": EPS, "steps": steps},
             "mart": {"eps": EPS, "steps": steps}, "vat": {"eps": 2.0}, "margin": {"lam": 0.1},
-            "critic": {"critic_hidden": 1200}}[method]
+            "critic": {"critic_hidden": 1200},
+            # PART from the first epoch (no burn-in), so the timed epoch pays for the CAM pass
+            "part": {"eps": EPS, "eps_low": 0.2625, "steps": steps, "step_size": 0.1, "burn_in_epochs": 0},
+            "part-t": {"eps": EPS, "eps_low": 0.2625, "steps": steps, "burn_in_epochs": 0},
+            "part-m": {"eps": EPS, "eps_low": 0.2625, "steps": steps, "burn_in_epochs": 0}}[method]
 
 
 def main() -> None:

@@ -15,16 +15,23 @@ def _run(*args):
 
 
 @pytest.mark.parametrize("cmd", [[], ["list"], ["eval"], ["train"], ["run"], ["data"], ["det-report"], ["compare"],
-                                 ["export-adversarials"], ["score-labels"]])
-def test_help_on_every_command(cmd):
-    r = _run(*cmd, "--help")
+                                 ["export-adversarials"], ["score-labels"], ["part-figure"], ["corruptions"],
+                                 ["corruptions", "generate"], ["corruptions", "eval"]])
+def test_help_on_every_command(cmd, capsys):
+    with pytest.raises(SystemExit) as e:  # in process: argparse prints the help and exits 0
+        main([*cmd, "--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_the_module_entry_point_runs():
+    r = _run("--help")
     assert r.returncode == 0 and "usage:" in r.stdout
 
 
 def test_every_subcommand_is_covered_by_the_help_test():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == {"list", "eval", "train", "run", "data", "det-report", "compare", "export-adversarials",
-                                "score-labels"}
+                                "score-labels", "part-figure", "corruptions"}
 
 
 def test_list(capsys):
@@ -165,3 +172,23 @@ def test_compare_critic_panel_and_human_study_export(tmp_path, mnist_cnn, capsys
     capsys.readouterr()
     assert main(["score-labels", "--targets", str(exp / "targets.csv"), "--labels", str(filled)]) == 0
     assert "| 100.00 | 0.00 |" in capsys.readouterr().out
+
+
+def test_corruptions_generate_eval_and_part_figure(tmp_path, mnist_cnn, capsys):
+    ckpt = save_model(tmp_path / "m.safetensors", mnist_cnn)
+    root = tmp_path / "c"
+    assert main(["corruptions", "generate", "--data", "mnist5k", "--n-samples", "8", "--out", str(root),
+                 "--corruption", "fog", "--corruption", "contrast", "--quiet"]) == 0
+    assert (root / "fog.npy").exists() and (root / "labels.npy").exists()
+    capsys.readouterr()
+    assert main(["corruptions", "eval", "--model", f"A={ckpt}", "--model", f"B={ckpt}", "--root", str(root),
+                 "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert "| fog |" in out and "| contrast |" in out and "**mean**" in out
+    r = json.loads((tmp_path / "ev" / "corruptions.json").read_text())
+    assert r["accuracy"]["A"] == r["accuracy"]["B"] and set(r["accuracy"]["A"]["fog"]) == {"1", "2", "3", "4", "5", "mean"}
+    assert main(["corruptions", "eval", "--model", str(ckpt), "--root", str(tmp_path / "nothing")]) == 2
+    png = tmp_path / "part.png"
+    assert main(["part-figure", "--part", str(ckpt), "--at", str(ckpt), "--data", "mnist5k", "--n-samples", "2",
+                 "--eps", "0.3", "--eps-low", "0.2", "--step-size", "0.05", "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000

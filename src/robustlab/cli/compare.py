@@ -1,5 +1,5 @@
 """`robustlab compare` (classifiers side by side under one panel), `robustlab export-adversarials` and
-`robustlab score-labels` (the adversary-critic paper's human-study material)."""
+`robustlab score-labels` (the adversary-critic paper's human-study material), `robustlab part-figure`."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +80,21 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_part_figure(args: argparse.Namespace) -> int:
+    from robustlab.cli.main import _load_eval_data
+    from robustlab.engine.checkpoint import load_model
+    from robustlab.reports.part_figure import part_figure
+
+    part, extra = load_model(args.part, map_location="cpu")
+    at, _ = load_model(args.at, map_location="cpu")
+    x, y = _load_eval_data(args.data, "test", extra)
+    path = part_figure(part, at, x[: args.n_samples], y[: args.n_samples], args.out, eps=args.eps,
+                       eps_low=args.eps_low, step_size=args.step_size, layer=args.cam_layer,
+                       cam_method=args.cam_method)
+    print(f"wrote {path}")
+    return 0
+
+
 def add_commands(sub) -> None:
     pc = sub.add_parser("compare", help="several classifiers under one attack panel, as one table",
                         description="Evaluate classifiers on the same test images and attacks and print one table: "
@@ -111,6 +126,22 @@ def add_commands(sub) -> None:
     px.add_argument("--device", default="cpu")
     px.add_argument("--threads", type=int, help="torch CPU threads")
     px.set_defaults(func=cmd_export)
+
+    pf = sub.add_parser("part-figure", help="CAM, mask, budget map and AT vs PART perturbations for a few images",
+                        description="The PART seed's illustration as a PNG: one row per test image with the PART "
+                                    "model's CAM, the importance mask, the budget map, the PGD perturbation against "
+                                    "the AT model and the Pixel-AG perturbation against the PART model.")
+    pf.add_argument("--part", required=True, help="PART (or PART-T/-M) checkpoint")
+    pf.add_argument("--at", required=True, help="the AT baseline checkpoint")
+    pf.add_argument("--out", type=Path, required=True, help="PNG path")
+    pf.add_argument("--data", help="dataset NAME[:key=value,...]; default: the PART checkpoint's training data")
+    pf.add_argument("--n-samples", type=int, default=6)
+    pf.add_argument("--eps", type=float, default=8 / 255)
+    pf.add_argument("--eps-low", type=float, default=7 / 255)
+    pf.add_argument("--step-size", type=float, default=2 / 255)
+    pf.add_argument("--cam-layer", help="module name (default: per architecture)")
+    pf.add_argument("--cam-method", default="gradcam", choices=("gradcam", "xgradcam", "layercam"))
+    pf.set_defaults(func=cmd_part_figure)
 
     ps = sub.add_parser("score-labels", help="score a filled labels_to_fill.csv against targets.csv",
                         description="Share of annotations equal to the adversarial target (change) and to the "
