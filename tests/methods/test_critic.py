@@ -232,24 +232,48 @@ def test_the_critic_needs_one_process(mnist):
 
 
 @pytest.mark.slow
-def test_critic_is_more_robust_than_standard_and_fgsm_training_under_deepfool_and_cw(mnist, tmp_path):
-    """The seed's Table 1 ordering at CI scale: rho (mean ||r|| / ||x||) of the critic defense under DeepFool
-    and C&W exceeds that of standard training and of FGSM-AT (eps 0.1). 2,000 images, MLP 3x256."""
+def test_critic_is_more_robust_than_standard_training_under_deepfool_and_cw(mnist, tmp_path):
+    """CI scale (2,000 images, MLP 3x256, 1 + 5 epochs): the critic defense's rho (mean ||r|| / ||x||) under
+    DeepFool and C&W exceeds standard training's by a clear margin (measured 0.136 vs 0.096 and 0.143 vs 0.101).
+    Against FGSM-AT the seed's ordering needs the quick scale of docs/results.md (MLP 3x1200, 4,000 images,
+    20 epochs): test_table1_ordering_at_the_quick_scale below, a reproduction run outside CI."""
     from robustlab import evaluate
 
     data = _subset(mnist, 2000)
-    runs = {"standard": ({}, 4), "fgsm-at": ({"eps": 0.1}, 4), "critic": ({"critic_hidden": 256}, 4)}
-    rho = {}
     x, y = mnist.x_test[:100], mnist.y_test[:100]
-    for method, (kw, epochs) in runs.items():
-        t = Trainer(_cfg(method, tmp_path / method, epochs=epochs, hidden=256, method_kwargs=kw), data=data)
+    rho = {}
+    for method, kw in (("standard", {}), ("critic", {"critic_hidden": 256})):
+        t = Trainer(_cfg(method, tmp_path / method, epochs=6, hidden=256, method_kwargs=kw), data=data)
         t.fit()
-        r = evaluate(t.model.eval(), x, y, ["deepfool:steps=100,max_step=0.1,project=true",
-                                           "cw:steps=100,binary_steps=5"], checks=False)
-        assert r["clean_accuracy"] > 0.85, (method, r["clean_accuracy"])
-        rho[method] = {a: e["perturbation"]["rho"] for a, e in r["attacks"].items()}
+        model = t.model.eval()
+        df = evaluate(model, x, y, ["deepfool:steps=100,max_step=0.1,project=true"], checks=False)
+        cw = evaluate(model, x[:50], y[:50], ["cw:steps=500,binary_steps=6"], checks=False)
+        assert df["clean_accuracy"] > 0.9, (method, df["clean_accuracy"])
+        rho[method] = (df["attacks"]["deepfool"]["perturbation"]["rho"], cw["attacks"]["cw"]["perturbation"]["rho"])
+    assert rho["critic"][0] > rho["standard"][0] + 0.02, rho
+    assert rho["critic"][1] > rho["standard"][1] + 0.02, rho
+
+
+@pytest.mark.reproduction
+def test_table1_ordering_at_the_quick_scale(tmp_path):
+    """The seed's Table-1 claim at the docs' CPU scale (about 25 minutes on 2 cores; not in CI, run with
+    `pytest --run-reproductions`): with configs/critic/mlp-*-mnist5k.yaml, the critic's rho under DeepFool and
+    C&W exceeds that of the reference model and of FGSM-AT (docs/results.md: 0.233 / 0.237 vs 0.181 / 0.176)."""
+    from robustlab import evaluate
+    from robustlab.engine.config import load_config
+
+    rho = {}
+    data = load_dataset("mnist5k")
+    x, y = data.x_test[:100], data.y_test[:100]
+    for name in ("reference", "fgsm-at", "critic"):
+        cfg = load_config(f"configs/critic/mlp-{name}-mnist5k.yaml", [f"out_dir={tmp_path}"])
+        t = Trainer(cfg, data=data)
+        t.fit()
+        r = evaluate(t.model.eval(), x, y, ["deepfool:steps=500,max_step=0.1,project=true", "cw:steps=1000"],
+                     checks=False)
+        rho[name] = {a: e["perturbation"]["rho"] for a, e in r["attacks"].items()}
     for attack in ("deepfool", "cw"):
-        assert rho["critic"][attack] > max(rho["standard"][attack], rho["fgsm-at"][attack]), rho
+        assert rho["critic"][attack] > max(rho["reference"][attack], rho["fgsm-at"][attack]), rho
 
 
 @pytest.mark.slow
