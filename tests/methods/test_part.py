@@ -239,3 +239,18 @@ def test_bad_inputs_give_clear_errors():
         part_budget(model, x, 0.3, 0.2, layer="body.99")
     with pytest.raises(TypeError, match="boolean"):
         budget_map(torch.ones(1, 1, 2, 2), 0.3, 0.2)
+
+
+def test_the_mask_model_is_a_frozen_snapshot_without_the_trainers_hooks():
+    from robustlab.methods.part import frozen_copy
+
+    model = create_model("small-cnn", in_channels=1, input_size=28, width=2, hidden=8).train()
+    calls = []
+    model.register_forward_pre_hook(lambda m, inp: calls.append(1))  # e.g. the Trainer's pass counter
+    snap = frozen_copy(model)
+    x = torch.rand(2, 1, 28, 28)
+    snap(x)
+    assert not calls and not snap.training and not any(p.requires_grad for p in snap.parameters())
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    model.eval()
+    assert torch.equal(model(x), snap(x))

@@ -163,6 +163,20 @@ class PixelAG(Attack):
         return AttackOut(out.x_adv, None)
 
 
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A detached snapshot of `model` in eval mode with frozen parameters and without the original's hooks
+    (a deepcopy would otherwise copy whatever a hook is bound to, e.g. the Trainer with its data)."""
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for name, value in vars(m).items():
+            if name.endswith("_hooks") or "_hooks_" in name:
+                memo[id(value)] = type(value)()
+    snap = copy.deepcopy(model, memo).eval()
+    for p in snap.parameters():
+        p.requires_grad_(False)
+    return snap
+
+
 class PixelReweighting:
     """Mixin over a PGD-family method: the per-element budget after burn-in, and the mask model's refreshes."""
 
@@ -188,9 +202,7 @@ class PixelReweighting:
         e = self.part_epoch(ctx)
         due = ctx.step == 0 and (e == 1 or (e >= 2 and e % self.refresh_epochs == 0))
         if self.mask_model is None:
-            self.mask_model = copy.deepcopy(model).eval()
-            for p in self.mask_model.parameters():
-                p.requires_grad_(False)
+            self.mask_model = frozen_copy(model)
             if self._pending is not None and not due:  # resumed: the snapshot in force when the run stopped
                 self.mask_model.load_state_dict(self._pending)
                 self._pending = None
