@@ -288,9 +288,11 @@ class VAT(Method):
 
 @METHODS.register("margin")
 class MarginMaximization(Method):
-    """l_2 margin maximisation (Matyasko & Chau, IJCNN 2017; critic.md 9): multiclass hinge loss
-    + lambda * ||grad_x z_y - grad_x z_l||_2^2, l the class whose logit gradient differs most from z_y's
-    (argmax taken as a constant); double backpropagation through the input gradients. lambda 0.1."""
+    """l_2 margin maximisation (Matyasko & Chau, IJCNN 2017): hinge loss + 0.1 ||grad z_y - grad z_l||^2.
+
+    critic.md 9: multiclass hinge loss + lambda * ||grad_x z_y - grad_x z_l||_2^2, l the class whose logit
+    gradient differs most from z_y's (argmax taken as a constant); double backpropagation through the input
+    gradients."""
 
     name = "margin"
     norm = "l2"

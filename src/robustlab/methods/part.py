@@ -122,9 +122,10 @@ def check_budget_shape(budget: Tensor, x: Tensor) -> None:
 
 @ATTACKS.register("pixel-ag")
 class PixelAG(Attack):
-    """Pixel-AG (PART's inner attack): l_inf PGD projected onto a per-element box |delta| <= E. E is a fixed
-    `budget` map (one image's shape or the batch's) or, by default, PART's CAM budget map of the attacked model
-    (eps on important elements, eps_low elsewhere). With eps_low = eps it is PGD exactly."""
+    """Pixel-AG (PART's inner attack): l_inf PGD in a per-element box |delta| <= E (CAM budget map or given).
+
+    E is a fixed `budget` map (one image's shape or the batch's) or, by default, PART's CAM budget map of the
+    attacked model (eps on important elements, eps_low elsewhere). With eps_low = eps it is PGD exactly."""
 
     name = "pixel-ag"
 
@@ -241,8 +242,9 @@ class PixelReweighting:
 
 @METHODS.register("part")
 class PART(PixelReweighting, PGDAT):
-    """PART (Zhang et al. 2024): PGD-AT whose inner attack is Pixel-AG (eps 8/255 on CAM-important pixels,
-    eps_low 7/255 elsewhere, step 2/255, 10 steps) after 20 burn-in epochs of PGD-AT; masks refreshed every s."""
+    """PART (Zhang et al. 2024): PGD-AT with Pixel-AG (8/255 on CAM-important pixels, 7/255 elsewhere).
+
+    Step 2/255, 10 steps, after 20 burn-in epochs of PGD-AT; masks refreshed every `refresh_epochs` (s)."""
 
     name = "part"
 
