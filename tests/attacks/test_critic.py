@@ -181,7 +181,7 @@ def test_deepfool_one_step_on_a_linear_model_crosses_at_the_analytic_distance():
     with torch.no_grad():
         y = model(x).argmax(1)
     out = DeepFool(model, steps=1, num_classes=4).run(x, y)
-    W, b = model.fc.weight, model.fc.bias
+    W = model.fc.weight
     z = model(x)
     for i in range(6):
         dists = [abs((z[i, k] - z[i, y[i]]).item()) / (W[k] - W[y[i]]).norm().item() for k in range(4) if k != y[i]]
