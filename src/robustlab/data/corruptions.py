@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from scipy import ndimage
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "defocus_blur", "glass_blur",
@@ -87,32 +88,6 @@ def _plasma(size: int, decay: float, rng: np.random.Generator) -> np.ndarray:
         wibble /= decay
     m -= m.min()
     return m / max(m.max(), 1e-12)
-
-
-def _rgb_to_hsv(x: np.ndarray) -> np.ndarray:
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    mx, mn = x.max(-1), x.min(-1)
-    d = mx - mn
-    safe = np.where(d > 0, d, 1)
-    h = np.where(mx == r, ((g - b) / safe) % 6, np.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6
-    h = np.where(d > 0, h, 0.0)
-    s = np.where(mx > 0, d / np.where(mx > 0, mx, 1), 0.0)
-    return np.stack([h, s, mx], -1)
-
-
-def _hsv_to_rgb(x: np.ndarray) -> np.ndarray:
-    h, s, v = x[..., 0], x[..., 1], x[..., 2]
-    i = np.floor(h * 6).astype(int) % 6
-    f = h * 6 - np.floor(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-    out = np.zeros(x.shape)
-    for k, (a, b, c) in enumerate(table):
-        m = i == k
-        out[..., 0] = np.where(m, a, out[..., 0])
-        out[..., 1] = np.where(m, b, out[..., 1])
-        out[..., 2] = np.where(m, c, out[..., 2])
-    return out
 
 
 def _gray(x: np.ndarray) -> np.ndarray:
@@ -252,9 +227,9 @@ def brightness(x, s, rng):
     c = [0.05, 0.1, 0.15, 0.2, 0.3][s - 1]
     if x.shape[-1] != 3:
         return x + c  # the V channel of a grey image is the image
-    hsv = _rgb_to_hsv(x)
+    hsv = rgb_to_hsv(x)
     hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
-    return _hsv_to_rgb(hsv)
+    return hsv_to_rgb(hsv)
 
 
 def spatter(x, s, rng):
@@ -344,9 +319,9 @@ def saturate(x, s, rng):
     a, b = [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)][s - 1]
     if x.shape[-1] != 3:
         return x.copy()  # a grey image has no saturation
-    hsv = _rgb_to_hsv(x)
+    hsv = rgb_to_hsv(x)
     hsv[..., 1] = np.clip(hsv[..., 1] * a + b, 0, 1)
-    return _hsv_to_rgb(hsv)
+    return hsv_to_rgb(hsv)
 
 
 _FUNCS: dict[str, Callable] = {name: globals()[name] for name in CORRUPTIONS}
