@@ -4,38 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
-import sys
 from pathlib import Path
 
-
-def _models(pairs: list[str], device: str):
-    from robustlab.engine.checkpoint import load_model
-
-    out, extra0 = {}, None
-    for item in pairs:
-        label, sep, path = item.partition("=")
-        if not sep:
-            label, path = Path(item).stem, item
-        if label in out:
-            raise ValueError(f"model label {label!r} given twice; use LABEL=PATH to name them")
-        model, extra = load_model(path, map_location=device)
-        if getattr(model, "task", "classification") != "classification":
-            raise ValueError(f"{path} is a detector; compare detectors with `robustlab det-report`")
-        out[label] = model.eval()
-        extra0 = extra0 or extra
-    return out, extra0
+from robustlab.cli.common import command_line, load_labelled_models
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from robustlab.attacks.spec import expand_panels
     from robustlab.cli.main import _load_eval_data
+    from robustlab.cli.training import _machine
     from robustlab.reports.compare import compare_models, compare_table, write_compare
     from robustlab.utils import set_threads
 
     set_threads(args.threads)
-    models, extra = _models(args.model, args.device)
+    models, extra = load_labelled_models(args.model, args.device, "classification")
     x, y = _load_eval_data(args.data, "test", extra or {})
     n = min(args.n_samples or x.shape[0], x.shape[0])
     x, y = x[:n].to(args.device), y[:n].to(args.device)
@@ -43,9 +25,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     results = compare_models(models, x, y, specs, batch_size=args.batch_size, progress=None if not args.quiet else False)
     print(compare_table(results))
     if args.out:
-        command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        path = write_compare(args.out, results, specs=specs, n_samples=n, command=command,
-                             machine=f"{platform.processor() or platform.machine()}, torch threads {args.threads or 'default'}")
+        path = write_compare(args.out, results, specs=specs, n_samples=n, command=command_line(), machine=_machine())
         print(f"wrote {path}")
     return 0
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
+
+from robustlab.cli.common import command_line, load_labelled_models
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -29,14 +29,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from robustlab.cli.compare import _models
     from robustlab.engine.corruption_eval import corruption_accuracy, corruption_table
     from robustlab.utils import set_threads
 
     set_threads(args.threads)
     if not Path(args.root).is_dir():
         raise FileNotFoundError(f"{args.root} is not a folder of <corruption>.npy files")
-    models, _ = _models(args.model, args.device)
+    models, _ = load_labelled_models(args.model, args.device, "classification")
     sev = [int(s) for s in args.severity.split(",")] if args.severity != "all" else [1, 2, 3, 4, 5]
     result = corruption_accuracy(models, args.root, corruptions=args.corruption, severities=sev,
                                  n_samples=args.n_samples, device=args.device)
@@ -45,7 +44,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = command_line()
         (out / "corruptions.md").write_text(f"# Accuracy under corruptions (%), mean over severities {sev}\n\n"
                                             f"{table}\n\nReproduce: `{command}`\n")
         (out / "corruptions.json").write_text(json.dumps({**result, "command": command}, indent=2))

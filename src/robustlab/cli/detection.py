@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
+
+from robustlab.cli.common import command_line, load_labelled_models
 
 # `robustlab train --task detection` starts from these keys (a --config and KEY=VALUE overrides replace them):
 # the clean TinySSD-96 recipe of spec cwat.md 1.8 on MNIST-Det `voc`.
@@ -83,9 +83,8 @@ def eval_detector(args: argparse.Namespace, model, extra: dict[str, Any]) -> int
     if args.report:
         from robustlab.cli.training import _machine
 
-        command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         path = write_detection_report(args.report, result, f"Detection evaluation: {Path(args.model).name}",
-                                      command, _machine())
+                                      command_line(), _machine())
         print(f"wrote {path}")
     result.pop("examples", None)
     if args.json:
@@ -100,19 +99,10 @@ def cmd_det_report(args: argparse.Namespace) -> int:
     from robustlab.cli.training import _machine
     from robustlab.detection.compare import compare_detectors, write_comparison
     from robustlab.detection.data import DetData
-    from robustlab.engine.checkpoint import load_model
     from robustlab.utils import set_threads
 
     set_threads(args.threads)
-    models, extra = {}, {}
-    for item in args.model:
-        name, sep, path = item.partition("=")
-        if not sep:
-            name, path = Path(item).parent.name or Path(item).stem, item
-        model, extra = load_model(path, map_location=args.device)
-        if getattr(model, "task", None) != "detection":
-            raise ValueError(f"{path} is not a detector checkpoint")
-        models[name] = model
+    models, extra = load_labelled_models(args.model, args.device, "detection")
     data, _, _ = _data_from_spec(args.data, extra)
     if not isinstance(data, DetData):
         raise ValueError("det-report needs a detection dataset (mnist-det, voc, coco)")
@@ -120,8 +110,7 @@ def cmd_det_report(args: argparse.Namespace) -> int:
     floats = lambda s: [float(v) for v in s.split(",")] if s else []  # noqa: E731
     result = compare_detectors(models, data.test, args.n_samples, args.panel or ["table1", "table3"], args.ap_mode,
                                ints(args.steps), floats(args.eps), examples=8, progress=None if not args.quiet else False)
-    command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    path = write_comparison(args.out, result, command, _machine())
+    path = write_comparison(args.out, result, command_line(), _machine())
     print(path.read_text().split("## mAP vs")[0])
     from robustlab.reports.json import write_json
 

@@ -1,0 +1,33 @@
+"""Pieces several commands share: the command line as typed (for "Reproduce:" lines in reports) and
+loading `LABEL=PATH` checkpoints (robustlab compare, det-report, corruptions eval)."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+
+def command_line() -> str:
+    """`robustlab ...` exactly as invoked, quoted so that it can be pasted back into a shell."""
+    return "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def load_labelled_models(items: list[str], device: str, task: str):
+    """{label: model in eval mode} from `LABEL=PATH` items (a bare PATH is labelled by its run folder) and the
+    first checkpoint's extra metadata. Every model must be for `task`; labels must be distinct."""
+    from robustlab.engine.checkpoint import load_model
+
+    models, first = {}, None
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep:
+            label, path = Path(item).parent.name or Path(item).stem, item
+        if label in models:
+            raise ValueError(f"model label {label!r} given twice; use LABEL=PATH to name them")
+        model, extra = load_model(path, map_location=device)
+        if getattr(model, "task", "classification") != task:
+            raise ValueError(f"{path} is not a {task} checkpoint (compare classifiers with `robustlab compare`, "
+                             "detectors with `robustlab det-report`)")
+        models[label] = model.eval()
+        first = first if first is not None else extra
+    return models, first
