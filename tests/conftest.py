@@ -15,20 +15,6 @@ from torch import nn
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
-def pytest_addoption(parser):
-    parser.addoption("--run-reproductions", action="store_true",
-                     help="also run the reproduction tests (a seed's claim at the docs' CPU scale; tens of minutes)")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-reproductions"):
-        return
-    skip = pytest.mark.skip(reason="reproduction at the docs' scale: run with --run-reproductions")
-    for item in items:
-        if "reproduction" in item.keywords:
-            item.add_marker(skip)
-
-
 class Linear(nn.Module):
     """z = W x + b on flattened images: the analytic oracle of baselines.md section 4."""
 
