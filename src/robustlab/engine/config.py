@@ -38,6 +38,7 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     schedule: str = "multistep"  # constant | multistep | cosine | cyclic | exponential (gamma per epoch)
+    cyclic_peak: float = 0.5  # cyclic: fraction of training at which the lr peaks (MNG-AC: 0.4, epoch 12 of 30)
     milestones: tuple = (0.5, 0.75)  # fractions of training (or epochs if > 1) for multistep
     gamma: float = 0.1
     warmup_epochs: float = 0.0
@@ -89,6 +90,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'betas' must be two numbers in [0, 1), got {cfg.betas!r}")
     if cfg.lr == 0:
         raise ConfigError("config key 'lr' must be > 0")
+    if not 0 < cfg.cyclic_peak < 1:
+        raise ConfigError(f"config key 'cyclic_peak' must be in (0, 1), got {cfg.cyclic_peak}")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise ConfigError(f"config key 'grad_clip' must be > 0 or null, got {cfg.grad_clip}")
 

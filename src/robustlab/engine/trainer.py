@@ -54,8 +54,9 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
         return 1.0
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
-    if cfg.schedule == "cyclic":  # one cycle: 0 -> peak at half -> 0 (Fast-AT)
-        return 1 - abs(2 * t - 1)
+    if cfg.schedule == "cyclic":  # one cycle: 0 -> peak -> 0, linear (Fast-AT: peak at half; MNG-AC: at 0.4)
+        c = cfg.cyclic_peak
+        return t / c if t < c else max(0.0, (1 - t) / (1 - c))
     if cfg.schedule == "exponential":  # times gamma after every epoch (the IJCNN margin baselines: 0.95)
         return cfg.gamma ** math.floor(t * cfg.epochs + 1e-9)
     marks = [m / cfg.epochs if m > 1 else m for m in cfg.milestones]
