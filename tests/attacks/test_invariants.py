@@ -30,6 +30,8 @@ FAST = {
     "cw": {"l2": {"steps": 10, "binary_steps": 2}},
     "deepfool": {"l2": {"steps": 5}, "linf": {"steps": 5}},
     "critic": {"l2": {"steps": 5}},
+    "ead": {"l1": {"steps": 10, "binary_steps": 2}},
+    "salt-pepper": {"l1": {"steps": 20}},
 }
 CLASSIFIER_ATTACKS = [n for n in ATTACKS.names() if getattr(ATTACKS.get(n), "task", "classification") == "classification"]
 CASES = [(name, norm) for name in CLASSIFIER_ATTACKS for norm in FAST.get(name, {})]
@@ -42,7 +44,7 @@ def test_every_registered_attack_has_a_case():  # detection attacks: tests/detec
 
 def _make(name, norm, model, eps):
     kwargs = dict(FAST[name][norm])
-    if name in ("cw", "critic"):
+    if name in ("cw", "critic", "ead", "salt-pepper"):
         kwargs["eps"] = eps
     elif name == "deepfool":
         kwargs.update(norm=norm, eps=eps, num_classes=4)

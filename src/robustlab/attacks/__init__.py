@@ -11,10 +11,12 @@ from robustlab.attacks.critic import CriticAttack
 from robustlab.attacks.cw import CW
 from robustlab.attacks.deepfool import DeepFool
 from robustlab.attacks.fab import FAB
+from robustlab.attacks.l1 import EAD, SaltAndPepper
 from robustlab.attacks.mma import MMA
 from robustlab.attacks.pgd import FGSM, PGD
 from robustlab.attacks.spec import create_attack, parse_attack_spec
 from robustlab.attacks.square import Square
 
 __all__ = ["Attack", "AttackOut", "PassCounter", "attack_mode", "FGSM", "PGD", "APGD", "APGDDLR", "APGDT", "FAB",
-           "Square", "CW", "CriticAttack", "DeepFool", "MMA", "AutoAttack", "create_attack", "parse_attack_spec"]
+           "Square", "CW", "CriticAttack", "DeepFool", "MMA", "AutoAttack", "EAD",
+           "SaltAndPepper", "create_attack", "parse_attack_spec"]
