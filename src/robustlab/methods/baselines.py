@@ -46,6 +46,8 @@ class _Adversarial(Method):
     """Shared by the PGD-family methods. eps_ramp_epochs > 0 grows eps (and the step) linearly from 0 over
     that many epochs, the usual remedy for MNIST PGD-AT at eps 0.3 stalling at chance accuracy."""
 
+    attack_bn_mode = "eval"  # BatchNorm mode of the inner attack (MNG-AC's baselines attack in train mode)
+
     def __init__(self, norm: str = "linf", eps: float = 8 / 255, steps: int = 10, step_size: float | None = None,
                  random_start: bool = True, eps_ramp_epochs: float = 0.0) -> None:
         check_eps(eps)
@@ -74,7 +76,7 @@ class _Adversarial(Method):
     def _pgd(self, model, x, y, ctx, loss_fn=ce_loss, random_start=None, steps=None, step_size=None):
         model = ctx.attacked(model)
         threat, f = self.batch_threat(model, x, ctx)
-        with attack_mode(model):
+        with attack_mode(model, bn_mode=self.attack_bn_mode):
             counter = PassCounter(model)
             out = pgd(counter, x, y, threat=threat, loss_fn=loss_fn, steps=steps or self.steps,
                       step_size=f * (self.step_size if step_size is None else step_size),

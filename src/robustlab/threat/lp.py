@@ -194,25 +194,33 @@ def _exact_l2_box_projection(v: Tensor, x: Tensor, eps: Tensor, iters: int = 40)
     return torch.where(inside, clipped, d)
 
 
-def project_l1_ball(v: Tensor, eps: Tensor) -> Tensor:
-    """Exact Euclidean projection of each sample of v onto {||d||_1 <= eps} (Duchi et al. 2008).
+def l1_threshold(v: Tensor, eps: Tensor) -> Tensor:
+    """Per-sample soft-threshold theta of the l_1-ball projection (Duchi et al. 2008); 0 for samples inside.
 
-    Per sample: samples already inside are returned unchanged (never "all or nothing"). eps: () or (N,).
+    The projection of v is sign(v) * max(|v| - theta, 0). eps: () or (N,).
     """
     n = v.shape[0]
-    flat = v.flatten(1)
-    u = flat.abs()
+    u = v.flatten(1).abs()
     eps = eps.reshape(-1).expand(n) if eps.dim() else eps.expand(n)
     eps = eps.to(dtype=u.dtype)
-    outside = u.sum(1) > eps
     mu, _ = torch.sort(u, dim=1, descending=True)
     cumsum = mu.cumsum(1)
     j = torch.arange(1, u.shape[1] + 1, device=v.device, dtype=u.dtype)
     cond = mu - (cumsum - eps[:, None]) / j > 0
     rho = cond.sum(1).clamp_min(1)  # the condition holds on a prefix: count instead of argmax (ties)
     theta = (cumsum.gather(1, (rho - 1)[:, None]).squeeze(1) - eps) / rho.to(u.dtype)
-    w = (u - theta[:, None]).clamp_min(0) * flat.sign()
-    return torch.where(outside[:, None], w, flat).view_as(v)
+    return torch.where(u.sum(1) > eps, theta, torch.zeros_like(theta))  # per sample: never touch samples inside
+
+
+def project_l1_ball(v: Tensor, eps: Tensor) -> Tensor:
+    """Exact Euclidean projection of each sample of v onto {||d||_1 <= eps} (Duchi et al. 2008).
+
+    Per sample: samples already inside are returned unchanged (never "all or nothing"). eps: () or (N,).
+    """
+    flat = v.flatten(1)
+    theta = l1_threshold(v, eps)
+    w = (flat.abs() - theta[:, None]).clamp_min(0) * flat.sign()
+    return torch.where((theta > 0)[:, None], w, flat).view_as(v)
 
 
 @dataclass(frozen=True)
@@ -285,4 +293,5 @@ def make_threat(norm: str, eps: float | Tensor, **kwargs) -> LpBall:
     return _BALLS[key](eps, **kwargs)
 
 
-__all__ = ["LpBall", "LinfBall", "L2Ball", "L1Ball", "make_threat", "per_sample_norm", "project_l1_ball", "NORMS"]
+__all__ = ["LpBall", "LinfBall", "L2Ball", "L1Ball", "make_threat", "per_sample_norm", "project_l1_ball", "l1_threshold",
+           "NORMS"]
