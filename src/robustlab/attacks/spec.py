@@ -73,7 +73,25 @@ def _part(eps: float = 8 / 255, step_size: float = 2 / 255, aa_impl: str = "robu
             f"autoattack:norm=linf,eps={eps!r},impl={aa_impl}"]
 
 
-PANELS = {"critic-rho": _critic_rho, "part": _part}
+def _multi_norm(eps_linf: float = 8 / 255, eps_l2: float = 128 / 255, eps_l1: float = 2000 / 255,
+                autoattack: bool = True, ead_steps: int = 1000, sapa_steps: int = 1000) -> list[str]:
+    """MNG-AC's multi-perturbation protocol (mng_ac.md 6.1): per norm, PGD with the evaluation steps (l_inf 50 x
+    eps/8, l_2 50 x eps*25/128, l_1 SLIDE 100 x eps*255/2000: the official code's steps at CIFAR budgets,
+    scaled with the budget), AutoAttack standard for l_inf and l_2, and the l_1 attacks EAD and salt-and-pepper
+    judged inside the l_1 ball. `evaluate` reports per attack, per norm (worst case over that norm's attacks),
+    the union over all, and the average of the per-norm accuracies. autoattack=false for a quick run."""
+    specs = [f"pgd:norm=linf,eps={eps_linf!r},steps=50,step_size={eps_linf / 8!r}",
+             f"pgd:norm=l2,eps={eps_l2!r},steps=50,step_size={eps_l2 * 25 / 128!r}",
+             f"pgd:norm=l1,eps={eps_l1!r},steps=100,step_size={eps_l1 * 255 / 2000!r}",
+             f"ead:eps={eps_l1!r},steps={ead_steps}",
+             f"salt-pepper:eps={eps_l1!r},steps={sapa_steps}"]
+    if autoattack:
+        specs[1:1] = [f"autoattack:norm=linf,eps={eps_linf!r}"]
+        specs[3:3] = [f"autoattack:norm=l2,eps={eps_l2!r}"]
+    return specs
+
+
+PANELS = {"critic-rho": _critic_rho, "part": _part, "multi-norm": _multi_norm}
 
 
 def expand_panels(specs: list[str]) -> list[str]:

@@ -101,7 +101,7 @@ def evaluate(
 
     attacks: Attack objects bound to `model`, or spec strings ("pgd:norm=linf,eps=0.3,steps=40").
     Returns a JSON-serialisable dict: clean_accuracy, attacks{name: robust_accuracy, norm, eps, passes, ...},
-    union_accuracy, average_accuracy, per_norm, per_class, confusion, n_samples (+ records if asked).
+    union_accuracy, average_accuracy (over attacks), per_norm, norm_average_accuracy (over norms), per_class, confusion, n_samples (+ records if asked).
     """
     check_positive_int(batch_size, "batch_size")
     loader = None
@@ -272,6 +272,8 @@ def _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xn
     accs = [e["robust_accuracy"] for e in result["attacks"].values()]
     result["average_accuracy"] = sum(accs) / len(accs) if accs else None
     result["per_norm"] = {p: v.float().mean().item() for p, v in per_norm.items()}
+    # the multi-perturbation papers' Acc_avg: the mean of the per-norm (worst case over that norm's attacks) accuracies
+    result["norm_average_accuracy"] = (sum(result["per_norm"].values()) / len(per_norm)) if per_norm else None
     per_class = {}
     for c in range(k):
         m = y == c

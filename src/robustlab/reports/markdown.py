@@ -23,4 +23,7 @@ def eval_table(result: dict[str, Any]) -> str:
                      f"{'-' if med is None else f'{med:.3f}'} | {'-' if rho is None else f'{rho:.4f}'} |")
     lines += ["", f"union accuracy: {_pct(result['union_accuracy'])}%   "
                   f"average accuracy: {_pct(result['average_accuracy'])}%"]
+    if len(result.get("per_norm") or {}) > 1:  # the multi-perturbation layout: worst case per norm, their mean
+        per = "   ".join(f"{p}: {_pct(v)}%" for p, v in result["per_norm"].items())
+        lines += [f"per norm: {per}   mean over norms: {_pct(result['norm_average_accuracy'])}%"]
     return "\n".join(lines)
