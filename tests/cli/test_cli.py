@@ -4,8 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from robustlab.cli.main import build_parser, main
+from robustlab.data import load_dataset
 from robustlab.engine.checkpoint import save_model
 
 
@@ -16,7 +18,7 @@ def _run(*args):
 
 @pytest.mark.parametrize("cmd", [[], ["list"], ["eval"], ["train"], ["run"], ["data"], ["det-report"], ["compare"],
                                  ["export-adversarials"], ["score-labels"], ["part-figure"], ["corruptions"],
-                                 ["corruptions", "generate"], ["corruptions", "eval"]])
+                                 ["boundary-figure"], ["corruptions", "generate"], ["corruptions", "eval"]])
 def test_help_on_every_command(cmd, capsys):
     with pytest.raises(SystemExit) as e:  # in process: argparse prints the help and exits 0
         main([*cmd, "--help"])
@@ -31,7 +33,7 @@ def test_the_module_entry_point_runs():
 def test_every_subcommand_is_covered_by_the_help_test():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == {"list", "eval", "train", "run", "data", "det-report", "compare", "export-adversarials",
-                                "score-labels", "part-figure", "corruptions"}
+                                "score-labels", "part-figure", "corruptions", "boundary-figure"}
 
 
 def test_list(capsys):
@@ -192,3 +194,19 @@ def test_corruptions_generate_eval_and_part_figure(tmp_path, mnist_cnn, capsys):
     assert main(["part-figure", "--part", str(ckpt), "--at", str(ckpt), "--data", "mnist5k", "--n-samples", "2",
                  "--eps", "0.3", "--eps-low", "0.2", "--step-size", "0.05", "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
+
+
+def test_boundary_figure_is_deterministic(tmp_path, mnist_cnn, capsys):
+    ckpt = save_model(tmp_path / "m.safetensors", mnist_cnn)
+    args = ["boundary-figure", "--model", f"A={ckpt}", "--model", f"B={ckpt}", "--data", "mnist5k", "--n-samples", "2",
+            "--grid", "9", "--attack", "pgd:norm=linf,eps=0.3,steps=5,step_size=0.1"]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b.png")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a == json.loads((tmp_path / "b.json").read_text()) and a["pred"]["A"] == a["pred"]["B"]
+    assert len(a["pred"]["A"]) == 2 and len(a["pred"]["A"][0]) == 9 and (tmp_path / "a.png").stat().st_size > 1000
+    # the clean image sits at the centre of the slice: its prediction there is the model's clean prediction
+    with torch.no_grad():
+        x, y = load_dataset("mnist5k").x_test[:2], load_dataset("mnist5k").y_test[:2]
+        clean = mnist_cnn(x).argmax(1)
+    assert [p[4][4] for p in a["pred"]["A"]] == clean.tolist()

@@ -1,5 +1,6 @@
 """`robustlab compare` (classifiers side by side under one panel), `robustlab export-adversarials` and
-`robustlab score-labels` (the adversary-critic paper's human-study material), `robustlab part-figure`."""
+`robustlab score-labels` (the adversary-critic paper's human-study material), `robustlab part-figure`,
+`robustlab boundary-figure` (MNG-AC's decision-boundary slices)."""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +76,20 @@ def cmd_part_figure(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_boundary_figure(args: argparse.Namespace) -> int:
+    from robustlab.cli.main import _load_eval_data
+    from robustlab.reports.boundary_figure import boundary_figure
+    from robustlab.utils import set_threads
+
+    set_threads(args.threads)
+    models, extra = load_labelled_models(args.model, "cpu", "classification")
+    x, y = _load_eval_data(args.data, "test", extra or {})
+    path = boundary_figure(models, x[: args.n_samples], y[: args.n_samples], args.out, attack=args.attack,
+                           span=args.span, grid=args.grid, seed=args.seed)
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
 def add_commands(sub) -> None:
     pc = sub.add_parser("compare", help="several classifiers under one attack panel, as one table",
                         description="Evaluate classifiers on the same test images and attacks and print one table: "
@@ -122,6 +137,23 @@ def add_commands(sub) -> None:
     pf.add_argument("--cam-layer", help="module name (default: per architecture)")
     pf.add_argument("--cam-method", default="gradcam", choices=("gradcam", "xgradcam", "layercam"))
     pf.set_defaults(func=cmd_part_figure)
+
+    pb = sub.add_parser("boundary-figure", help="predictions on a 2-D input slice: adversarial x random direction",
+                        description="MNG-AC's decision-boundary figure as a PNG (+ JSON of the grids): for each test "
+                                    "image and model, the predicted class over x + a u + b v, u the model's own "
+                                    "adversarial direction (unit l2), v a seeded random direction orthogonal to u.")
+    pb.add_argument("--model", action="append", required=True, metavar="LABEL=PATH",
+                    help="a checkpoint, optionally labelled (repeatable), e.g. adv-inf=runs/adv-inf/best.safetensors")
+    pb.add_argument("--out", type=Path, required=True, help="PNG path")
+    pb.add_argument("--data", help="dataset NAME[:key=value,...]; default: the first checkpoint's training data")
+    pb.add_argument("--attack", default="pgd:norm=linf,eps=0.3,steps=20,step_size=0.0375",
+                    help="attack spec giving the adversarial direction")
+    pb.add_argument("--span", type=float, default=4.0, help="half-width of the slice in l2 units")
+    pb.add_argument("--grid", type=int, default=41, help="grid points per axis")
+    pb.add_argument("--n-samples", type=int, default=4)
+    pb.add_argument("--seed", type=int, default=0, help="seed of the random direction")
+    pb.add_argument("--threads", type=int, help="torch CPU threads")
+    pb.set_defaults(func=cmd_boundary_figure)
 
     ps = sub.add_parser("score-labels", help="score a filled labels_to_fill.csv against targets.csv",
                         description="Share of annotations equal to the adversarial target (change) and to the "
