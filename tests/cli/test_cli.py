@@ -18,7 +18,10 @@ def _run(*args):
 
 @pytest.mark.parametrize("cmd", [[], ["list"], ["eval"], ["train"], ["run"], ["data"], ["det-report"], ["compare"],
                                  ["export-adversarials"], ["score-labels"], ["part-figure"], ["corruptions"],
-                                 ["boundary-figure"], ["corruptions", "generate"], ["corruptions", "eval"]])
+                                 ["boundary-figure"], ["analyze"], ["metric"], ["metric", "wordnet"],
+                                 ["metric", "visual"], *[["analyze", a] for a in ("gap", "entropy", "tsne", "toy",
+                                                                                  "two-class", "score", "directional")],
+                                 ["corruptions", "generate"], ["corruptions", "eval"]])
 def test_help_on_every_command(cmd, capsys):
     with pytest.raises(SystemExit) as e:  # in process: argparse prints the help and exits 0
         main([*cmd, "--help"])
@@ -33,7 +36,8 @@ def test_the_module_entry_point_runs():
 def test_every_subcommand_is_covered_by_the_help_test():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == {"list", "eval", "train", "run", "data", "det-report", "compare", "export-adversarials",
-                                "score-labels", "part-figure", "corruptions", "boundary-figure"}
+                                "score-labels", "part-figure", "corruptions", "boundary-figure", "analyze",
+                                "metric"}
 
 
 def test_list(capsys):

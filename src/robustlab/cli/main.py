@@ -117,12 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--report", type=Path, help="detectors: write report.md with per-class AP and example images here")
     pe.set_defaults(func=cmd_eval)
 
-    from robustlab.cli import compare, corruptions, detection, training
+    from robustlab.cli import analyze, compare, corruptions, detection, training
 
     training.add_commands(sub)
     compare.add_commands(sub)
     corruptions.add_commands(sub)
     detection.add_commands(sub)
+    analyze.add_commands(sub)
     return p
 
 

@@ -1,0 +1,386 @@
+"""Analyses of adversarial training from the WPGD paper (spec wpgd.md section 5); each writes a PNG and a JSON
+of the numbers behind it. `robustlab analyze ...` is the command group.
+
+- `accuracy_gap`: G = |C_pgd - C_ce| (row-normalised clean confusion matrices) beside the label metric, and
+  their Pearson / Spearman correlation over the off-diagonal pairs (the seed's Table 1).
+- `entropy_histograms`: softmax entropies of the test images of one class, per model.
+- `tsne_features`: t-SNE of the penultimate features (the input of the last Linear layer) + silhouette score.
+- `toy3`: the 3-class 2-D problem with the seed's cost matrix; decision regions of CE, PGD and WPGD training.
+- `two_class`: balanced and unbalanced (ratio 0.3) two-class training curves, CE vs PGD, per class pair.
+- `weighted_score`: adversarial confusion matrices M under the Wasserstein-maximising attack and
+  S = sum C_ij M_ij per model, relative to a reference model.
+- `directional`: per-pair robustness 1 - M_ij of two models and their difference (the seed's Fig. 11).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustlab.label_metric import check_metric
+
+
+def _write(path: str | Path, fig, data: dict[str, Any]) -> Path:
+    from robustlab.reports.plots import _plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    path.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    return path
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
+
+
+def confusion(y: Tensor, pred: Tensor, k: int) -> Tensor:
+    """Row-normalised confusion matrix (rows: true class; a class with no samples gets a zero row)."""
+    m = torch.zeros(k * k, dtype=torch.float64)
+    m.index_add_(0, (y * k + pred).cpu(), torch.ones(y.shape[0], dtype=torch.float64))
+    m = m.view(k, k)
+    return m / m.sum(1, keepdim=True).clamp_min(1)
+
+
+def correlation(a: Tensor, b: Tensor, include_diagonal: bool = False) -> dict[str, float]:
+    """Pearson and Spearman correlation of two K x K matrices over their off-diagonal entries."""
+    from scipy.stats import pearsonr, spearmanr
+
+    mask = torch.ones_like(a, dtype=torch.bool) if include_diagonal else ~torch.eye(a.shape[0], dtype=torch.bool)
+    u, v = a[mask].double().numpy(), b[mask].double().numpy()
+    if u.std() == 0 or v.std() == 0:  # undefined (e.g. two identical models: no gap anywhere)
+        return {"pearson": float("nan"), "spearman": float("nan")}
+    return {"pearson": float(pearsonr(u, v)[0]), "spearman": float(spearmanr(u, v)[0])}
+
+
+def _heat(ax, m, title, labels, cmap="viridis", vmin=None, vmax=None):
+    im = ax.imshow(np.asarray(m), cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_title(title, fontsize=9)
+    k = len(labels)
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(labels, fontsize=6, rotation=90)
+    ax.set_yticklabels(labels, fontsize=6)
+    return im
+
+
+def accuracy_gap(ce_model: nn.Module, robust_model: nn.Module, x: Tensor, y: Tensor, metric: Tensor, path,
+                 class_names: Sequence[str] | None = None, include_diagonal: bool = False) -> dict[str, Any]:
+    k = metric.shape[0]
+    check_metric(metric, k)
+    off = metric[~torch.eye(k, dtype=torch.bool)]
+    if off.max() == off.min():
+        raise ValueError("the label metric is constant off the diagonal: its correlation with the gap is undefined; "
+                         "use a visual, WordNet or file metric")
+    c_ce = confusion(y, predictions(ce_model, x), k)
+    c_pgd = confusion(y, predictions(robust_model, x), k)
+    gap = (c_pgd - c_ce).abs()
+    corr = correlation(gap, metric.double(), include_diagonal)
+    names = list(class_names or [str(i) for i in range(k)])
+    from robustlab.reports.plots import _plt
+
+    fig, axes = _plt().subplots(1, 2, figsize=(9, 4))
+    fig.colorbar(_heat(axes[0], gap, "accuracy gap |C_pgd - C_ce|", names), ax=axes[0])
+    fig.colorbar(_heat(axes[1], metric, "label metric", names), ax=axes[1])
+    fig.suptitle(f"Pearson {corr['pearson']:.2f}, Spearman {corr['spearman']:.2f} (off-diagonal pairs)", fontsize=9)
+    data = {"gap": gap.tolist(), "metric": metric.tolist(), "confusion_ce": c_ce.tolist(),
+            "confusion_robust": c_pgd.tolist(), **corr, "include_diagonal": include_diagonal, "n": int(y.shape[0])}
+    _write(path, fig, data)
+    return data
+
+
+@torch.no_grad()
+def entropy_histograms(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, path, class_index: int | None = 0,
+                       bins: int = 50) -> dict[str, Any]:
+    """Entropy (nats) of softmax outputs on the test images of `class_index` (all images if None)."""
+    xs = x if class_index is None else x[y == class_index]
+    if xs.shape[0] == 0:
+        raise ValueError(f"no test images of class {class_index}")
+    from robustlab.reports.plots import _plt
+
+    fig, ax = _plt().subplots(figsize=(5, 3.5))
+    out: dict[str, Any] = {"class": class_index, "n": int(xs.shape[0]), "models": {}}
+    top = None
+    for name, m in models.items():
+        m.eval()
+        logp = F.log_softmax(m(xs), 1)
+        top = math.log(logp.shape[1])
+        h = -(logp.exp() * logp).sum(1).cpu().numpy()
+        hist, edges = np.histogram(h, bins=bins, range=(0, top), density=True)
+        ax.hist(h, bins=edges, alpha=0.5, density=True, label=name)
+        out["models"][name] = {"mean_entropy": float(h.mean()), "histogram": hist.tolist()}
+    out["bin_edges"] = np.linspace(0, top, bins + 1).tolist()
+    ax.set_xlabel("entropy of the softmax output (nats)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    _write(path, fig, out)
+    return out
+
+
+def penultimate_features(model: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
+    """The input of the model's last nn.Linear layer (WRN: after the final BN + ReLU + pooling)."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError("the model has no Linear layer to take penultimate features from")
+    feats: list[Tensor] = []
+    hook = last[-1].register_forward_pre_hook(lambda mod, inp: feats.append(inp[0].detach().flatten(1)))
+    try:
+        predictions(model, x, batch_size)
+    finally:
+        hook.remove()
+    return torch.cat(feats)
+
+
+def tsne_features(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, path, n_per_class: int = 500,
+                  seed: int = 0, perplexity: float = 30.0) -> dict[str, Any]:
+    from sklearn.manifold import TSNE
+    from sklearn.metrics import silhouette_score
+
+    from robustlab.reports.plots import _plt
+
+    idx = torch.cat([(y == c).nonzero().squeeze(1)[:n_per_class] for c in torch.unique(y)])
+    xs, ys = x[idx], y[idx].cpu().numpy()
+    fig, axes = _plt().subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
+    out: dict[str, Any] = {"n": int(len(idx)), "seed": seed, "models": {}}
+    for ax, (name, m) in zip(axes[0], models.items()):
+        f = penultimate_features(m, xs).cpu().numpy()
+        emb = TSNE(n_components=2, perplexity=min(perplexity, len(idx) - 1), init="pca", random_state=seed).fit_transform(f)
+        sil = float(silhouette_score(f, ys))
+        ax.scatter(emb[:, 0], emb[:, 1], c=ys, cmap="tab10", s=4)
+        ax.set_title(f"{name} (silhouette {sil:.3f})", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        out["models"][name] = {"silhouette": sil, "embedding": emb.round(3).tolist()}
+    out["labels"] = ys.tolist()
+    _write(path, fig, out)
+    return out
+
+
+# -- the 3-class toy problem -------------------------------------------------------------------------------------
+
+TOY_COST = ((0.0, 10.0, 0.01), (10.0, 0.0, 1.0), (0.01, 1.0, 0.0))  # the seed's cost matrix (wpgd.md 5.5)
+
+
+def toy_data(seed: int = 0, n_per_class: int = 300, sigma: float = 0.3) -> tuple[Tensor, Tensor]:
+    """Each class: a mixture of 3 isotropic Gaussians with means uniform in [-2, 2]^2 (curved boundaries)."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for c in range(3):
+        means = torch.rand(3, 2, generator=g) * 4 - 2
+        comp = torch.randint(0, 3, (n_per_class,), generator=g)
+        xs.append(means[comp] + sigma * torch.randn(n_per_class, 2, generator=g))
+        ys.append(torch.full((n_per_class,), c))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _toy_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, loss_fn, steps: int = 10) -> Tensor:
+    """l_2 PGD in the plane (no box: the toy inputs are unbounded), gradient normalised, projection on the ball."""
+    if eps == 0:
+        return x
+    delta = torch.zeros_like(x)
+    alpha = 2.5 * eps / steps
+    for _ in range(steps):
+        d = delta.clone().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(loss_fn(model(x + d), y).sum(), d)
+        delta = delta + alpha * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        delta = delta * (eps / delta.norm(dim=1, keepdim=True).clamp_min(eps))
+    return (x + delta).detach()
+
+
+def train_toy(kind: str, eps: float, x: Tensor, y: Tensor, seed: int = 0, epochs: int = 2000, p: float = 1.0,
+              lr: float = 1e-3) -> nn.Module:
+    """MLP 2-64-64-3 (ReLU), Adam, full batch; kind: ce | pgd (CE inner loss) | wpgd (Wasserstein inner loss)."""
+    from robustlab.label_metric import metric_power
+    from robustlab.losses import ce_loss
+    from robustlab.losses.wasserstein import WassersteinAttackLoss
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    inner = ce_loss if kind == "pgd" else WassersteinAttackLoss(metric_power(torch.tensor(TOY_COST), p).float())
+    for _ in range(epochs):
+        xa = x if kind == "ce" else _toy_attack(model, x, y, eps, inner)
+        loss = F.cross_entropy(model(xa), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def toy3(path, eps_list: Sequence[float] = (0.1, 0.25, 0.5), seed: int = 0, epochs: int = 2000, p: float = 1.0,
+         grid: int = 121) -> dict[str, Any]:
+    """Decision regions of CE, PGD and WPGD (per eps) on the toy problem; accuracy on classes {0, 2} (the cheap
+    pair, cost 0.01) and the fraction of the plane whose prediction changed from the CE model's."""
+    from robustlab.reports.plots import _plt
+
+    x, y = toy_data(seed)
+    test_x, test_y = toy_data(seed + 1000)
+    lim = 3.0
+    t = torch.linspace(-lim, lim, grid)
+    gx, gy = torch.meshgrid(t, t, indexing="xy")
+    plane = torch.stack([gx.flatten(), gy.flatten()], 1)
+    ce = train_toy("ce", 0.0, x, y, seed, epochs, p)
+    with torch.no_grad():
+        ce_plane = ce(plane).argmax(1)
+    rows = [("ce", 0.0, ce)] + [(k, e, train_toy(k, e, x, y, seed, epochs, p)) for e in eps_list for k in ("pgd", "wpgd")]
+    fig, axes = _plt().subplots(1, len(rows), figsize=(2.6 * len(rows), 2.8), squeeze=False)
+    out: dict[str, Any] = {"cost": TOY_COST, "p": p, "seed": seed, "epochs": epochs, "models": []}
+    sel = (test_y == 0) | (test_y == 2)
+    for ax, (kind, eps, m) in zip(axes[0], rows):
+        with torch.no_grad():
+            pred = m(plane).argmax(1)
+            tp = m(test_x).argmax(1)
+        acc = (tp == test_y).float().mean().item()
+        acc02 = (tp[sel] == test_y[sel]).float().mean().item()
+        ax.imshow(pred.view(grid, grid).numpy(), origin="lower", extent=[-lim, lim, -lim, lim], cmap="brg", alpha=0.35,
+                  vmin=0, vmax=2)
+        ax.scatter(x[:, 0], x[:, 1], c=y, cmap="brg", s=2, vmin=0, vmax=2)
+        ax.set_title(f"{kind}{'' if kind == 'ce' else f' eps {eps:g}'}\nacc {acc:.2f}, acc{{0,2}} {acc02:.2f}", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        changed = {f"{a}-{b}": _boundary_shift(ce_plane, pred, a, b) for a, b in ((0, 1), (0, 2), (1, 2))}
+        out["models"].append({"kind": kind, "eps": eps, "accuracy": acc, "accuracy_02": acc02,
+                              "changed_vs_ce": (pred != ce_plane).float().mean().item(), "region_change": changed})
+    _write(path, fig, out)
+    return out
+
+
+def _boundary_shift(ref: Tensor, pred: Tensor, a: int, b: int) -> float:
+    """Share of the plane predicted a or b by the CE model whose prediction moved between a and b."""
+    inside = (ref == a) | (ref == b)
+    moved = inside & ((pred == a) | (pred == b)) & (pred != ref)
+    return moved.float().sum().item() / max(int(inside.sum()), 1)
+
+
+# -- two-class problems --------------------------------------------------------------------------------------------
+
+def two_class(path, *, dataset: str, pairs: Sequence[tuple[int, int]], ratio: float = 0.3, eps: float = 0.3,
+              steps: int = 5, epochs: int = 5, model: str = "small-cnn", model_kwargs: dict | None = None,
+              dataset_kwargs: dict | None = None, seed: int = 0, out_dir: str = "runs/two-class") -> dict[str, Any]:
+    """For each pair (a, b): CE and PGD training on the balanced problem and on the one keeping only `ratio` of
+    b's training images; validation error after every epoch (clean error of the clean test images)."""
+    from robustlab.engine.config import TrainConfig
+    from robustlab.engine.trainer import Trainer
+    from robustlab.reports.plots import _plt
+
+    fig, axes = _plt().subplots(len(pairs), 2, figsize=(8, 3 * len(pairs)), squeeze=False)
+    out: dict[str, Any] = {"dataset": dataset, "ratio": ratio, "eps": eps, "runs": {}}
+    for r, (a, b) in enumerate(pairs):
+        for c, imbalance in enumerate((None, {b: ratio})):
+            ax = axes[r, c]
+            for method, kw in (("standard", {}), ("pgd-at", {"eps": eps, "steps": steps, "step_size": 2.5 * eps / steps})):
+                cfg = TrainConfig(name=f"{a}-{b}-{'bal' if imbalance is None else 'unbal'}-{method}", dataset=dataset,
+                                  dataset_kwargs=dataset_kwargs or {}, classes=[a, b], imbalance=imbalance,
+                                  model=model, model_kwargs=model_kwargs or {}, method=method, method_kwargs=kw,
+                                  epochs=epochs, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
+                                  schedule="constant", eval_every=1, eval_samples=10 ** 6,
+                                  eval_attack=f"pgd:norm=linf,eps={eps},steps=10", out_dir=out_dir, seed=seed,
+                                  progress=False)
+                hist = Trainer(cfg).fit()["history"]
+                err = [1 - h["eval_clean"] for h in hist]
+                ax.plot(range(1, len(err) + 1), err, label="CE" if method == "standard" else "PGD")
+                out["runs"][cfg.name] = {"val_error": err, "robust_accuracy": [h.get("eval_robust") for h in hist]}
+            ax.set_title(f"{a} vs {b}, {'balanced' if imbalance is None else f'{b} kept at {ratio:g}'}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("validation error")
+            ax.legend(fontsize=8)
+    _write(path, fig, out)
+    return out
+
+
+# -- adversarial confusion, weighted score, directional robustness -------------------------------------------------
+
+def adversarial_confusion(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int = 20,
+                          cost: Tensor | None = None, seed: int = 0, batch_size: int = 500) -> Tensor:
+    """Row-normalised confusion matrix on adversarial test images: l_inf PGD (uniform start, step 2.5 eps/steps)
+    maximising the Wasserstein loss under `cost` (the attacker knows the metric), or CE when cost is None."""
+    from robustlab.attacks.base import PassCounter, attack_mode
+    from robustlab.attacks.pgd import pgd
+    from robustlab.losses import ce_loss
+    from robustlab.losses.wasserstein import WassersteinAttackLoss
+    from robustlab.threat import make_threat
+
+    loss = ce_loss if cost is None else WassersteinAttackLoss(cost.to(x.device).float())
+    preds = []
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    with attack_mode(model):
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            adv = pgd(PassCounter(model), xb, yb, threat=make_threat("linf", eps), loss_fn=loss, steps=steps,
+                      step_size=2.5 * eps / steps, generator=gen).x_adv
+            with torch.no_grad():
+                preds.append(model(adv).argmax(1))
+    with torch.no_grad():
+        num_classes = model(x[:1]).shape[1]
+    return confusion(y.cpu(), torch.cat(preds).cpu(), num_classes)
+
+
+def weighted_score(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, metric: Tensor, path, *, eps: float,
+                   steps: int = 20, attack_p: float = 1.0, reference: str | None = None, seed: int = 0,
+                   class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """S = sum_ij C_ij M_ij per model (M: adversarial confusion under the Wasserstein attack with C ** attack_p),
+    reported relative to `reference` (default: the first model). Lower S: the mistakes land on nearer classes."""
+    from robustlab.label_metric import metric_power
+    from robustlab.reports.plots import _plt
+
+    k = metric.shape[0]
+    check_metric(metric, k)
+    names = list(class_names or [str(i) for i in range(k)])
+    cost = metric_power(metric.double(), attack_p)
+    out: dict[str, Any] = {"eps": eps, "steps": steps, "attack_p": attack_p, "models": {}}
+    fig, axes = _plt().subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
+    for ax, (name, m) in zip(axes[0], models.items()):
+        mat = adversarial_confusion(m, x, y, eps=eps, steps=steps, cost=cost, seed=seed)
+        s = float((metric.double() * mat).sum())
+        err = 1 - float(mat.diagonal().mean())
+        _heat(ax, mat, f"{name}: S = {s:.3f}", names, vmin=0, vmax=1)
+        out["models"][name] = {"S": s, "adversarial_error": err, "confusion": mat.tolist()}
+    ref = reference or next(iter(models))
+    if ref not in out["models"]:
+        raise ValueError(f"reference model {ref!r} is not among {list(models)}")
+    for v in out["models"].values():
+        v["S_minus_reference"] = v["S"] - out["models"][ref]["S"]
+    out["reference"] = ref
+    _write(path, fig, out)
+    return out
+
+
+def directional(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, path, *, eps: float, steps: int = 20,
+                seed: int = 0, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Per-pair robustness R_ij = 1 - M_ij (share of class-i images not sent to j by CE PGD) for two models and
+    the difference second - first (the seed's Fig. 11: PGD vs WPGD)."""
+    from robustlab.reports.plots import _plt
+
+    if len(models) != 2:
+        raise ValueError(f"directional robustness compares two models, got {len(models)}")
+    (na, ma), (nb, mb) = models.items()
+    ra = 1 - adversarial_confusion(ma, x, y, eps=eps, steps=steps, seed=seed)
+    rb = 1 - adversarial_confusion(mb, x, y, eps=eps, steps=steps, seed=seed)
+    k = ra.shape[0]
+    names = list(class_names or [str(i) for i in range(k)])
+    off = ~torch.eye(k, dtype=torch.bool)
+    fig, axes = _plt().subplots(1, 3, figsize=(13, 4))
+    fig.colorbar(_heat(axes[0], ra, f"{na}: 1 - M", names, vmin=0.5, vmax=1), ax=axes[0])
+    fig.colorbar(_heat(axes[1], rb, f"{nb}: 1 - M", names, vmin=0.5, vmax=1), ax=axes[1])
+    diff = torch.where(off, rb - ra, torch.zeros_like(ra))
+    lim = float(diff.abs().max()) or 1.0
+    fig.colorbar(_heat(axes[2], diff, f"{nb} - {na}", names, cmap="RdBu", vmin=-lim, vmax=lim), ax=axes[2])
+    out = {"eps": eps, "steps": steps, "robustness": {na: ra.tolist(), nb: rb.tolist()}, "difference": diff.tolist()}
+    _write(path, fig, out)
+    return out
+
+
+__all__ = ["accuracy_gap", "confusion", "correlation", "entropy_histograms", "penultimate_features", "tsne_features",
+           "toy_data", "train_toy", "toy3", "two_class", "adversarial_confusion", "weighted_score", "directional",
+           "TOY_COST"]
