@@ -12,12 +12,13 @@ def command_line() -> str:
     return "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def load_labelled_models(items: list[str], device: str, task: str):
+def load_labelled_models(items: list[str], device: str, task: str, all_extras: bool = False):
     """{label: model in eval mode} from `LABEL=PATH` items (a bare PATH is labelled by its run folder) and the
-    first checkpoint's extra metadata. Every model must be for `task`; labels must be distinct."""
+    first checkpoint's extra metadata (all_extras: {label: extra} instead). Every model must be for `task`;
+    labels must be distinct."""
     from robustlab.engine.checkpoint import load_model
 
-    models, first = {}, None
+    models, extras, first = {}, {}, None
     for item in items:
         label, sep, path = item.partition("=")
         if not sep:
@@ -29,5 +30,6 @@ def load_labelled_models(items: list[str], device: str, task: str):
             raise ValueError(f"{path} is not a {task} checkpoint (compare classifiers with `robustlab compare`, "
                              "detectors with `robustlab det-report`)")
         models[label] = model.eval()
+        extras[label] = extra
         first = first if first is not None else extra
-    return models, first
+    return models, (extras if all_extras else first)

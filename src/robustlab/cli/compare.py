@@ -18,12 +18,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from robustlab.utils import set_threads
 
     set_threads(args.threads)
-    models, extra = load_labelled_models(args.model, args.device, "classification")
-    x, y = _load_eval_data(args.data, "test", extra or {})
+    models, extras = load_labelled_models(args.model, args.device, "classification", all_extras=True)
+    x, y = _load_eval_data(args.data, "test", next(iter(extras.values())) or {})
     n = min(args.n_samples or x.shape[0], x.shape[0])
     x, y = x[:n].to(args.device), y[:n].to(args.device)
     specs = expand_panels(args.attack)
     results = compare_models(models, x, y, specs, batch_size=args.batch_size, progress=None if not args.quiet else False)
+    for label, extra in extras.items():  # the training time recorded in the checkpoint, when there is one
+        if (extra or {}).get("train_seconds") is not None:
+            results[label]["train_seconds"] = extra["train_seconds"]
     print(compare_table(results))
     if args.out:
         path = write_compare(args.out, results, specs=specs, n_samples=n, command=command_line(), machine=_machine())

@@ -192,6 +192,12 @@ class Trainer:
             except RuntimeError as e:
                 raise CheckpointError(f"init_from {self.cfg.init_from} does not fit the configured model: {e}") from None
 
+    def _extra(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Checkpoint metadata: epoch, config and the training-loop seconds so far (evaluation excluded), the
+        multi-perturbation tables' training-time column."""
+        seconds = sum(h["seconds"] for h in self.history if h is not row) + row["seconds"]
+        return {"epoch": self.epoch, "config": _jsonable(vars(self.cfg)), "train_seconds": seconds}
+
     # -- accounting ----------------------------------------------------------------------------
     def _count_forward(self, module: nn.Module, inputs: tuple) -> None:
         n = inputs[0].shape[0]
@@ -366,11 +372,11 @@ class Trainer:
                 key = (row.get("eval_robust", row["eval_clean"]), row["eval_clean"])
                 if key > (self.best["score"], self.best["clean"]) or not cfg.select_best:
                     self.best = {**self.best, "score": key[0], "clean": key[1], "epoch": self.epoch}
-                    save_model(self.run_dir / "best.safetensors", self.model, extra={"epoch": self.epoch, "config": _jsonable(vars(cfg))})
+                    save_model(self.run_dir / "best.safetensors", self.model, extra=self._extra(row))
             self.history.append(row)
             if self.ddp.main:
                 self._log(row, tb)
-                save_model(self.run_dir / "last.safetensors", self.model, extra={"epoch": self.epoch, "config": _jsonable(vars(cfg))})
+                save_model(self.run_dir / "last.safetensors", self.model, extra=self._extra(row))
                 self.save_state(self.run_dir / "train_state.safetensors")
             self.ddp.barrier()
             if cfg.early_stop_co and "catastrophic_overfitting" in row:

@@ -45,12 +45,23 @@ def compare_table(results: Mapping[str, dict[str, Any]]) -> str:
         f"{n} ({'rho' if n not in bounded else 'acc %'})" for n in names]
     if bounded:
         head.append("union of bounded (acc %)")
+    # several norms (MNG-AC's layout): each norm's worst case over its attacks and their mean
+    norms = list(first.get("per_norm") or {}) if len(first.get("per_norm") or {}) > 1 else []
+    head += [f"{p} (acc %)" for p in norms] + (["avg over norms (acc %)"] if norms else [])
+    timed = all("train_seconds" in r for r in results.values())
+    if timed:
+        head.append("train time (min)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in results.items():
         cells = [label, f"{100 * (1 - r['clean_accuracy']):.2f}"] + [_cell(r["attacks"][n]) for n in names]
         if bounded:  # per-sample records: a sample counts only if it survives every bounded attack
             rob = torch.tensor([r["records"]["robust"][n] for n in bounded], dtype=torch.bool)
             cells.append(f"{100 * rob.all(0).float().mean().item():.1f}")
+        cells += [f"{100 * r['per_norm'][p]:.1f}" for p in norms]
+        if norms:
+            cells.append(f"{100 * r['norm_average_accuracy']:.1f}")
+        if timed:
+            cells.append(f"{r['train_seconds'] / 60:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
