@@ -146,7 +146,7 @@ def test_config_validation_names_the_key(tmp_path):
 def test_shipped_configs_are_valid():
     import pathlib
 
-    files = sorted(pathlib.Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+    files = sorted(pathlib.Path(__file__).resolve().parents[2].joinpath("configs").rglob("*.yaml"))  # every folder
     assert files
     for f in files:
         cfg = load_config(f)
