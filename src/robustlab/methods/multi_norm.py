@@ -11,7 +11,7 @@ with BatchNorm in train mode (`attack_bn_mode="train"`, the official scripts; mn
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -134,44 +134,52 @@ class _MultiNormMethod(Method):
         return {**self.attacks.describe(), **{k: v for k, v in super().describe().items() if k not in ("norm", "eps")}}
 
 
-def _single(norm: str):
-    eps, steps, step = TRAIN_SETTINGS[norm]
+class _SingleNorm(PGDAT):
+    """PGD adversarial training against one norm with MNG-AC's training attack for it (TRAIN_SETTINGS); the attack
+    runs with BatchNorm in train mode as in the official scripts."""
 
-    class _Single(PGDAT):
-        __doc__ = (f"Adv_{norm[1:]}: PGD adversarial training against {norm} alone (mng_ac.md 5), eps {eps:.4g}, "
-                   f"{steps} steps of {step:.4g}{' (SLIDE, q = 0.99)' if norm == 'l1' else ''}; attack in train mode.")
+    single_norm: ClassVar[str] = "linf"
 
-        def __init__(self, eps: float = eps, steps: int = steps, step_size: float = step, random_start: bool = True,
-                     eps_ramp_epochs: float = 0.0, q: float = 0.99, attack_bn_mode: str = "train") -> None:
-            super().__init__(norm, eps, steps, step_size, random_start, eps_ramp_epochs)
-            check_choice(attack_bn_mode, "attack_bn_mode", ("train", "eval"))
-            self.attack_bn_mode = attack_bn_mode
-            if norm == "l1":
-                self.threat = make_threat("l1", eps, q=q)
-            self.q = q
+    def __init__(self, eps: float | None = None, steps: int | None = None, step_size: float | None = None,
+                 random_start: bool = True, eps_ramp_epochs: float = 0.0, q: float = 0.99,
+                 attack_bn_mode: str = "train") -> None:
+        d_eps, d_steps, d_step = TRAIN_SETTINGS[self.single_norm]
+        super().__init__(self.single_norm, d_eps if eps is None else eps, d_steps if steps is None else steps,
+                         d_step if step_size is None else step_size, random_start, eps_ramp_epochs)
+        check_choice(attack_bn_mode, "attack_bn_mode", ("train", "eval"))
+        self.attack_bn_mode, self.q = attack_bn_mode, q
+        if self.single_norm == "l1":
+            self.threat = make_threat("l1", self.eps, q=q)
 
-        def ramped(self, ctx):
-            threat, f = super().ramped(ctx)
-            if self.norm == "l1" and f != 1.0:
-                threat = make_threat("l1", self.eps * f, q=self.q)
-            return threat, f
-
-    return _Single
+    def ramped(self, ctx):
+        threat, f = super().ramped(ctx)
+        if self.single_norm == "l1" and f != 1.0:
+            threat = make_threat("l1", self.eps * f, q=self.q)
+        return threat, f
 
 
 @METHODS.register("adv-inf")
-class AdvInf(_single("linf")):
+class AdvInf(_SingleNorm):
+    """Adv_inf: PGD training against l_inf alone (eps 8/255, 10 steps of 1/255; mng_ac.md 5)."""
+
     name = "adv-inf"
+    single_norm = "linf"
 
 
 @METHODS.register("adv-l2")
-class AdvL2(_single("l2")):
+class AdvL2(_SingleNorm):
+    """Adv_2: PGD training against l_2 alone (eps 128/255, 10 steps of 30/255; mng_ac.md 5)."""
+
     name = "adv-l2"
+    single_norm = "l2"
 
 
 @METHODS.register("adv-l1")
-class AdvL1(_single("l1")):
+class AdvL1(_SingleNorm):
+    """Adv_1: SLIDE training against l_1 alone (eps 2000/255, 20 steps of 1.0, q = 0.99; mng_ac.md 5)."""
+
     name = "adv-l1"
+    single_norm = "l1"
 
 
 @METHODS.register("trades-inf")
