@@ -3,6 +3,9 @@ as ratios to standard training measured in the same process.
 
     python benchmarks/training.py                        # CPU, small CNN on mnist5k (width 8)
     python benchmarks/training.py --methods pgd-at trades --steps 10 --device cuda
+    python benchmarks/training.py --methods adv-inf adv-l1 adv-l2 trades-inf adv-avg adv-max msd sat sat-ac mng-ac \
+        --ratio-to adv-inf adv-avg                       # MNG-AC's table: cost relative to Adv_inf
+    python benchmarks/training.py --methods pgd-at wpgd --ratio-to pgd-at   # WPGD vs PGD-AT, same steps
 
 PGD-AT with k steps should cost at most 1.1 x (k + 1) x standard training (the k attack passes plus
 the training pass, each a forward and a backward). Evaluation is switched off while timing.
@@ -31,7 +34,17 @@ def method_kwargs(method: str, steps: int) -> dict:
             # PART from the first epoch (no burn-in), so the timed epoch pays for the CAM pass
             "part": {"eps": EPS, "eps_low": 0.2625, "steps": steps, "step_size": 0.1, "burn_in_epochs": 0},
             "part-t": {"eps": EPS, "eps_low": 0.2625, "steps": steps, "burn_in_epochs": 0},
-            "part-m": {"eps": EPS, "eps_low": 0.2625, "steps": steps, "burn_in_epochs": 0}}[method]
+            "part-m": {"eps": EPS, "eps_low": 0.2625, "steps": steps, "burn_in_epochs": 0},
+            # the multi-perturbation family at MNIST budgets with the official attack step counts
+            # (l_inf 10, l_2 10, l_1 20, MSD 20; mng_ac.md 1.8)
+            "adv-inf": {"eps": EPS}, "adv-l2": {"eps": 2.0, "step_size": 0.3}, "adv-l1": {"eps": 10.0},
+            "trades-inf": {"eps": EPS, "steps": 10}, **{m: MULTI for m in MULTI_NORM},
+            # WPGD: the cost of the metric does not depend on its values; uniform keeps it data-free
+            "wpgd": {"eps": EPS, "steps": steps, "metric": "uniform", "p": 2.5}}[method]
+
+
+MULTI = {"eps_linf": EPS, "eps_l2": 2.0, "eps_l1": 10.0, "step_size_linf": 0.04, "step_size_l2": 0.3}
+MULTI_NORM = ("adv-avg", "adv-max", "msd", "sat", "sat-ac", "mng-ac")
 
 
 def main() -> None:
@@ -47,6 +60,8 @@ def main() -> None:
     p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int)
+    p.add_argument("--ratio-to", nargs="+", default=["standard", "fgsm-at"],
+                   help="ratio columns against these methods (when they are in --methods)")
     p.add_argument("--json")
     args = p.parse_args()
     if args.threads:
@@ -69,21 +84,22 @@ def main() -> None:
         rows.append({"method": method, "seconds_per_epoch": hist[-1]["seconds"],
                      "forward_per_image": hist[-1]["forward_per_image"],
                      "backward_per_image": hist[-1]["backward_per_image"], "wall": time.perf_counter() - t})
-    base = next((r for r in rows if r["method"] == "standard"), rows[0])
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU")
-    fgsm = next((r for r in rows if r["method"] == "fgsm-at"), None)
+    by_name = {r["method"]: r for r in rows}
+    refs = [by_name[m] for m in args.ratio_to if m in by_name] or [rows[0]]
     net = f"small-cnn width {args.width}" if args.model == "small-cnn" else "mlp 3x1200"
     print(f"{net}, {args.n_train} images/epoch, batch 128, inner steps {args.steps}; {machine}\n")
-    print("| method | s/epoch | x standard |" + (" x fgsm-at |" if fgsm else "") + " fwd/img | bwd/img | passes x standard |")
-    print("|---|---|---|" + ("---|" if fgsm else "") + "---|---|---|")
+    print("| method | s/epoch |" + "".join(f" x {b['method']} |" for b in refs) + " fwd/img | bwd/img |"
+          + "".join(f" passes x {b['method']} |" for b in refs))
+    print("|---|---|" + "---|" * len(refs) + "---|---|" + "---|" * len(refs))
     for r in rows:
-        passes = (r["forward_per_image"] + r["backward_per_image"]) / (base["forward_per_image"] + base["backward_per_image"])
-        r["time_ratio"] = r["seconds_per_epoch"] / base["seconds_per_epoch"]
-        r["pass_ratio"] = passes
-        vs_fgsm = f" {r['seconds_per_epoch'] / fgsm['seconds_per_epoch']:.2f} |" if fgsm else ""
-        print(f"| {r['method']} | {r['seconds_per_epoch']:.2f} | {r['time_ratio']:.2f} |{vs_fgsm} {r['forward_per_image']:.1f} | "
-              f"{r['backward_per_image']:.1f} | {passes:.2f} |")
+        passes = r["forward_per_image"] + r["backward_per_image"]
+        r["time_ratio"] = {b["method"]: r["seconds_per_epoch"] / b["seconds_per_epoch"] for b in refs}
+        r["pass_ratio"] = {b["method"]: passes / (b["forward_per_image"] + b["backward_per_image"]) for b in refs}
+        print(f"| {r['method']} | {r['seconds_per_epoch']:.2f} |" + "".join(f" {v:.2f} |" for v in r["time_ratio"].values())
+              + f" {r['forward_per_image']:.1f} | {r['backward_per_image']:.1f} |"
+              + "".join(f" {v:.2f} |" for v in r["pass_ratio"].values()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "args": vars(args), "rows": rows}, f, indent=2)

@@ -126,3 +126,17 @@ def _robustlab_cache(tmp_path_factory):
     """Generated datasets (MNIST-Det) are cached in a per-session folder, never in the user's home."""
     os.environ["ROBUSTLAB_CACHE"] = str(tmp_path_factory.mktemp("robustlab-cache"))
     yield
+
+
+# pytest-xdist (CI runs `-n 2 --dist loadgroup`): tests that share an expensive trained fixture run on one worker,
+# so the fixture is built once per run instead of once per worker.
+_XDIST_GROUPS = {"trained_std_detector": "det-std", "standard": "train-robust", "multi_norm_results": "multi-norm",
+                 "wpgd_models": "wpgd"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, group in _XDIST_GROUPS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break

@@ -118,3 +118,13 @@ def test_analyze_cli(tmp_path, digits_mlp, capsys):
     assert main(["metric", "visual", "--model", str(ckpt), "--data", "digits", "--per-class", "5",
                  "--out", str(tmp_path / "v.npy")]) == 0
     assert main(["metric", "wordnet", "--classes", str(tmp_path / "none.txt"), "--out", str(tmp_path / "w.npy")]) == 2
+
+
+def test_two_class_balanced_and_unbalanced_runs(tmp_path):
+    from robustlab.analysis import two_class
+
+    r = two_class(tmp_path / "tc.png", dataset="digits", pairs=[(3, 8)], ratio=0.3, eps=0.1, steps=2, epochs=2,
+                  model="mlp", model_kwargs={"input_size": 8, "hidden": 32, "depth": 1}, out_dir=str(tmp_path / "runs"))
+    assert set(r["runs"]) == {"3-8-bal-standard", "3-8-bal-pgd-at", "3-8-unbal-standard", "3-8-unbal-pgd-at"}
+    assert all(len(v["val_error"]) == 2 and all(0 <= e <= 1 for e in v["val_error"]) for v in r["runs"].values())
+    assert (tmp_path / "tc.png").stat().st_size > 1000

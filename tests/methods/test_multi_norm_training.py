@@ -1,0 +1,81 @@
+"""The multi-perturbation methods on mnist5k at CI scale (small CNN, the 5,000 training images, 3 epochs, the MNIST
+budgets l_inf 0.3 / l_2 2.0 / l_1 10): every method beats standard training, single-norm training is weak on the
+other norms, and the multi-norm methods beat the single-norm ones that collapse. Not asserted because it does not
+hold at this scale: MNG-AC's union above Adv_inf's (measured 0.275 vs 0.33 here: at MNIST budgets the union is
+bound by l_inf, which Adv_inf trains on every step and MNG-AC on a third). docs/results.md has the full comparison."""
+import pytest
+import torch
+
+from robustlab import evaluate
+from robustlab.data import load_dataset
+from robustlab.engine.config import TrainConfig
+from robustlab.engine.trainer import Trainer
+
+BUDGETS = dict(eps_linf=0.3, eps_l2=2.0, eps_l1=10.0)
+# CI-sized training attacks: 3 steps (l_1: 5), MSD 5 iterations; the docs' runs use 5 / 5 / 10 and 20
+MULTI = dict(BUDGETS, steps_linf=3, steps_l2=3, steps_l1=5, step_size_linf=0.15, step_size_l2=1.0, step_size_l1=3.0,
+             eps_ramp_epochs=1)
+KWARGS = {
+    "standard": {},
+    "adv-inf": dict(eps=0.3, steps=3, step_size=0.15, eps_ramp_epochs=1),
+    "adv-l2": dict(eps=2.0, steps=3, step_size=1.0, eps_ramp_epochs=1),
+    "adv-l1": dict(eps=10.0, steps=5, step_size=3.0, eps_ramp_epochs=1),
+    "trades-inf": dict(eps=0.3, steps=3, step_size=0.15, eps_ramp_epochs=1),
+    **{m: MULTI for m in ("adv-avg", "adv-max", "sat", "sat-ac")},
+    "msd": dict(MULTI, msd_steps=5, msd_step_size_linf=0.1, msd_step_size_l2=0.6, msd_step_size_l1=3.0),
+    "mng-ac": dict(MULTI, generator_lr=0.05, lookahead_lr=0.05),
+}
+# PGD-20 for l_inf and l_2; SLIDE with saturated pixels masked (foolbox's SparseL1Descent rule, the stronger one here)
+PANEL = ["pgd:norm=linf,eps=0.3,steps=20,step_size=0.0375", "pgd:norm=l2,eps=2.0,steps=20,step_size=0.25",
+         "pgd:norm=l1,eps=10,steps=20,step_size=1.0,mask_saturated=true"]
+N_TRAIN, N_EVAL = 5000, 200
+
+
+@pytest.fixture(scope="module")
+def multi_norm_results(tmp_path_factory):
+    data = load_dataset("mnist5k")
+    data.x_train, data.y_train = data.x_train[:N_TRAIN], data.y_train[:N_TRAIN]
+    out = {}
+    for method, kw in KWARGS.items():
+        cfg = TrainConfig(name=method, method=method, method_kwargs=kw, dataset="mnist5k", model="small-cnn",
+                          model_kwargs={"width": 8, "hidden": 64}, epochs=3, batch_size=64, optimizer="adam", lr=2e-3,
+                          weight_decay=0.0, schedule="cosine", eval_every=100, eval_samples=50,
+                          eval_attack=PANEL[0], out_dir=str(tmp_path_factory.mktemp(method)), seed=0, progress=False)
+        t = Trainer(cfg, data=data)
+        t.fit()
+        out[method] = evaluate(t.model.eval(), data.x_test[:N_EVAL], data.y_test[:N_EVAL], PANEL, checks=False)
+    return out
+
+
+def _summary(results):
+    return {m: (round(r["clean_accuracy"], 3), {k: round(v, 3) for k, v in r["per_norm"].items()},
+                round(r["union_accuracy"], 3)) for m, r in results.items()}
+
+
+def test_metrics_are_consistent(multi_norm_results):
+    for r in multi_norm_results.values():
+        accs = {name: a["robust_accuracy"] for name, a in r["attacks"].items()}
+        assert r["union_accuracy"] <= min(r["per_norm"].values()) + 1e-9
+        assert all(v <= r["clean_accuracy"] + 1e-9 for v in accs.values())
+        assert abs(r["norm_average_accuracy"] - sum(r["per_norm"].values()) / 3) < 1e-9
+
+
+@pytest.mark.parametrize("method,norm", [("adv-inf", "linf"), ("adv-l2", "l2"), ("adv-l1", "l1"), ("trades-inf", "linf")])
+def test_single_norm_training_beats_standard_on_its_norm(multi_norm_results, method, norm):
+    r, std = multi_norm_results[method], multi_norm_results["standard"]
+    assert r["per_norm"][norm] >= std["per_norm"][norm] + 0.15, _summary(multi_norm_results)
+
+
+def test_single_norm_training_is_weak_on_another_norm(multi_norm_results):
+    # l_1 and l_2 training leave l_inf at eps 0.3 (nearly) unprotected
+    for method in ("adv-l1", "adv-l2"):
+        assert multi_norm_results[method]["per_norm"]["linf"] <= 0.1, _summary(multi_norm_results)
+
+
+@pytest.mark.parametrize("method", ["adv-avg", "adv-max", "msd", "sat", "sat-ac", "mng-ac"])
+def test_multi_norm_training_protects_every_norm(multi_norm_results, method):
+    res = multi_norm_results
+    r = res[method]
+    assert r["union_accuracy"] >= res["standard"]["union_accuracy"] + 0.15, _summary(res)
+    # union beats every single-norm method that collapses on a norm it was not trained for
+    assert r["union_accuracy"] > max(res["adv-l1"]["union_accuracy"], res["adv-l2"]["union_accuracy"]) + 0.1, _summary(res)
