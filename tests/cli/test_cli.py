@@ -211,6 +211,5 @@ def test_boundary_figure_is_deterministic(tmp_path, mnist_cnn, capsys):
     assert len(a["pred"]["A"]) == 2 and len(a["pred"]["A"][0]) == 9 and (tmp_path / "a.png").stat().st_size > 1000
     # the clean image sits at the centre of the slice: its prediction there is the model's clean prediction
     with torch.no_grad():
-        x, y = load_dataset("mnist5k").x_test[:2], load_dataset("mnist5k").y_test[:2]
-        clean = mnist_cnn(x).argmax(1)
+        clean = mnist_cnn(load_dataset("mnist5k").x_test[:2]).argmax(1)
     assert [p[4][4] for p in a["pred"]["A"]] == clean.tolist()

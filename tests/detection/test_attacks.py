@@ -7,7 +7,6 @@ import torch
 
 from robustlab.attacks import create_attack
 from robustlab.detection.attacks import DAG, MDA, DetPGD, select_by_total_loss
-from robustlab.detection.boxes import TINYSSD_96, make_priors
 from robustlab.detection.loss import Decomp, decompose
 from robustlab.detection.objectives import Objective
 from robustlab.detection.targets import match_targets, pad_targets

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from robustlab.cli.main import main
-from robustlab.engine.checkpoint import load_model
 from robustlab.engine.config import ConfigError, TrainConfig
 from robustlab.engine.trainer import Trainer
 

@@ -4,7 +4,6 @@ other norms, and the multi-norm methods beat the single-norm ones that collapse.
 hold at this scale: MNG-AC's union above Adv_inf's (measured 0.275 vs 0.33 here: at MNIST budgets the union is
 bound by l_inf, which Adv_inf trains on every step and MNG-AC on a third). docs/results.md has the full comparison."""
 import pytest
-import torch
 
 from robustlab import evaluate
 from robustlab.data import load_dataset

@@ -4,7 +4,6 @@ WPGD trains a model more robust than standard training, and with p = 2.5 (the se
 adversarial mistakes land on nearer classes than PGD-AT's (lower weighted robustness score S). At p = 10 this
 does not hold at CPU scale (S rises with the adversarial error); docs/results.md has the measured numbers."""
 import pytest
-import torch
 
 from robustlab import evaluate
 from robustlab.analysis import accuracy_gap, weighted_score

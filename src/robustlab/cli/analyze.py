@@ -2,7 +2,6 @@
 `robustlab metric ...` (label metrics: WordNet from a local copy, the visual metric of a trained model)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from robustlab.cli.common import load_labelled_models

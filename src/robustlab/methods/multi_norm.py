@@ -10,7 +10,7 @@ with BatchNorm in train mode (`attack_bn_mode="train"`, the official scripts; mn
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -106,17 +106,12 @@ class MultiNormAttacks:
         """x_adv for one norm (detached). keep_buffers: train-mode BN without touching the running statistics."""
         net = ctx.attacked(model)
         f = self.ramp(ctx)
-        with attack_mode(net, bn_mode=self.attack_bn_mode), (frozen_buffers(net) if keep_buffers else _nothing()):
+        with attack_mode(net, bn_mode=self.attack_bn_mode), (frozen_buffers(net) if keep_buffers else nullcontext()):
             counter = PassCounter(net)
             out = pgd(counter, x, y, threat=self.threat(norm, f), loss_fn=ce_loss, steps=self.steps[norm],
                       step_size=f * self.step_size[norm], random_start=self.random_start, generator=ctx.generator)
         _attack_passes(ctx, counter)
         return out.x_adv.detach()
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 class _MultiNormMethod(Method):
