@@ -171,14 +171,17 @@ def tsne_features(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, path, n
 TOY_COST = ((0.0, 10.0, 0.01), (10.0, 0.0, 1.0), (0.01, 1.0, 0.0))  # the seed's cost matrix (wpgd.md 5.5)
 
 
-def toy_data(seed: int = 0, n_per_class: int = 300, sigma: float = 0.3) -> tuple[Tensor, Tensor]:
-    """Each class: a mixture of 3 isotropic Gaussians with means uniform in [-2, 2]^2 (curved boundaries)."""
+def toy_data(seed: int = 0, n_per_class: int = 300, sigma: float = 0.3, sample_seed: int | None = None
+             ) -> tuple[Tensor, Tensor]:
+    """Each class: a mixture of 3 isotropic Gaussians with means uniform in [-2, 2]^2 (curved boundaries). The means
+    come from `seed`; the points from `sample_seed` (default: the same), so a test set is the same mixture."""
     g = torch.Generator().manual_seed(seed)
+    means = torch.rand(3, 3, 2, generator=g) * 4 - 2  # (class, component, xy)
+    gs = g if sample_seed is None else torch.Generator().manual_seed(sample_seed)
     xs, ys = [], []
     for c in range(3):
-        means = torch.rand(3, 2, generator=g) * 4 - 2
-        comp = torch.randint(0, 3, (n_per_class,), generator=g)
-        xs.append(means[comp] + sigma * torch.randn(n_per_class, 2, generator=g))
+        comp = torch.randint(0, 3, (n_per_class,), generator=gs)
+        xs.append(means[c][comp] + sigma * torch.randn(n_per_class, 2, generator=gs))
         ys.append(torch.full((n_per_class,), c))
     return torch.cat(xs), torch.cat(ys)
 
@@ -225,7 +228,7 @@ def toy3(path, eps_list: Sequence[float] = (0.1, 0.25, 0.5), seed: int = 0, epoc
     from robustlab.reports.plots import _plt
 
     x, y = toy_data(seed)
-    test_x, test_y = toy_data(seed + 1000)
+    test_x, test_y = toy_data(seed, sample_seed=seed + 1000)  # the same mixture, fresh points
     lim = 3.0
     t = torch.linspace(-lim, lim, grid)
     gx, gy = torch.meshgrid(t, t, indexing="xy")
@@ -234,7 +237,7 @@ def toy3(path, eps_list: Sequence[float] = (0.1, 0.25, 0.5), seed: int = 0, epoc
     with torch.no_grad():
         ce_plane = ce(plane).argmax(1)
     rows = [("ce", 0.0, ce)] + [(k, e, train_toy(k, e, x, y, seed, epochs, p)) for e in eps_list for k in ("pgd", "wpgd")]
-    fig, axes = _plt().subplots(1, len(rows), figsize=(2.6 * len(rows), 2.8), squeeze=False)
+    fig, axes = _plt().subplots(1, len(rows), figsize=(2.6 * len(rows), 3.1), squeeze=False)
     out: dict[str, Any] = {"cost": TOY_COST, "p": p, "seed": seed, "epochs": epochs, "models": []}
     sel = (test_y == 0) | (test_y == 2)
     for ax, (kind, eps, m) in zip(axes[0], rows):

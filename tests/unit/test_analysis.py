@@ -128,3 +128,13 @@ def test_two_class_balanced_and_unbalanced_runs(tmp_path):
     assert set(r["runs"]) == {"3-8-bal-standard", "3-8-bal-pgd-at", "3-8-unbal-standard", "3-8-unbal-pgd-at"}
     assert all(len(v["val_error"]) == 2 and all(0 <= e <= 1 for e in v["val_error"]) for v in r["runs"].values())
     assert (tmp_path / "tc.png").stat().st_size > 1000
+
+
+def test_toy_test_set_is_the_same_mixture():
+    from robustlab.analysis import toy_data
+
+    xa, ya = toy_data(5)
+    xb, yb = toy_data(5, sample_seed=99)
+    assert torch.equal(ya, yb) and not torch.equal(xa, xb)
+    for c in range(3):  # same component means: the class centroids agree up to sampling noise
+        assert (xa[ya == c].mean(0) - xb[yb == c].mean(0)).norm() < 0.3

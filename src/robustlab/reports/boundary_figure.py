@@ -77,7 +77,7 @@ def boundary_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, path: st
                 ax.set_ylabel(f"label {int(y[i])}: random dir.", fontsize=7)
             if i == n - 1:
                 ax.set_xlabel("adversarial direction (l2)", fontsize=7)
-    fig.suptitle(f"predicted class around each test image ({attack}); black: true-class boundary", fontsize=8)
+    fig.suptitle(f"predicted class near each test image; black: true-class boundary\n{attack}", fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def boundary_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, path: st
     path.with_suffix(".json").write_text(json.dumps({
         "attack": attack, "span": span, "grid": grid, "seed": seed, "labels": y.tolist(),
         "true_class_fraction": true_frac,
-        "pred": {name: s["pred"].tolist() for name, s in slices.items()}}, indent=1))
+        "pred": {name: s["pred"].tolist() for name, s in slices.items()}}, separators=(",", ":")))
     return path
 
 
