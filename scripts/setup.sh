@@ -11,4 +11,5 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2
 fi
 pip install -q -e ".[test]"
 # Test-only reference implementations (never runtime dependencies); --no-deps keeps torchvision out.
-pip install -q --no-deps torchattacks==3.5.1 pyautoattack==0.2.0
+pip install -q --no-deps torchattacks==3.5.1 pyautoattack==0.2.0 \
+    foolbox==3.3.4 eagerpy==0.30.0 GitPython==3.1.45 gitdb==4.0.12 smmap==5.0.2

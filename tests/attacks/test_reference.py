@@ -1,5 +1,6 @@
 """Cross-checks against independent implementations (test-only dependencies):
-pyautoattack (the AutoAttack authors' code) and torchattacks, on the same adversarially trained model."""
+pyautoattack (the AutoAttack authors' code), torchattacks and foolbox 3 (EAD, salt-and-pepper: the l_1 attacks of
+MNG-AC's evaluation), on the same trained models."""
 import logging
 
 import pytest
@@ -51,3 +52,33 @@ def test_autoattack_torchattacks_impl_runs(digits_mlp_at, digits):
     x, y = digits.x_test[:60], digits.y_test[:60]
     x_adv = AutoAttack(digits_mlp_at, eps=0.1, impl="torchattacks")(x, y)
     assert ((x_adv - x).abs().amax() <= 0.1 + 1e-6) and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def _clean_correct(model, x, y):
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    return x[ok], y[ok]
+
+
+def test_ead_and_salt_pepper_agree_with_foolbox(digits_mlp, digits):
+    import foolbox as fb
+
+    from robustlab.attacks import create_attack
+
+    x, y = _clean_correct(digits_mlp, digits.x_test[:100], digits.y_test[:100])
+    fmodel = fb.PyTorchModel(digits_mlp, bounds=(0, 1))
+    raw, _, success = fb.attacks.EADAttack(binary_search_steps=5, steps=1000, decision_rule="L1")(
+        fmodel, x, y, epsilons=None)
+    l1_ref = (raw - x).flatten(1).abs().sum(1)
+    ours = create_attack("ead", digits_mlp, steps=1000, binary_steps=5).run(x, y)
+    assert success.all() and ours.success.all()
+    assert abs(ours.norms.median().item() - l1_ref.median().item()) <= 0.05 * l1_ref.median().item()
+    for eps in (1.0, 2.0):  # judged inside the l1 ball, as foolbox clips its minimisation attacks
+        ref_robust = 1 - (l1_ref <= eps).float().mean().item()
+        robust = 1 - create_attack("ead", digits_mlp, steps=1000, binary_steps=5, eps=eps).run(x, y).success.float().mean().item()
+        assert abs(robust - ref_robust) <= 0.03, (eps, robust, ref_robust)
+    raw, _, success = fb.attacks.SaltAndPepperNoiseAttack(steps=1000)(fmodel, x, y, epsilons=None)
+    sp = create_attack("salt-pepper", digits_mlp, steps=1000).run(x, y)
+    l1_sp = (raw - x).flatten(1).abs().sum(1)[success]
+    assert sp.success.float().mean() >= success.float().mean() - 0.02
+    assert sp.norms[sp.success].median() <= 1.25 * l1_sp.median()
