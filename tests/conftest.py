@@ -134,6 +134,7 @@ _XDIST_GROUPS = {"trained_std_detector": "det-std", "standard": "train-robust", 
                  "wpgd_models": "wpgd"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marker into the node id
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for fixture, group in _XDIST_GROUPS.items():

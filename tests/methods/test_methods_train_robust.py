@@ -31,6 +31,7 @@ TESTED_ELSEWHERE = {"critic": "tests/methods/test_critic.py (rho under DeepFool 
                     **{m: "tests/methods/test_multi_norm_training.py (the three norms and their union)"
                        for m in ("adv-inf", "adv-l1", "adv-l2", "trades-inf", "adv-avg", "adv-max", "msd", "sat",
                                  "sat-ac", "mng-ac")},
+                    "wpgd": "tests/methods/test_wpgd_training.py (PGD accuracy over standard training, and S)",
                     "margin": "tests/methods/test_critic.py (the critic paper's MLP and Adam settings)"}
 ATTACK = {"linf": f"pgd:norm=linf,eps={EPS},steps=10,step_size=0.05",
           "l2": "pgd:norm=l2,eps=2.0,steps=10,step_size=0.4"}
