@@ -101,7 +101,8 @@ def evaluate(
 
     attacks: Attack objects bound to `model`, or spec strings ("pgd:norm=linf,eps=0.3,steps=40").
     Returns a JSON-serialisable dict: clean_accuracy, attacks{name: robust_accuracy, norm, eps, passes, ...},
-    union_accuracy, average_accuracy (over attacks), per_norm, norm_average_accuracy (over norms), per_class, confusion, n_samples (+ records if asked).
+    union_accuracy, average_accuracy (over attacks), per_norm, norm_average_accuracy (over norms), per_class,
+    confusion, n_samples (+ records if asked).
     """
     check_positive_int(batch_size, "batch_size")
     loader = None
