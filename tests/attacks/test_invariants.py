@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import robustlab.methods  # noqa: F401  (registers pixel-ag: the registry must not depend on collection order)
 from robustlab.attacks import create_attack
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat
@@ -32,6 +33,7 @@ FAST = {
     "critic": {"l2": {"steps": 5}},
     "ead": {"l1": {"steps": 10, "binary_steps": 2}},
     "salt-pepper": {"l1": {"steps": 20}},
+    "pixel-ag": {"linf": {"steps": 3, "cam_layer": "conv"}},
 }
 CLASSIFIER_ATTACKS = [n for n in ATTACKS.names() if getattr(ATTACKS.get(n), "task", "classification") == "classification"]
 CASES = [(name, norm) for name in CLASSIFIER_ATTACKS for norm in FAST.get(name, {})]
@@ -46,6 +48,8 @@ def _make(name, norm, model, eps):
     kwargs = dict(FAST[name][norm])
     if name in ("cw", "critic", "ead", "salt-pepper"):
         kwargs["eps"] = eps
+    elif name == "pixel-ag":  # eps on CAM-important pixels, 7/8 of it elsewhere (PART's ratio)
+        kwargs.update(eps=eps, eps_low=0.875 * eps)
     elif name == "deepfool":
         kwargs.update(norm=norm, eps=eps, num_classes=4)
     else:

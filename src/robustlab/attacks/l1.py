@@ -62,8 +62,10 @@ class _MinimalL1(Attack):
 
 @ATTACKS.register("ead")
 class EAD(_MinimalL1):
-    """Elastic-net attack, l_1 decision rule. Defaults (foolbox 3 as used by MNG-AC's evaluation): 5 binary-search
-    steps, 1000 FISTA steps, step 1e-2 decaying as sqrt(1 - t/T), beta 1e-2, c0 1e-3, kappa 0, early abort."""
+    """Elastic-net attack (Chen et al., AAAI 2018) with the l_1 decision rule.
+
+    Defaults (foolbox 3 as used by MNG-AC's evaluation): 5 binary-search steps, 1000 FISTA steps, step 1e-2
+    decaying as sqrt(1 - t/T), beta 1e-2, c0 1e-3, kappa 0, early abort."""
 
     name = "ead"
 
@@ -78,7 +80,8 @@ class EAD(_MinimalL1):
         check_positive(initial_const, "initial_const")
         check_positive(kappa, "kappa", allow_zero=True)
         self.binary_steps, self.steps, self.step_size = binary_steps, steps, float(step_size)
-        self.beta, self.initial_const, self.kappa, self.abort_early = float(beta), float(initial_const), float(kappa), abort_early
+        self.beta, self.initial_const, self.kappa = float(beta), float(initial_const), float(kappa)
+        self.abort_early = abort_early
 
     def describe(self) -> dict[str, Any]:
         return {"attack": self.name, "norm": "l1", "eps": self.eps_value, "steps": self.steps,
@@ -139,8 +142,10 @@ def _shrink(z: Tensor, x: Tensor, beta: float) -> Tensor:
 
 @ATTACKS.register("salt-pepper")
 class SaltAndPepper(_MinimalL1):
-    """Salt-and-pepper noise (the same draw for every channel of a pixel) with a density p scanned upward from 0;
-    after each success at density p the scan restarts below p with a finer step. 1000 queries by default."""
+    """Salt-and-pepper noise (foolbox's decision attack, Rauber et al. 2017), density scanned upward from 0.
+
+    The same draw for every channel of a pixel; after each success at density p the scan restarts below p with a
+    finer step. 1000 queries by default."""
 
     name = "salt-pepper"
 

@@ -155,7 +155,9 @@ class _SingleNorm(PGDAT):
 
 @METHODS.register("adv-inf")
 class AdvInf(_SingleNorm):
-    """Adv_inf: PGD training against l_inf alone (eps 8/255, 10 steps of 1/255; mng_ac.md 5)."""
+    """Adv_inf (Madry et al. 2018, MNG-AC's baseline): PGD training against l_inf alone, eps 8/255, 10 x 1/255.
+
+    mng_ac.md 5."""
 
     name = "adv-inf"
     single_norm = "linf"
@@ -163,7 +165,9 @@ class AdvInf(_SingleNorm):
 
 @METHODS.register("adv-l2")
 class AdvL2(_SingleNorm):
-    """Adv_2: PGD training against l_2 alone (eps 128/255, 10 steps of 30/255; mng_ac.md 5)."""
+    """Adv_2 (Madry et al. 2018, MNG-AC's baseline): PGD training against l_2 alone, eps 128/255, 10 x 30/255.
+
+    mng_ac.md 5."""
 
     name = "adv-l2"
     single_norm = "l2"
@@ -171,7 +175,9 @@ class AdvL2(_SingleNorm):
 
 @METHODS.register("adv-l1")
 class AdvL1(_SingleNorm):
-    """Adv_1: SLIDE training against l_1 alone (eps 2000/255, 20 steps of 1.0, q = 0.99; mng_ac.md 5)."""
+    """Adv_1 (Tramer & Boneh 2019, MNG-AC's baseline): SLIDE training against l_1 alone, eps 2000/255, 20 x 1.0.
+
+    q = 0.99; mng_ac.md 5."""
 
     name = "adv-l1"
     single_norm = "l1"
@@ -333,7 +339,8 @@ def _l2_fit_scale(x: Tensor, v: Tensor, eps: float) -> Tensor:
     j = (n_at < target).sum(1)  # first breakpoint reaching eps^2 (N is non-decreasing: a prefix is below)
     n_finite = finite.sum(1)
     jc = j.clamp(max=t.shape[1] - 1)[:, None]
-    before = torch.where(j > 0, cum_r2.gather(1, (j - 1).clamp_min(0)[:, None]).squeeze(1), torch.zeros_like(j, dtype=v.dtype))
+    before = torch.where(j > 0, cum_r2.gather(1, (j - 1).clamp_min(0)[:, None]).squeeze(1),
+                         torch.zeros_like(j, dtype=v.dtype))
     rest = (tail_v2.gather(1, jc) + v2s.gather(1, jc)).squeeze(1)
     s_inside = (target - before) / rest.clamp_min(1e-20)
     last = t_sorted.gather(1, (n_finite - 1).clamp_min(0)[:, None]).squeeze(1)
@@ -406,7 +413,7 @@ class _SAT(_MultiNormMethod):
 
 @METHODS.register("sat")
 class SAT(_SAT):
-    """Stochastic adversarial training (MNG-AC, mng_ac.md 2): one threat model drawn uniformly per minibatch
+    """SAT (Madaan et al., ICML 2021; mng_ac.md 2): one threat model drawn uniformly per minibatch
     from a seeded generator, one attack, CE on the adversarial batch only."""
 
     name = "sat"
@@ -420,8 +427,10 @@ class SAT(_SAT):
 
 @METHODS.register("sat-ac")
 class SATAC(_SAT):
-    """SAT + adversarial consistency (mng_ac.md 3): CE(f(x_adv), y) + beta * JS(p_clean, p_adv, p_aug), x_aug the
-    drawn norm's budget applied to fresh Gaussian noise (the untrained generator's input); beta 12."""
+    """SAT + adversarial consistency (Madaan et al., ICML 2021): CE(f(x_adv), y) + beta * JS(p_clean, p_adv, p_aug).
+
+    mng_ac.md 3: x_aug is the drawn norm's budget applied to fresh Gaussian noise (the untrained generator's input);
+    beta 12."""
 
     name = "sat-ac"
 
@@ -499,7 +508,8 @@ class MNGAC(SATAC):
     # -- owned state ---------------------------------------------------------------------------
     def _ensure(self, x: Tensor) -> NoiseGenerator:
         if self.generator is None:
-            self.generator = NoiseGenerator(x.shape[1], self.generator_width, self.generator_input == "image").to(x.device)
+            self.generator = NoiseGenerator(x.shape[1], self.generator_width,
+                                            self.generator_input == "image").to(x.device)
             self.generator_optimizer = torch.optim.SGD(self.generator.parameters(), lr=0.0,
                                                        momentum=self.generator_momentum,
                                                        weight_decay=self.generator_weight_decay)
@@ -532,9 +542,10 @@ class MNGAC(SATAC):
     # -- the step ------------------------------------------------------------------------------
     def meta_step(self, net: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, draw: Tensor, lr: float,
                   gen: torch.Generator, f: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Generator gradient of CE(f_theta'(x_adv), y) with theta' = theta - lr * grad_theta CE(f_theta(x_aug(phi)), y).
+        """Generator gradient of CE(f_theta'(x_adv), y), theta' = theta - lr * grad_theta CE(f_theta(x_aug(phi)), y).
 
-        Returns (meta loss, the phi gradients as one flat tensor, for tests); the gradients are also left in .grad. Nothing of `net` is modified:
+        Returns (meta loss, the phi gradients as one flat tensor, for tests); the gradients are also left in .grad.
+        Nothing of `net` is modified:
         the gradients are taken w.r.t. phi only and BatchNorm runs on cloned buffers."""
         assert self.generator is not None
         params = {k: p for k, p in net.named_parameters() if p.requires_grad}

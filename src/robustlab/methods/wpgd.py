@@ -21,9 +21,11 @@ from robustlab.validation import check_positive
 
 @METHODS.register("wpgd")
 class WPGD(_Adversarial):
-    """WPGD: l_inf PGD on the Wasserstein loss (log form, wpgd.md 2.3) with ground cost metric ** p, then CE on
-    x*. Defaults: eps 4/255, 8 steps of 2.5 eps / 8, uniform random start, attack in eval mode; metric
-    "cifar10-wordnet" (normalised to [0, 1]), "uniform", or a .npy/.csv file; p = 1; entropy_weight = 1/lambda = 0."""
+    """WPGD (Terzi, Susto, Chaudhari): l_inf PGD on the Wasserstein loss with ground cost metric ** p, then CE on x*.
+
+    The inner loss is in log form (wpgd.md 2.3). Defaults: eps 4/255, 8 steps of 2.5 eps / 8, uniform random start,
+    attack in eval mode; metric "cifar10-wordnet" (normalised to [0, 1]), "uniform", or a .npy/.csv file; p = 1;
+    entropy_weight = 1/lambda = 0."""
 
     name = "wpgd"
 
