@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from robustlab.errors import MetricError
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_SYNSETS = ("airplane.n.01", "car.n.01", "bird.n.01", "cat.n.01", "deer.n.01", "dog.n.01", "frog.n.01",
                    "horse.n.01", "ship.n.01", "truck.n.01")
@@ -34,10 +36,6 @@ CIFAR10_WORDNET_DISTANCES = (
     (5, 7, 13, 17, 18, 12, 14, 18, 0, 7),
     (8, 2, 13, 17, 18, 12, 14, 18, 7, 0),
 )
-
-
-class MetricError(ValueError):
-    """A label metric that cannot be used (wrong shape, negative, asymmetric, missing WordNet, ...)."""
 
 
 def check_metric(c, num_classes: int | None = None, name: str = "label metric") -> Tensor:

@@ -1,19 +1,23 @@
 """Name -> factory registries behind every CLI name (`robustlab list ...`).
 
 Names are a public contract: once registered, a name keeps its meaning.
+
+Options are checked against the factory's signature *before* it runs, so a typo names the entry and its valid
+options, while an error raised inside a factory (a bug, or a value check of its own) keeps its traceback. A
+factory that takes `**kwargs` declares where they go with `forwards_options_to = (callable, ...)` (on the class
+that defines the `__init__`, or on the function), and `fixed_options = (...)` for forwarded names it sets itself;
+the registry then knows every option it accepts.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from robustlab.errors import OptionError, UnknownNameError
 
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError, ValueError):
-    """Raised for a name that is not registered; the message lists the valid names."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
 
 
 class Registry(Generic[T]):
@@ -41,13 +45,29 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self._entries))}"
             ) from None
 
+    def options(self, name: str, n_positional: int = 0) -> list[str]:
+        """The option names `name` accepts by keyword (after `n_positional` positional arguments, e.g. the model)."""
+        names = option_names(self.get(name))
+        return [n for n in names[n_positional:]]
+
     def create(self, name: str, *args: Any, **kwargs: Any) -> T:
-        """Build `name`; an unknown name lists the valid ones, a bad option names the entry it was for."""
+        """Build `name`; an unknown name lists the valid ones, an unknown or missing option names the entry and
+        its valid options. Errors raised inside the factory propagate unchanged."""
         factory = self.get(name)
-        try:
-            return factory(*args, **kwargs)
-        except TypeError as e:
-            raise TypeError(f"bad options for {self.kind} {name!r}: {e}") from None
+        names = option_names(factory)
+        valid = names[len(args):]
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown:
+            raise OptionError(f"bad options for {self.kind} {name!r}: no option {', '.join(map(repr, unknown))}; "
+                              f"valid options: {', '.join(valid) or '(none)'}")
+        sig = inspect.signature(factory)
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            try:
+                sig.bind(*args, **kwargs)
+            except TypeError as e:
+                raise OptionError(f"bad options for {self.kind} {name!r}: {e}; valid options: "
+                                  f"{', '.join(valid) or '(none)'}") from None
+        return factory(*args, **kwargs)
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -61,6 +81,35 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _declared(factory: Callable[..., Any], attr: str) -> Any:
+    """An option declaration: on the class that defines the __init__ in use, or on the function."""
+    if isinstance(factory, type):
+        owner = next(c for c in factory.__mro__ if "__init__" in vars(c))
+        return vars(owner).get(attr)
+    return getattr(factory, attr, None)
+
+
+def option_names(factory: Callable[..., Any]) -> list[str]:
+    """Every argument name a factory accepts, in signature order, following declared **kwargs forwarding.
+
+    A factory that takes **kwargs without declaring where they go is a bug in robustlab (its options could be
+    accepted and ignored): it raises TypeError."""
+    sig = inspect.signature(factory)
+    names: list[str] = []
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY):
+            names.append(p.name)
+        elif p.kind is p.VAR_KEYWORD:
+            targets = _declared(factory, "forwards_options_to")
+            if targets is None:
+                raise TypeError(f"{getattr(factory, '__qualname__', factory)} takes **{p.name} but does not declare "
+                                "forwards_options_to")
+            fixed = set(_declared(factory, "fixed_options") or ())
+            for t in targets:
+                names += [n for n in option_names(t) if n not in names and n not in fixed]
+    return names
 
 
 ATTACKS: Registry[Any] = Registry("attack")

@@ -1,6 +1,7 @@
 """Input checks shared by attacks, evaluation and training.
 
-Errors are ValueError/TypeError naming the bad argument; never `assert` (it vanishes under -O).
+Errors are `InputError` (a ValueError) / `InputTypeError` (also a TypeError) naming the bad argument; never
+`assert` (it vanishes under -O).
 Each check costs at most one host-device sync and runs once per call, never inside attack loops.
 """
 from __future__ import annotations
@@ -10,21 +11,23 @@ import math
 import torch
 from torch import Tensor
 
+from robustlab.errors import DeviceError, InputError, InputTypeError, OptionError
+
 
 def check_images(x: Tensor, name: str = "x") -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor in [0, 1], got dtype {x.dtype}")
+        raise InputTypeError(f"{name} must be a floating-point tensor in [0, 1], got dtype {x.dtype}")
     if x.dim() != 4:
-        raise ValueError(f"{name} must have shape (N, C, H, W), got rank {x.dim()} shape {tuple(x.shape)}")
+        raise InputError(f"{name} must have shape (N, C, H, W), got rank {x.dim()} shape {tuple(x.shape)}")
     if x.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch")
+        raise InputError(f"{name} is an empty batch")
     stats = torch.stack([torch.isfinite(x).all().to(x.dtype), x.min(), x.max()]).tolist()
     if stats[0] < 1:
-        raise ValueError(f"{name} contains NaN or inf values")
+        raise InputError(f"{name} contains NaN or inf values")
     if stats[1] < 0 or stats[2] > 1:
-        raise ValueError(
+        raise InputError(
             f"{name} must lie in [0, 1] (normalisation belongs inside the model); got min {stats[1]:.4g}, "
             f"max {stats[2]:.4g}"
         )
@@ -32,45 +35,83 @@ def check_images(x: Tensor, name: str = "x") -> None:
 
 def check_labels(y: Tensor, n: int, name: str = "y", num_classes: int | None = None) -> None:
     if not isinstance(y, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
     if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"{name} must be an integer tensor of class indices, got dtype {y.dtype}")
+        raise InputTypeError(f"{name} must be an integer tensor of class indices, got dtype {y.dtype}")
     if y.dim() != 1:
-        raise ValueError(f"{name} must have shape (N,), got shape {tuple(y.shape)}")
+        raise InputError(f"{name} must have shape (N,), got shape {tuple(y.shape)}")
     if y.shape[0] != n:
-        raise ValueError(f"{name} has {y.shape[0]} labels but the batch has {n} images")
+        raise InputError(f"{name} has {y.shape[0]} labels but the batch has {n} images")
     lo, hi = torch.stack([y.min(), y.max()]).tolist()
     if lo < 0:
-        raise ValueError(f"{name} has a negative label ({lo})")
+        raise InputError(f"{name} has a negative label ({lo})")
     if num_classes is not None and hi >= num_classes:
-        raise ValueError(f"{name} has label {hi} but the model outputs {num_classes} classes (valid: 0..{num_classes - 1})")
+        raise InputError(f"{name} has label {hi} but the model outputs {num_classes} classes (valid: 0..{num_classes - 1})")
 
 
 def check_eps(eps: float | Tensor, name: str = "eps") -> None:
     if isinstance(eps, Tensor):
         if not torch.isfinite(eps).all() or (eps < 0).any():
-            raise ValueError(f"{name} must be finite and >= 0, got a tensor with min {eps.min().item():.4g}")
+            raise InputError(f"{name} must be finite and >= 0, got a tensor with min {eps.min().item():.4g}")
         return
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
-        raise TypeError(f"{name} must be a number or a tensor, got {type(eps).__name__}")
+        raise InputTypeError(f"{name} must be a number or a tensor, got {type(eps).__name__}")
     if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {eps}")
+        raise InputError(f"{name} must be finite and >= 0, got {eps}")
 
 
 def check_positive_int(value: int, name: str, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
+        raise InputTypeError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InputError(f"{name} must be >= {minimum}, got {value}")
 
 
 def check_positive(value: float, name: str, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
+        raise InputTypeError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+        raise InputError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
+        raise InputError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch.device that exists on this machine; DeviceError naming the available ones otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"unknown device {device!r} ({e}); available on this machine: "
+                          f"{', '.join(available_devices())}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
+            raise DeviceError(f"device {str(device)!r} requested but CUDA is not available ({build}); available on "
+                              f"this machine: {', '.join(available_devices())}")
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"device {str(device)!r} does not exist: this machine has {n} CUDA device(s); available: "
+                              f"{', '.join(available_devices())}")
+    elif dev.type == "mps" and "mps" not in available_devices():
+        raise DeviceError(f"device 'mps' is not available here; available: {', '.join(available_devices())}")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device {str(device)!r} is not supported; available: {', '.join(available_devices())}")
+    return dev
+
+
+def reject_inapplicable(given: dict[str, tuple[object, object]], why: str) -> None:
+    """OptionError for options set away from their default where they do not apply (they would be ignored).
+    given: {name: (value, default)}; why: when they apply, e.g. "applies to the l1 norm only"."""
+    set_ = [f"{k}={v!r}" for k, (v, d) in given.items() if v != d]
+    if set_:
+        raise OptionError(f"{', '.join(set_)} would be ignored: {why}")

@@ -251,3 +251,33 @@ def test_cli_eval_under_attacks_and_det_report(trained_std_detector, tmp_path, c
     eps_curve = res["eps"]["STD"]["pgd-cls"]
     assert eps_curve[1][0] == pytest.approx(res["models"]["STD"]["clean"]["map"])  # eps 0 = clean
     assert eps_curve[1][1] <= eps_curve[1][0] + 0.02  # mAP does not rise with eps
+
+
+def test_an_option_the_objective_does_not_read_is_refused(batch):
+    """beta_o means nothing to A_cls, beta_cls nothing to CWA: set away from its default, it is an error naming it
+    (it used to be accepted and ignored)."""
+    from robustlab.errors import OptionError
+
+    model, _, _ = batch
+    for spec, option in (("det-pgd:objective=cls,beta_o=2", "beta_o"), ("cwa:beta_cls=6", "beta_cls"),
+                         ("owa:cwa_scope=batch", "cwa_scope"), ("det-fgsm:objective=reg,granularity=gt", "granularity")):
+        with pytest.raises(OptionError, match=option):
+            create_attack(spec, model)
+    create_attack("det-pgd:objective=toat,beta_cls=6,beta_reg=6", model)  # read by TOAT: fine
+
+
+def test_evaluator_attacks_the_model_it_is_given(batch):
+    """detection_attacks' callables attack the model the evaluator passes, not the one the specs were checked on."""
+    from robustlab.detection.attacks import detection_attacks
+
+    model, x, t = batch
+    other = create_model("tinyssd-96", num_classes=10)
+    other.load_state_dict(model.state_dict())
+    other.eval()
+    calls = []
+    hook = other.register_forward_pre_hook(lambda m, inp: calls.append(1))
+    attacks = detection_attacks(["cwa:steps=2"], model)
+    a = attacks["cwa:steps=2"](other, x, t)
+    hook.remove()
+    assert calls, "the attack never ran the model it was given"
+    assert torch.equal(a, attacks["cwa:steps=2"](model, x, t))  # same weights: same result

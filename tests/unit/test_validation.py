@@ -117,3 +117,44 @@ def test_unknown_model_and_bad_options():
         create_model("mlp", widht=3)
     with pytest.raises(ValueError, match="6n\\+4"):
         create_model("wrn", depth=27)
+
+
+@pytest.mark.parametrize("spec", ["pgd:eps=8", "fgsm:eps=16", "apgd-ce:eps=4", "autoattack:norm=linf,eps=8",
+                                  "square:eps=2", "mma:eps=8"])
+def test_linf_budget_in_pixel_units_names_the_likely_mistake(model, spec):
+    """Classifiers take [0, 1] inputs: an l_inf eps above 1 is the detector's pixel unit leaking in."""
+    from robustlab.errors import InputError
+
+    with pytest.raises(InputError, match=r"/255"):
+        create_attack(spec, model)
+    create_attack("pgd:norm=l2,eps=8", model)  # l_2 / l_1 budgets above 1 are ordinary
+
+
+def test_a_spec_key_given_twice_is_an_error(model):
+    from robustlab.attacks.spec import expand_panels
+    from robustlab.errors import AttackSpecError
+
+    with pytest.raises(AttackSpecError, match="'eps' is given twice"):
+        create_attack("pgd:eps=0.3,eps=0.01", model)
+    with pytest.raises(AttackSpecError, match="given twice"):
+        expand_panels(["part:eps=0.3,eps=0.1"])
+    with pytest.raises(AttackSpecError, match="given twice"):
+        from robustlab.attacks.spec import parse_spec
+        from robustlab.registry import DATASETS
+
+        parse_spec("mnist-det:n_train=5,n_train=6", DATASETS)
+
+
+@pytest.mark.parametrize("n", [-5, 0])
+def test_n_samples_must_be_positive(model, n):
+    from robustlab.errors import InputError
+
+    with pytest.raises(InputError, match="n_samples"):
+        evaluate(model, torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,)), ["fgsm:eps=0.1"], n_samples=n)
+
+
+def test_attacks_given_as_a_string_is_an_error(model):
+    from robustlab.errors import InputTypeError
+
+    with pytest.raises(InputTypeError, match=r"attacks=\['fgsm"):
+        evaluate(model, torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,)), "fgsm:eps=0.1")

@@ -145,6 +145,7 @@ class APGD(_APGDBase):
     """APGD with the cross-entropy loss (untargeted); `loss="dlr"` gives APGD-DLR."""
 
     name = "apgd-ce"
+    forwards_options_to = (_APGDBase,)
 
     def __init__(self, model: nn.Module, *, loss: str = "ce", **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
@@ -163,10 +164,10 @@ class APGDDLR(APGD):
     """APGD with the difference-of-logits-ratio loss (untargeted)."""
 
     name = "apgd-dlr"
+    forwards_options_to = (_APGDBase,)  # loss is fixed to dlr
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
-        kwargs.setdefault("loss", "dlr")
-        super().__init__(model, **kwargs)
+        super().__init__(model, loss="dlr", **kwargs)
 
 
 def apgd_restarts(counter, x, y, *, threat, loss_fn, steps, rho, restarts, generator):
@@ -191,6 +192,7 @@ class APGDT(_APGDBase):
     """Targeted APGD on the targeted DLR loss, targets = the 2nd..(n_targets+1)-th largest clean logits."""
 
     name = "apgd-t"
+    forwards_options_to = (_APGDBase,)
 
     def __init__(self, model: nn.Module, *, n_targets: int = 9, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)

@@ -24,6 +24,8 @@ class AttackOut:
 
     norms: per-sample perturbation norm in the attack's norm (minimal-perturbation attacks fill it,
     inf where the attack failed). forward/backward: image-passes spent (a batch of B counts B).
+    threat: the threat model used for this batch when it depends on the batch (Pixel-AG's per-element budget
+    map); the evaluator checks x_adv against it instead of the attack's envelope.
     """
 
     x_adv: Tensor
@@ -31,6 +33,7 @@ class AttackOut:
     norms: Tensor | None = None
     forward: int = 0
     backward: int = 0
+    threat: LpBall | None = None
 
 
 class PassCounter:
@@ -91,6 +94,18 @@ def attack_mode(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[nn.Modul
             p.requires_grad_(req)
 
 
+@contextlib.contextmanager
+def restored_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer (BatchNorm running statistics) on exit: train-mode forwards leave no trace."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
 def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else int(seed))
@@ -107,6 +122,8 @@ class Attack(ABC):
     name: ClassVar[str] = ""
     minimal: ClassVar[bool] = False  # minimal-perturbation attack: reports norms, eps optional
     supports_targeted: ClassVar[bool] = False
+    # options every attack accepts that this one cannot use, with the reason (tests/unit/test_options.py)
+    no_op_options: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module, *, seed: int | None = 0, bn_mode: BNMode = "eval") -> None:
         if not isinstance(model, nn.Module):
@@ -148,7 +165,10 @@ class Attack(ABC):
         y = y.long()
         target = target.long() if target is not None else None
         x = x.detach()
-        with attack_mode(self.model, self.bn_mode):
+        # an attack object never changes the model it attacks: train-mode BatchNorm (bn_mode="train") would move
+        # the running statistics, so they are put back
+        keep = restored_buffers(self.model) if self.bn_mode == "train" else contextlib.nullcontext()
+        with keep, attack_mode(self.model, self.bn_mode):
             counter = PassCounter(self.model, y_for_check=y)
             gen = make_generator(x.device, self.seed)
             out = self._run(counter, x, y, target, gen)

@@ -123,6 +123,7 @@ class CriticAttack(Attack):
     """Adversary-critic attack (evaluation version): closest-boundary target, C = clean confidence, <= 500 steps."""
 
     name = "critic"
+    no_op_options = {"seed": "deterministic: draws nothing at random (every attack takes a seed)"}
     minimal = True
     supports_targeted = True
 

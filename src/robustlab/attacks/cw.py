@@ -21,6 +21,7 @@ class CW(Attack):
     """C&W l_2 minimal-perturbation attack. Defaults: kappa 0, 9 binary steps, 1000 iterations, lr 1e-2, c0 1e-3."""
 
     name = "cw"
+    no_op_options = {"seed": "deterministic: draws nothing at random (every attack takes a seed)"}
     minimal = True
     supports_targeted = True
 

@@ -26,6 +26,7 @@ class DeepFool(Attack):
     """DeepFool minimal-perturbation attack (norm l2 or linf), overshoot 0.02, max 50 iterations."""
 
     name = "deepfool"
+    no_op_options = {"seed": "deterministic: draws nothing at random (every attack takes a seed)"}
     minimal = True
 
     def __init__(self, model: nn.Module, *, norm: str = "l2", steps: int = 50, overshoot: float = 0.02,

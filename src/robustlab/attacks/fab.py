@@ -120,6 +120,7 @@ class FAB(Attack):
     """FAB minimal-norm attack, l_inf / l_2. eps=None: unbounded (reports norms); targeted=True: FAB-T."""
 
     name = "fab"
+    no_op_options = {"seed": "deterministic: draws nothing at random (every attack takes a seed)"}
     minimal = True
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float | None = None, steps: int = 100,
@@ -164,14 +165,16 @@ class FAB(Attack):
             n_targets = min(self.n_targets, clean.shape[1] - 1)
             order = clean.sort(dim=1)[1]
             for rank in range(2, n_targets + 2):
-                idx = (correct & (norms > eps)).nonzero().squeeze(1)  # not yet fooled within the budget
+                # not yet fooled within the budget (norms is inf until an adversarial point is found; with no
+                # budget, eps is inf too, so "norms > eps" would never select anything)
+                idx = (correct & ~(torch.isfinite(norms) & (norms <= eps))).nonzero().squeeze(1)
                 if idx.numel() == 0:
                     break
                 adv, nrm = fab_single_run(counter, x[idx], y[idx], target=order[idx, -rank], **kw)
                 better = nrm < norms[idx]
                 x_adv[idx] = torch.where(better.view(-1, 1, 1, 1), adv, x_adv[idx])
                 norms[idx] = torch.where(better, nrm, norms[idx])
-        success = correct & (norms <= eps)
+        success = correct & torch.isfinite(norms) & (norms <= eps)
         # Outside the budget the attack failed: return x (a minimal-norm result is reported in `norms`).
         if self.eps_value is not None:
             x_adv = torch.where(success.view(-1, 1, 1, 1), x_adv, x)

@@ -68,6 +68,7 @@ class EAD(_MinimalL1):
     decaying as sqrt(1 - t/T), beta 1e-2, c0 1e-3, kappa 0, early abort."""
 
     name = "ead"
+    no_op_options = {"seed": "deterministic: draws nothing at random (every attack takes a seed)"}
 
     def __init__(self, model: nn.Module, *, eps: float | None = None, binary_steps: int = 5, steps: int = 1000,
                  step_size: float = 1e-2, beta: float = 1e-2, initial_const: float = 1e-3, kappa: float = 0.0,

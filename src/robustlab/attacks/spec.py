@@ -6,11 +6,13 @@ Values are parsed as Python literals (never evaluated as code); "a/b" is accepte
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 from typing import Any
 
 from torch import nn
 
+from robustlab.errors import AttackSpecError
 from robustlab.registry import ATTACKS
 
 _FRACTION = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
@@ -21,7 +23,7 @@ def parse_value(text: str) -> Any:
     if m:
         den = float(m.group(2))
         if den == 0:
-            raise ValueError(f"division by zero in {text!r}")
+            raise AttackSpecError(f"division by zero in {text!r}")
         return float(m.group(1)) / den
     try:
         return ast.literal_eval(text)
@@ -38,17 +40,26 @@ def parse_spec(spec: str, registry=ATTACKS) -> tuple[str, dict[str, Any]]:
     """'name:key=value,...' -> (name, {key: literal}) for any registry (attacks, datasets)."""
     kind = registry.kind
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"empty {kind} specification {spec!r}; expected 'name:key=value,...'")
+        raise AttackSpecError(f"empty {kind} specification {spec!r}; expected 'name:key=value,...'")
     name, _, rest = spec.partition(":")
     name = name.strip()
     registry.get(name)  # fails listing valid names
+    return name, _options(rest, f"{kind} spec {spec!r}")
+
+
+def _options(rest: str, where: str) -> dict[str, Any]:
+    """'key=value,...' -> {key: literal}; a key given twice is an error (which value was meant?)."""
     kwargs: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in rest.split(","))):
         key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"bad option {part!r} in {kind} spec {spec!r}; expected key=value")
-        kwargs[key.strip()] = parse_value(value)
-    return name, kwargs
+        key = key.strip()
+        if not sep or not key:
+            raise AttackSpecError(f"bad option {part!r} in {where}; expected key=value")
+        if key in kwargs:
+            raise AttackSpecError(f"option {key!r} is given twice in {where} ({kwargs[key]!r} and "
+                                  f"{parse_value(value)!r}); give it once")
+        kwargs[key] = parse_value(value)
+    return kwargs
 
 
 def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -100,16 +111,13 @@ def expand_panels(specs: list[str]) -> list[str]:
     for s in specs:
         name, _, rest = s.strip().partition(":")
         if name in PANELS:
-            kwargs = {}
-            for part in filter(None, (q.strip() for q in rest.split(","))):
-                key, sep, value = part.partition("=")
-                if not sep:
-                    raise ValueError(f"bad option {part!r} in panel spec {s!r}; expected key=value")
-                kwargs[key.strip()] = parse_value(value)
-            try:
-                items = PANELS[name](**kwargs)
-            except TypeError as e:
-                raise ValueError(f"panel {name!r}: {e}") from None
+            kwargs = _options(rest, f"panel spec {s!r}")
+            valid = list(inspect.signature(PANELS[name]).parameters)
+            unknown = [k for k in kwargs if k not in valid]
+            if unknown:
+                raise AttackSpecError(f"panel {name!r} has no option {', '.join(map(repr, unknown))}; valid options: "
+                                      f"{', '.join(valid) or '(none)'}")
+            items = PANELS[name](**kwargs)
         else:
             items = [s]
         for item in items:

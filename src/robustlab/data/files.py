@@ -23,11 +23,10 @@ import numpy as np
 import torch
 
 from robustlab.data.embedded import ImageData
+from robustlab.errors import DataError
 from robustlab.registry import DATASETS
 
 
-class DataError(ValueError):
-    """A dataset file is missing or malformed; the message names the path and the expected layout."""
 
 
 def _need(path: Path, layout: str) -> Path:

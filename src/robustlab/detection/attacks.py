@@ -315,10 +315,28 @@ PANELS = {
 }
 
 
+for _factory, _fixed in ((det_pgd, ()), (det_fgsm, ("alpha", "steps")), (owa, ("objective",)), (cwa, ("objective",))):
+    _factory.forwards_options_to = (DetPGD,)  # type: ignore[attr-defined]
+    _factory.fixed_options = _fixed  # type: ignore[attr-defined]
+mda.forwards_options_to = (MDA,)  # type: ignore[attr-defined]
+dag.forwards_options_to = (DAG,)  # type: ignore[attr-defined]
+
+
 def detection_attacks(specs: list[str], model: nn.Module) -> dict[str, Any]:
-    """{label: callable(model, x, targets) -> x_adv} from attack specs or panel names ('table1', 'table3');
-    the evaluator calls each on the model under evaluation."""
+    """{label: callable(model, x, targets) -> x_adv} from attack specs or panel names ('table1', 'table3').
+
+    Every spec is checked (built once on `model`) here, before any work; each callable attacks the model the
+    evaluator hands it (the attack is rebuilt when that is another model than the last one)."""
     from robustlab.attacks.spec import create_attack
+
+    def bound(spec: str, first: Any):
+        cache = {"attack": first}
+
+        def run(m: nn.Module, x: Tensor, t: Tensor) -> Tensor:
+            if cache["attack"].model is not m:
+                cache["attack"] = create_attack(spec, m)
+            return cache["attack"](x, t)
+        return run
 
     out: dict[str, Any] = {}
     for spec in specs:
@@ -328,6 +346,6 @@ def detection_attacks(specs: list[str], model: nn.Module) -> dict[str, Any]:
             if getattr(atk, "task", None) != "detection":
                 raise ValueError(f"attack {s!r} is a classifier attack; detectors take det-fgsm, det-pgd, owa, cwa, "
                                  "mda, dag (or the panels table1, table3)")
-            out[label] = (lambda a: (lambda m, x, t: a(x, t)))(atk)
+            out[label] = bound(s, atk)
     return out
 

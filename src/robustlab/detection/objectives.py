@@ -7,17 +7,24 @@ Each returns the per-image objective J_b (B,); attacks ascend sum_b J_b. Clippin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from robustlab.detection.loss import Decomp
+from robustlab.validation import reject_inapplicable
 
 OBJECTIVES = ("cls", "reg", "full", "toat", "owa", "cwa")
 GRANULARITIES = ("anchor", "gt")
 NEGATIVES = ("none", "ohem")
 SCOPES = ("image", "batch")
+
+
+# the options each objective reads (the others, set away from their defaults, are refused: they would be ignored)
+USED_OPTIONS = {"cls": (), "reg": (), "full": (), "toat": ("beta_cls", "beta_reg"),
+                "owa": ("beta_o", "granularity", "attack_negatives"),
+                "cwa": ("beta_o", "granularity", "attack_negatives", "cwa_scope")}
 
 
 def _clip(t: Tensor, beta: float) -> Tensor:
@@ -46,6 +53,10 @@ class Objective:
         for k, valid in (("granularity", GRANULARITIES), ("attack_negatives", NEGATIVES), ("cwa_scope", SCOPES)):
             if getattr(self, k) not in valid:
                 raise ValueError(f"{k} must be one of {', '.join(valid)}, got {getattr(self, k)!r}")
+        used = USED_OPTIONS[self.name]
+        defaults = {f.name: f.default for f in fields(Objective) if f.name != "name"}
+        reject_inapplicable({k: (getattr(self, k), d) for k, d in defaults.items() if k not in used},
+                            f"the {self.name!r} objective uses " + (", ".join(used) if used else "none of them"))
 
     def __call__(self, d: Decomp, num_classes: int, num_objects: int | None = None) -> Tensor:
         """Per-image objective (B,). num_objects (M of the padded targets) is needed for granularity='gt'."""

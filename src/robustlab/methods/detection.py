@@ -37,6 +37,7 @@ class DetStandard(Method):
 
     name = "det-std"
     task = "detection"
+    robustness_goal = False
 
     def loss(self, model, batch, ctx):
         loc, conf = model(batch.x)
@@ -111,6 +112,7 @@ class TOAT(_DetPGDMethod):
 
     name = "toat"
     objective_name = "toat"
+    forwards_options_to = (_DetPGDMethod,)
 
     def __init__(self, beta_cls: float = 6.0, beta_reg: float = 6.0, **kwargs) -> None:
         super().__init__(beta_cls=beta_cls, beta_reg=beta_reg, **kwargs)
@@ -182,10 +184,13 @@ class CWATFast(_FastMethod):
     name = "cwat-fast"
 
     def __init__(self, eps: float = 8.0, replays: int = 4, objective: str = "cwa", beta_o: float = 6.0,
-                 beta_cls: float = 6.0, beta_reg: float = 6.0, granularity: str = "anchor",
+                 beta_cls: float | None = None, beta_reg: float | None = None, granularity: str = "anchor",
                  attack_negatives: str = "none", cwa_scope: str = "image") -> None:
         super().__init__(eps, replays)
-        self.objective = Objective(objective, float(beta_cls), float(beta_reg), float(beta_o), granularity,
+        # task-wise clipping exists for objective=toat only (TOAT-6 by default); elsewhere it stays unset
+        unset = 6.0 if objective == "toat" else math.inf
+        self.objective = Objective(objective, float(unset if beta_cls is None else beta_cls),
+                                   float(unset if beta_reg is None else beta_reg), float(beta_o), granularity,
                                    attack_negatives, cwa_scope)
 
     def train_step(self, model, batch, optimizer, ctx, backward_and_step):
