@@ -1,15 +1,16 @@
 """Invariants every attack must satisfy, parametrised over the registry (a registered attack is tested).
 
-For shapes and budgets drawn by hypothesis: x_adv within the ball and [0, 1]; accuracy on x_adv never
-above clean accuracy; model mode and requires_grad restored (also when the attack raises); seeded
-runs repeat; parameters, gradients and BatchNorm buffers untouched.
+For shapes and budgets drawn by hypothesis: x_adv within the ball and [0, 1]. On a trained model with real labels:
+accuracy on x_adv never above clean accuracy, the loss never lower, and an unbounded budget drives accuracy to ~0.
+Model mode and requires_grad restored (also when the attack raises); seeded runs repeat; parameters, gradients and
+BatchNorm buffers untouched.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import robustlab.methods  # noqa: F401  (registers pixel-ag: the registry must not depend on collection order)
 from robustlab.attacks import create_attack
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat
@@ -61,7 +62,7 @@ def _make(name, norm, model, eps):
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 5), c=st.sampled_from([1, 3]), hw=st.integers(6, 10), eps_unit=st.floats(0.0, 1.0),
        seed=st.integers(0, 1000))
-def test_in_ball_in_box_and_no_accuracy_gain(name, norm, n, c, hw, eps_unit, seed):
+def test_in_ball_and_in_box_for_any_shape_and_budget(name, norm, n, c, hw, eps_unit, seed):
     torch.manual_seed(seed)
     model = TinyCNN(c=c, k=10).eval()
     eps = eps_unit * {"linf": 0.3, "l2": 2.0, "l1": 8.0}[norm]
@@ -71,14 +72,81 @@ def test_in_ball_in_box_and_no_accuracy_gain(name, norm, n, c, hw, eps_unit, see
     x_adv = attack(x, y)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     assert make_threat(norm, eps).contains(x_adv, x, tol=1e-5).all()
+
+
+# Attacks that return their final iterate for every sample (the others keep x where they fail): these may move an
+# already misclassified image anywhere in the ball, including back to the right class.
+FINAL_ITERATE = ("fgsm", "pgd", "mma", "pixel-ag")
+BUDGET = {"linf": 0.1, "l2": 1.0, "l1": 4.0}  # on the 8x8 digits: strong enough to fool part of the test images
+
+
+def _predict(model, x):
     with torch.no_grad():
-        clean_ok = model(x).argmax(1) == y
-        adv_ok = model(x_adv).argmax(1) == y
-    # robust accuracy (clean-correct and adversarial-correct) can never exceed clean accuracy; attacks that
-    # return x for failures keep misclassified points misclassified
-    assert (clean_ok & adv_ok).sum() <= clean_ok.sum()
-    if name not in ("fgsm", "pgd", "mma"):  # attacks that keep only successes never flip a wrong point to right
+        return model(x)
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_on_a_trained_model_accuracy_never_rises_and_the_loss_never_falls(name, norm, digits_tiny_cnn, digits):
+    """On a trained model and real labels: adversarial accuracy <= clean accuracy (over every image, misclassified
+    ones included), the mean cross-entropy does not fall, and attacks that keep x where they fail never turn a
+    wrong prediction right."""
+    model = digits_tiny_cnn
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    eps = BUDGET[norm]
+    x_adv = _make(name, norm, model, eps)(x, y)
+    assert make_threat(norm, eps).contains(x_adv, x, tol=1e-5).all()
+    clean, adv = _predict(model, x), _predict(model, x_adv)
+    clean_ok, adv_ok = clean.argmax(1) == y, adv.argmax(1) == y
+    assert clean_ok.float().mean() > 0.8  # the fixture is a trained model
+    assert adv_ok.sum() <= clean_ok.sum()
+    assert F.cross_entropy(adv, y) >= F.cross_entropy(clean, y) - 1e-4
+    if name not in FINAL_ITERATE:
         assert not (adv_ok & ~clean_ok).any()
+
+
+# Settings under which each attack can reach any point of the box (eps covering [0, 1]^d, or no budget for minimal
+# attacks): accuracy must fall to ~0 on a trained model. FGSM takes one step, so only most images fall.
+UNBOUNDED = {
+    "fgsm": {"linf": {"eps": 1.0}, "l2": {"eps": 8.0}},
+    "pgd": {"linf": {"eps": 1.0, "steps": 20}, "l2": {"eps": 8.0, "steps": 20}, "l1": {"eps": 64.0, "steps": 20}},
+    "apgd-ce": {"linf": {"eps": 1.0, "steps": 20}, "l2": {"eps": 8.0, "steps": 20}},
+    "apgd-dlr": {"linf": {"eps": 1.0, "steps": 20}, "l2": {"eps": 8.0, "steps": 20}},
+    "apgd-t": {"linf": {"eps": 1.0, "steps": 20, "n_targets": 3}, "l2": {"eps": 8.0, "steps": 20, "n_targets": 3}},
+    "fab": {"linf": {"steps": 50, "targeted": True, "n_targets": 9}, "l2": {"steps": 50}},
+    "square": {"linf": {"eps": 1.0, "n_queries": 200}, "l2": {"eps": 8.0, "n_queries": 200}},
+    "autoattack": {"linf": {"eps": 1.0, "apgd_steps": 10, "fab_steps": 10, "square_queries": 50, "n_targets": 3},
+                   "l2": {"eps": 8.0, "apgd_steps": 10, "fab_steps": 10, "square_queries": 50, "n_targets": 3}},
+    "mma": {"linf": {"eps": 1.0, "steps": 20, "k": 3}},
+    "cw": {"l2": {"steps": 200, "binary_steps": 6}},
+    "deepfool": {"l2": {"steps": 50}, "linf": {"steps": 50}},
+    "critic": {"l2": {"steps": 100}},
+    "ead": {"l1": {"steps": 100, "binary_steps": 4}},
+    "salt-pepper": {"l1": {"steps": 200}},
+    "pixel-ag": {"linf": {"eps": 1.0, "eps_low": 1.0, "steps": 20, "step_size": 0.1, "cam_layer": "conv"}},
+}
+
+
+def test_every_attack_has_an_unbounded_case():
+    assert [c for c in CASES if c[1] not in UNBOUNDED.get(c[0], {})] == []
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_unbounded_budget_reaches_zero_accuracy_on_a_trained_model(name, norm, digits_tiny_cnn, digits):
+    model = digits_tiny_cnn
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    kwargs = dict(UNBOUNDED[name][norm])
+    if name in ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack", "fab", "deepfool"):
+        kwargs["norm"] = norm
+    if name == "deepfool":
+        kwargs["num_classes"] = 10
+    out = create_attack(name, model, **kwargs).run(x, y)
+    pred = _predict(model, out.x_adv).argmax(1)
+    acc = (pred == y).float().mean().item()
+    assert acc <= (0.25 if name == "fgsm" else 0.02), acc
+    # the success flags tell the truth on the images that were correct (unbounded FAB-T used to report success
+    # without attacking at all)
+    correct = _predict(model, x).argmax(1) == y
+    assert torch.equal(out.success[correct], (pred != y)[correct])
 
 
 @pytest.mark.parametrize("name,norm", CASES)

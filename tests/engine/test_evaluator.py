@@ -67,6 +67,40 @@ def test_evaluator_checks_the_threat_model(mnist_cnn, mnist):
         evaluate(mnist_cnn, mnist.x_test[:20], mnist.y_test[:20], [_Cheater(mnist_cnn)])
 
 
+class _EnvelopeCheater(Attack):
+    """Pixel-AG-like: reports a per-element budget (0.3 on the top half, 0.05 elsewhere) but moves every pixel by
+    0.3. Inside the scalar envelope, outside the budget it actually used."""
+
+    name = "envelope-cheater"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.threat = make_threat("linf", 0.3)  # the envelope
+
+    def _run(self, counter, x, y, target, gen):
+        budget = torch.full_like(x, 0.05)
+        budget[..., : x.shape[-2] // 2, :] = 0.3
+        x_adv = (x + 0.3 * torch.sign(torch.randn(x.shape, generator=gen))).clamp(0, 1)
+        return AttackOut(x_adv, None, threat=make_threat("linf", budget))
+
+
+def test_evaluator_checks_the_per_element_budget_the_attack_used(mnist_cnn, mnist):
+    with pytest.raises(ThreatViolation, match="per-element budget"):
+        evaluate(mnist_cnn, mnist.x_test[:20], mnist.y_test[:20], [_EnvelopeCheater(mnist_cnn)])
+
+
+def test_pixel_ag_is_checked_against_its_budget_map(mnist_cnn, mnist):
+    """The honest Pixel-AG passes the per-element check of its own CAM budget map."""
+    from robustlab.attacks import create_attack
+
+    atk = create_attack("pixel-ag", mnist_cnn, eps=0.3, eps_low=0.1, steps=3, step_size=0.1, cam_layer="body.8")
+    out = atk.run(mnist.x_test[:8], mnist.y_test[:8])
+    assert out.threat is not None and out.threat.eps.shape == mnist.x_test[:8].shape
+    assert out.threat.contains(out.x_adv, mnist.x_test[:8]).all()
+    r = evaluate(mnist_cnn, mnist.x_test[:20], mnist.y_test[:20], [atk], checks=False)
+    assert r["attacks"]["pixel-ag"]["robust_accuracy"] <= r["clean_accuracy"]
+
+
 def test_warns_on_train_mode_and_restores_it():
     torch.manual_seed(0)
     m = TinyCNN().train()

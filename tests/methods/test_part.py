@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from robustlab.attacks import create_attack
-from robustlab.cam import class_activation_maps, find_module
+from robustlab.attacks.cam import class_activation_maps, find_module
 from robustlab.methods import Batch, StepContext, create_method
-from robustlab.methods.part import PixelAG, budget_map, importance_mask, part_budget
+from robustlab.attacks.pixel_ag import PixelAG, budget_map, importance_mask, part_budget
 from robustlab.models.classifiers import create_model
 
 
@@ -169,7 +169,8 @@ def test_pixel_ag_stays_in_the_per_element_box_and_reduces_to_pgd():
     assert ((x_adv - x).abs() <= e + 1e-7).all() and x_adv.min() >= 0 and x_adv.max() <= 1
     low = e == 0.1
     assert low.any() and ((x_adv - x).abs()[low] <= 0.1 + 1e-7).all()
-    same = PixelAG(model, eps=0.3, eps_low=0.3, steps=5, step_size=0.05, cam_layer="body.8")(x, y)
+    # robustlab's own start (uniform in the box, clipped): with eps_low = eps, Pixel-AG is PGD bit for bit
+    same = PixelAG(model, eps=0.3, eps_low=0.3, steps=5, step_size=0.05, cam_layer="body.8", start="budget")(x, y)
     ref = create_attack("pgd", model, norm="linf", eps=0.3, steps=5, step_size=0.05)(x, y)
     assert torch.equal(same, ref)
     fixed = torch.full((1, 28, 28), 0.05)
@@ -178,19 +179,50 @@ def test_pixel_ag_stays_in_the_per_element_box_and_reduces_to_pgd():
     assert ((x_fix - x).abs() <= fixed + 1e-7).all()
 
 
-@pytest.mark.parametrize("part,base,kw", [("part", "pgd-at", {"step_size": 0.05}), ("part-t", "trades", {"step_size": 0.05}),
-                                           ("part-m", "mart", {"step_size": 0.05})])
+def test_pixel_ag_starts_as_the_official_code_with_the_scalar_eps_unclipped():
+    """part.md 4.1 / 12.6: x_0 = x + U(-eps, eps) element-wise with the scalar eps (not the budget map E) and no
+    clipping before the first gradient; the first step then projects into |delta| <= E and [0, 1]."""
+    torch.manual_seed(0)
+    model = create_model("small-cnn", in_channels=1, input_size=28, width=4, hidden=16).eval()
+    x = torch.rand(4, 1, 28, 28)
+    x[:, :, :4] = 0.0  # saturated pixels: an unclipped start leaves [0, 1] there
+    y = torch.randint(0, 10, (4,))
+    budget = torch.full((1, 28, 28), 0.1)
+    budget[:, 10:20, 10:20] = 0.3  # eps_low 0.1 < eps 0.3 on most pixels
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().clone()))
+    x_adv = PixelAG(model, eps=0.3, eps_low=0.1, budget=budget, steps=1, step_size=0.0, seed=3)(x, y)
+    hook.remove()
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(3))
+    x0 = x + (2 * u - 1) * 0.3
+    assert torch.equal(seen[0], x0)  # the first gradient is taken at the unclipped start
+    assert seen[0].min() < 0 and ((seen[0] - x).abs() > 0.1).any()  # outside the box and beyond eps_low
+    assert torch.allclose(x_adv, (x + (x0 - x).clamp(-budget, budget)).clamp(0, 1))
+    assert ((x_adv - x).abs() <= budget + 1e-7).all() and x_adv.min() >= 0
+    # PART trains with the same start after burn-in (and plain PGD-AT's during it)
+    part = create_method("part", eps=0.3, eps_low=0.1, steps=1, step_size=0.0, burn_in_epochs=1)
+    assert part.start_point(StepContext(0, 0, torch.Generator())) is None
+    start = part.start_point(StepContext(1, 0, torch.Generator()))
+    assert torch.equal(start(x, torch.Generator().manual_seed(3)), x0)
+    assert create_method("part", start="budget", burn_in_epochs=0).start_point(StepContext(1, 0, torch.Generator())) is None
+
+
+@pytest.mark.parametrize("part,base,kw", [("part", "pgd-at", {"step_size": 0.05, "start": "budget"}),
+                                          ("part-t", "trades", {"step_size": 0.05}),
+                                          ("part-m", "mart", {"step_size": 0.05})])
 def test_with_eps_low_equal_eps_each_method_is_its_base_method(part, base, kw):
     torch.manual_seed(0)
     model = create_model("small-cnn", in_channels=1, input_size=28, width=4, hidden=16)
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    kw = dict(kw)
+    start = {"start": kw.pop("start")} if "start" in kw else {}  # robustlab's start: the reduction is exact
     common = dict(eps=0.3, steps=3, **kw)
-    a = create_method(part, eps_low=0.3, burn_in_epochs=0, **common)
+    a = create_method(part, eps_low=0.3, burn_in_epochs=0, **common, **start)
     b = create_method(base, **common)
     la = a.loss(model, Batch(x, y), StepContext(0, 0, torch.Generator().manual_seed(1)))
     lb = b.loss(model, Batch(x, y), StepContext(0, 0, torch.Generator().manual_seed(1)))
     assert torch.equal(la.loss, lb.loss)
-    c = create_method(part, eps_low=0.1, burn_in_epochs=0, **common)
+    c = create_method(part, eps_low=0.1, burn_in_epochs=0, **common, **start)
     lc = c.loss(model, Batch(x, y), StepContext(0, 0, torch.Generator().manual_seed(1)))
     assert not torch.equal(lc.loss, lb.loss)  # the reweighted budget changes the inner attack
 

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import brentq
 
-from robustlab.threat import L1Ball, L2Ball, LinfBall, UnionThreat, make_threat, per_sample_norm
+from robustlab.errors import InputError
+from robustlab.threat import L1Ball, L2Ball, LinfBall, make_threat, per_sample_norm
 from robustlab.threat.lp import project_l1_ball
 
 
@@ -84,7 +85,7 @@ def test_exact_l2_projection_beats_scale_then_clip():
 @given(st.sampled_from(["linf", "l2", "l1"]), st.floats(0.0, 2.0), st.integers(1, 5), st.integers(0, 1000))
 def test_random_init_inside_ball_and_box(norm, eps, n, seed):
     x = _batch(n, seed=seed)
-    t = make_threat(norm, eps)
+    t = make_threat(norm, min(eps, 1.0) if norm == "linf" else eps)  # l_inf budgets above 1 are refused (units)
     x0 = t.random_init(x, torch.Generator().manual_seed(seed))
     assert t.contains(x0, x, tol=1e-9).all()
 
@@ -142,14 +143,14 @@ def test_per_pixel_budget_rejected_for_l2():
         L2Ball(torch.rand(1, 1, 4, 4))
 
 
-def test_union_membership():
-    x = torch.full((2, 1, 1, 4), 0.05)
-    u = UnionThreat((LinfBall(0.1), L1Ball(1.0)))
-    a = x.clone()
-    a[0, 0, 0, 0] += 0.9  # l1 0.9 (in l1 ball), linf 0.9 (not in linf ball)
-    a[1] += 0.3  # linf 0.3, l1 1.2: in neither
-    assert u.contains(a, x).tolist() == [True, False]
-    assert u.norm == "linf+l1"
+def test_linf_budget_in_pixel_units_is_refused():
+    with pytest.raises(InputError, match=r"8/255"):
+        LinfBall(8.0)
+    with pytest.raises(InputError, match="larger than the \\[0, 1\\] input range"):
+        make_threat("linf", torch.tensor([0.1, 4.0]))
+    LinfBall(1.0)  # the whole box: legitimate (unbounded-budget sanity checks)
+    L2Ball(8.0)  # l_2 / l_1 budgets above 1 are ordinary
+    L1Ball(10.0)
 
 
 def test_bad_threat_arguments():
@@ -157,8 +158,6 @@ def test_bad_threat_arguments():
         make_threat("l3", 0.1)
     with pytest.raises(ValueError, match=">= 0"):
         make_threat("linf", -0.1)
-    with pytest.raises(ValueError, match="at least one"):
-        UnionThreat(())
     with pytest.raises(ValueError, match="q"):
         L1Ball(1.0, q=1.5)
 

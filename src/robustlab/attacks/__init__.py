@@ -14,9 +14,10 @@ from robustlab.attacks.fab import FAB
 from robustlab.attacks.l1 import EAD, SaltAndPepper
 from robustlab.attacks.mma import MMA
 from robustlab.attacks.pgd import FGSM, PGD
+from robustlab.attacks.pixel_ag import PixelAG
 from robustlab.attacks.spec import create_attack, parse_attack_spec
 from robustlab.attacks.square import Square
 
 __all__ = ["Attack", "AttackOut", "PassCounter", "attack_mode", "FGSM", "PGD", "APGD", "APGDDLR", "APGDT", "FAB",
            "Square", "CW", "CriticAttack", "DeepFool", "MMA", "AutoAttack", "EAD",
-           "SaltAndPepper", "create_attack", "parse_attack_spec"]
+           "SaltAndPepper", "PixelAG", "create_attack", "parse_attack_spec"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from robustlab.errors import InputError
 CAM_METHODS = ("gradcam", "xgradcam", "layercam")
 
 
@@ -25,7 +26,7 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name not in modules or name == "":
         valid = [n for n in modules if n]
-        raise ValueError(f"CAM layer {name!r} is not a module of {type(model).__name__}; valid layer names: "
+        raise InputError(f"CAM layer {name!r} is not a module of {type(model).__name__}; valid layer names: "
                          + ", ".join(valid))
     return modules[name]
 
@@ -55,13 +56,13 @@ def class_activation_maps(model: nn.Module, x: Tensor, layer: str, method: str =
                           classes: Tensor | None = None) -> Tensor:
     """(B, h, w) CAMs in [0, 1] of `classes` (default: the predicted class) at module `layer`."""
     if method not in CAM_METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; valid: {', '.join(CAM_METHODS)}")
+        raise InputError(f"unknown CAM method {method!r}; valid: {', '.join(CAM_METHODS)}")
     module = find_module(model, layer)
     store: dict[str, Tensor] = {}
 
     def hook(_m, _inp, out):
         if not isinstance(out, Tensor) or out.dim() != 4:
-            raise ValueError(f"CAM layer {layer!r} must output a (B, C, h, w) tensor, got "
+            raise InputError(f"CAM layer {layer!r} must output a (B, C, h, w) tensor, got "
                              f"{getattr(out, 'shape', type(out).__name__)}")
         store["a"] = out
 

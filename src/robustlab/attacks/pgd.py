@@ -6,7 +6,7 @@ else the one with the highest final loss.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,8 @@ from robustlab.losses import get_loss
 from robustlab.losses.classification import margin
 from robustlab.registry import ATTACKS
 from robustlab.threat import LpBall, make_threat
-from robustlab.validation import check_positive, check_positive_int
+from robustlab.threat.lp import normalise_norm
+from robustlab.validation import check_positive, check_positive_int, reject_inapplicable
 
 
 def pgd(
@@ -32,13 +33,17 @@ def pgd(
     restarts: int = 1,
     target: Tensor | None = None,
     generator: torch.Generator | None = None,
+    init: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
 ) -> AttackOut:
-    """Pure PGD core: no mode handling, no validation. Loss gradients are of the per-sample sum."""
+    """Pure PGD core: no mode handling, no validation. Loss gradients are of the per-sample sum.
+
+    random_start draws x_0 with `threat.random_init`, or with `init(x, generator)` when given (Pixel-AG's start)."""
     best_x = x.clone()
     best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
     best_success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    start = init if init is not None else threat.random_init
     for _ in range(restarts):
-        x_adv = threat.random_init(x, generator) if random_start else x.clone()
+        x_adv = start(x, generator) if random_start else x.clone()
         for _ in range(steps):
             _, _, g = counter.loss_and_grad(x_adv, loss_fn, y, target)
             x_adv = threat.step(x_adv, g, step_size, x)
@@ -65,7 +70,11 @@ class PGD(Attack):
     """Projected gradient descent, l_inf / l_2 / l_1 (SLIDE), CE / CW-margin / DLR loss, random start, restarts.
 
     Example: `PGD(model, norm="linf", eps=0.3, steps=40, step_size=0.01)(x, y) -> x_adv`.
-    step_size defaults to 2.5 * eps / steps.
+    step_size defaults to 2.5 * eps / steps. l_1 only: `q` (SLIDE's sparsity quantile) and `mask_saturated`
+    (on by default: never spend a sparse step on a pixel that sits on a box face and is pushed outward, the
+    stronger variant of Tramer & Boneh and foolbox; without it SLIDE overstates l_1 robustness on images with
+    many saturated pixels such as MNIST). l_2 only: `l2_proj` ("scale_then_clip" as the reference codes, or
+    "exact").
     """
 
     name = "pgd"
@@ -83,16 +92,26 @@ class PGD(Attack):
         random_start: bool = True,
         restarts: int = 1,
         q: float = 0.99,
+        mask_saturated: bool = True,
+        l2_proj: str = "scale_then_clip",
         seed: int | None = 0,
         bn_mode: str = "eval",
-        **threat_kwargs: Any,
     ) -> None:
         super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
         check_positive_int(steps, "steps")
         check_positive_int(restarts, "restarts")
-        if norm in ("l1", "L1"):
-            threat_kwargs["q"] = q
-        self.threat = make_threat(norm, eps, **threat_kwargs)
+        threat_kwargs: dict[str, Any] = {}
+        key = normalise_norm(norm)
+        if key != "l1":
+            reject_inapplicable({"q": (q, 0.99), "mask_saturated": (mask_saturated, True)},
+                                "SLIDE's options apply to norm=l1 only")
+        if key != "l2":
+            reject_inapplicable({"l2_proj": (l2_proj, "scale_then_clip")}, "l2_proj applies to norm=l2 only")
+        if key == "l1":
+            threat_kwargs = {"q": q, "mask_saturated": bool(mask_saturated)}
+        elif key == "l2":
+            threat_kwargs = {"l2_proj": l2_proj}
+        self.threat = make_threat(key, eps, **threat_kwargs)
         if step_size is None:
             step_size = 2.5 * float(eps if not isinstance(eps, Tensor) else eps.max()) / steps
         check_positive(step_size, "step_size", allow_zero=True)
@@ -115,6 +134,7 @@ class FGSM(Attack):
     """Fast gradient sign method (l_inf) / fast gradient method (l_2): one step of size eps, no random start."""
 
     name = "fgsm"
+    no_op_options = {"seed": "deterministic: draws nothing at random (every attack takes a seed)"}
     supports_targeted = True
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float | Tensor = 8 / 255, loss: str = "ce",

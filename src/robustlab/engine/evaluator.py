@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, attack_mode
+from robustlab.attacks.base import Attack, AttackOut, attack_mode
 from robustlab.attacks.spec import create_attack
+from robustlab.engine.integrity import check_integrity
+from robustlab.errors import InputError, InputTypeError
 from robustlab.threat import make_threat, per_sample_norm
 from robustlab.utils import progress_bar
 from robustlab.validation import check_images, check_labels, check_positive_int
@@ -94,22 +96,34 @@ def evaluate(
     device: str | torch.device | None = None,
     n_samples: int | None = None,
     checks: bool = True,
+    integrity: bool | None = None,
     keep_records: bool = False,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` on (x, y) tensors or a DataLoader `x` yielding (x, y) batches.
 
     attacks: Attack objects bound to `model`, or spec strings ("pgd:norm=linf,eps=0.3,steps=40").
+    checks: warn on suspicious setups (train mode, randomness, probabilities, zero gradients) before attacking.
+    integrity (default: as `checks`): the integrity checks of `robustlab.engine.integrity` on a probe of the first
+    batch (zero-gradient share, unbounded attack, black-box vs white-box, monotonicity in eps).
     Returns a JSON-serialisable dict: clean_accuracy, attacks{name: robust_accuracy, norm, eps, passes, ...},
     union_accuracy, average_accuracy (over attacks), per_norm, norm_average_accuracy (over norms), per_class,
-    confusion, n_samples (+ records if asked).
+    confusion, n_samples, integrity (when run; `integrity.ok` false means: do not trust the numbers)
+    (+ records if asked).
     """
     check_positive_int(batch_size, "batch_size")
+    if n_samples is not None:
+        check_positive_int(n_samples, "n_samples")
+    if isinstance(attacks, (str, Attack)) or not isinstance(attacks, (list, tuple)):
+        raise InputTypeError(f"attacks must be a list of attack specs or Attack objects, got {attacks!r}; "
+                             f"e.g. attacks=[{attacks!r}]" if isinstance(attacks, (str, Attack))
+                             else f"attacks must be a list of attack specs or Attack objects, got {type(attacks).__name__}")
+    integrity = checks if integrity is None else integrity
     loader = None
     if x is not None and not isinstance(x, Tensor):
         loader, x = x, None
     elif x is None or y is None:
-        raise ValueError("evaluate needs images x and labels y (or a DataLoader as x)")
+        raise InputError("evaluate needs images x and labels y (or a DataLoader as x)")
     else:
         check_images(x)
         check_labels(y, x.shape[0])
@@ -120,9 +134,9 @@ def evaluate(
     built = [create_attack(a, model) if isinstance(a, str) else a for a in attacks]
     for a in built:
         if not isinstance(a, Attack):
-            raise TypeError(f"attacks must be Attack objects or spec strings, got {type(a).__name__}")
+            raise InputTypeError(f"attacks must be Attack objects or spec strings, got {type(a).__name__}")
         if a.model is not model:
-            raise ValueError(f"attack {a.name!r} is bound to a different model than the one evaluated")
+            raise InputError(f"attack {a.name!r} is bound to a different model than the one evaluated")
     names = _unique_names(built)
     was_training = model.training
 
@@ -136,6 +150,7 @@ def evaluate(
     clean_passes = 0
     seen = 0
     first = True
+    first_batch: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None
     with progress_bar(total=n_samples or (x.shape[0] if x is not None else None), desc="evaluate",
                       enabled=progress) as bar:
         for xb, yb in _batches(x, y, loader, batch_size):
@@ -172,7 +187,7 @@ def evaluate(
                     out = atk.run(xs, ys, with_success=False)
                     passes[name][0] += out.forward
                     passes[name][1] += out.backward
-                    _check_threat(atk, out.x_adv, xs, name)
+                    _check_threat(atk, out, xs, name)
                     with attack_mode(model), torch.no_grad():
                         p_adv = model(out.x_adv).argmax(1)
                     clean_passes += xs.shape[0]
@@ -188,23 +203,34 @@ def evaluate(
                 adv_pred[name].append(ap.cpu())
                 norms[name].append(nrm.cpu())
                 l2[name].append(r2.cpu())
+            if first_batch is None:
+                first_batch = (xb, yb, {n: robust[n][-1].to(device) for n in names})
             seen += xb.shape[0]
             bar.update(xb.shape[0])
     model.train(was_training)
     if seen == 0:
-        raise ValueError("no samples to evaluate")
-    return _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xnorm, passes, clean_passes,
-                      keep_records, num_classes)
+        raise InputError("no samples to evaluate")
+    result = _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xnorm, passes, clean_passes,
+                        keep_records, num_classes)
+    if integrity and first_batch is not None:
+        xb, yb, rob_first = first_batch
+        accs = {n: result["attacks"][n]["robust_accuracy"] for n in names}
+        result["integrity"] = check_integrity(model, xb, yb, list(zip(names, built)), rob_first, accs)
+        model.train(was_training)
+    return result
 
 
-def _check_threat(atk: Attack, x_adv: Tensor, x: Tensor, name: str) -> None:
-    threat = atk.threat
+def _check_threat(atk: Attack, out: AttackOut, x: Tensor, name: str) -> None:
+    """x_adv against the threat model the attack used for this batch (a per-pixel budget map for Pixel-AG), else the
+    attack's own threat model, else (minimal attacks with a budget) the ball of that budget, else the box."""
+    x_adv = out.x_adv
+    threat = out.threat if out.threat is not None else atk.threat
     eps = getattr(atk, "eps_value", None)
     if threat is None and eps is not None and atk.norm:
         threat = make_threat(atk.norm, eps)
     if threat is not None:
         ok = threat.contains(x_adv, x)
-        what = f"its {threat.norm} ball"
+        what = f"its {threat.norm} ball" + (" (per-element budget)" if out.threat is not None else "")
     else:  # unbounded minimal-perturbation attack: only the box applies
         ok = (x_adv.flatten(1).amin(1) >= -1e-6) & (x_adv.flatten(1).amax(1) <= 1 + 1e-6)
         what = "the [0, 1] box"

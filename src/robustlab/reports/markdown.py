@@ -26,4 +26,8 @@ def eval_table(result: dict[str, Any]) -> str:
     if len(result.get("per_norm") or {}) > 1:  # the multi-perturbation layout: worst case per norm, their mean
         per = "   ".join(f"{p}: {_pct(v)}%" for p, v in result["per_norm"].items())
         lines += [f"per norm: {per}   mean over norms: {_pct(result['norm_average_accuracy'])}%"]
+    integrity = result.get("integrity")
+    if integrity is not None:
+        lines += ["", "integrity: ok (no sign of gradient masking)" if integrity["ok"] else
+                  "integrity: DO NOT TRUST THESE NUMBERS"] + [f"  - {f}" for f in integrity["flags"]]
     return "\n".join(lines)

@@ -12,8 +12,8 @@ def part_figure(part_model: nn.Module, at_model: nn.Module, x: Tensor, y: Tensor
                 cam_method: str = "gradcam", mask_mode: str = "zscore") -> Path:
     """One row per image: image | CAM (PART model) | mask | budget map | AT perturbation | PART perturbation."""
     from robustlab.attacks import create_attack
-    from robustlab.cam import class_activation_maps
-    from robustlab.methods.part import PixelAG, budget_map, default_cam_layer, importance_mask, upsample_maps
+    from robustlab.attacks.cam import class_activation_maps
+    from robustlab.attacks.pixel_ag import PixelAG, budget_map, default_cam_layer, importance_mask, upsample_maps
     from robustlab.reports.plots import _plt
 
     part_model.eval()

@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from robustlab.errors import InputError
 from robustlab.validation import check_choice, check_eps
 
 NORMS = ("linf", "l2", "l1")
@@ -33,7 +34,7 @@ def per_sample_norm(v: Tensor, p: float | str) -> Tensor:
         return flat.norm(p=2, dim=1)
     if p in ("l1", 1):
         return flat.abs().sum(dim=1)
-    raise ValueError(f"unknown norm {p!r}; valid: linf, l2, l1")
+    raise InputError(f"unknown norm {p!r}; valid: linf, l2, l1")
 
 
 def _view(t: Tensor, x: Tensor) -> Tensor:
@@ -52,7 +53,7 @@ class LpBall(ABC):
     def __post_init__(self) -> None:
         check_eps(self.eps)
         if isinstance(self.eps, Tensor) and self.eps.dim() == 4 and self.eps.shape[1:].numel() > 1 and not self.per_pixel_ok:
-            raise ValueError(f"{self.norm} budgets are per sample; got a per-pixel eps of shape {tuple(self.eps.shape)}")
+            raise InputError(f"{self.norm} budgets are per sample; got a per-pixel eps of shape {tuple(self.eps.shape)}")
 
     # -- budgets -------------------------------------------------------------------------------
     def eps_like(self, x: Tensor) -> Tensor:
@@ -63,17 +64,17 @@ class LpBall(ABC):
         eps = eps.to(device=x.device, dtype=x.dtype)
         if eps.dim() == 1:
             if eps.shape[0] != x.shape[0]:
-                raise ValueError(f"per-sample eps has {eps.shape[0]} entries but the batch has {x.shape[0]} samples")
+                raise InputError(f"per-sample eps has {eps.shape[0]} entries but the batch has {x.shape[0]} samples")
             return _view(eps, x)
         if eps.dim() == x.dim() - 1:  # per-pixel budget shared by all samples
             eps = eps.unsqueeze(0)
         if eps.dim() == x.dim():
             if eps.shape[0] not in (1, x.shape[0]) or any(a not in (1, b) for a, b in zip(eps.shape[1:], x.shape[1:])):
-                raise ValueError(f"eps of shape {tuple(eps.shape)} does not broadcast to the input {tuple(x.shape)}")
+                raise InputError(f"eps of shape {tuple(eps.shape)} does not broadcast to the input {tuple(x.shape)}")
             return eps
         if eps.dim() == 0:
             return eps
-        raise ValueError(f"eps of shape {tuple(eps.shape)} does not broadcast to the input {tuple(x.shape)}")
+        raise InputError(f"eps of shape {tuple(eps.shape)} does not broadcast to the input {tuple(x.shape)}")
 
     def eps_per_sample(self, x: Tensor) -> Tensor:
         """Per-sample scalar budget (N,): for per-pixel l_inf budgets, the largest entry of each sample."""
@@ -128,6 +129,15 @@ class LinfBall(LpBall):
 
     norm: ClassVar[str] = "linf"
     per_pixel_ok: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        largest = float(self.eps.max()) if isinstance(self.eps, Tensor) and self.eps.numel() else self.eps
+        if isinstance(largest, (int, float)) and largest > 1:
+            # inputs live in [0, 1]: an l_inf budget above 1 is almost always a pixel-unit budget (8 for 8/255)
+            raise InputError(f"l_inf eps {largest:g} is larger than the [0, 1] input range; budgets are in the "
+                             f"input's unit, so eps={largest:g} is probably meant as {largest:g}/255 "
+                             f"= {largest / 255:.4g} (write eps={largest:g}/255)")
 
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         eps = self.eps_like(x)
@@ -238,7 +248,7 @@ class L1Ball(LpBall):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.q < 1.0:
-            raise ValueError(f"SLIDE quantile q must be in [0, 1), got {self.q}")
+            raise InputError(f"SLIDE quantile q must be in [0, 1), got {self.q}")
 
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         eps = self.eps_like(x)
@@ -284,14 +294,19 @@ def _quantile_linear(a: Tensor, q: float) -> Tensor:
 _BALLS = {"linf": LinfBall, "l2": L2Ball, "l1": L1Ball}
 
 
-def make_threat(norm: str, eps: float | Tensor, **kwargs) -> LpBall:
-    """Build a threat model by norm name ('linf', 'l2', 'l1'; 'inf', 'Linf', 'L2', 'L1' accepted)."""
+def normalise_norm(norm: str) -> str:
+    """'linf', 'l2' or 'l1' from any accepted spelling ('inf', 'Linf', 'L2', 'L1', 'l_inf', ...)."""
     key = str(norm).lower().replace("_", "")
     key = {"inf": "linf", "2": "l2", "1": "l1"}.get(key, key)
     if key not in _BALLS:
-        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
-    return _BALLS[key](eps, **kwargs)
+        raise InputError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+    return key
 
 
-__all__ = ["LpBall", "LinfBall", "L2Ball", "L1Ball", "make_threat", "per_sample_norm", "project_l1_ball", "l1_threshold",
+def make_threat(norm: str, eps: float | Tensor, **kwargs) -> LpBall:
+    """Build a threat model by norm name ('linf', 'l2', 'l1'; 'inf', 'Linf', 'L2', 'L1' accepted)."""
+    return _BALLS[normalise_norm(norm)](eps, **kwargs)
+
+
+__all__ = ["LpBall", "LinfBall", "L2Ball", "L1Ball", "make_threat", "normalise_norm", "per_sample_norm", "project_l1_ball", "l1_threshold",
            "NORMS"]

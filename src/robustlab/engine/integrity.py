@@ -1,0 +1,168 @@
+"""Integrity checks of a robustness evaluation: signs that a robust accuracy is too high to be trusted.
+
+The checks of the reference AutoAttack (`checks.py`) and of the field's guidelines (Athalye et al., ICML 2018;
+Carlini et al., "On Evaluating Adversarial Robustness", 2019), run cheaply on a probe of at most
+`n_probe` clean-correct images of the first batch:
+
+- `output_probabilities`: the model returns probabilities (rows non-negative, summing to 1), not logits.
+- `zero_gradient`: the fraction of *entries* of the input gradient that are exactly zero, at a random point of
+  the threat model around each probe image (at the clean image a ReLU network legitimately has dead regions,
+  e.g. MNIST's background; a quantising or otherwise non-differentiable model has zero gradient everywhere in
+  the ball), and the fraction of images whose whole gradient is zero.
+- `unbounded`: PGD (margin loss) with a budget covering the whole [0, 1] box must reach ~0% accuracy; a model
+  that survives it is hiding its gradient (or the attack is broken).
+- `black_box`: Square, a score-based attack that never reads gradients, on the images every white-box attack of
+  the same threat model failed on: if it breaks a noticeable share, the gradients mislead the white-box attacks.
+- `eps_curve`: robust accuracy of PGD-20 at 1/4, 1/2 and 1x the budget and unbounded must not rise with eps;
+  likewise across attacks of the same kind and norm in the panel at different budgets.
+
+Each failed check adds a line to `flags`, sets `ok` to false and raises an `IntegrityWarning`. The thresholds
+are deliberately loose (a flag means "do not trust this number", not "probably fine").
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.attacks.base import Attack, PassCounter, attack_mode
+from robustlab.errors import IntegrityWarning
+from robustlab.losses import ce_loss
+from robustlab.threat import make_threat
+
+N_PROBE = 100
+ZERO_GRADIENT_FLAG = 0.25  # share of exactly-zero gradient entries at random points of the ball
+UNBOUNDED_FLAG = 0.02  # accuracy an unbounded attack may leave (noise of a 50-step attack on a few images)
+BLACK_BOX_FLAG = 0.01  # share of the probe that Square breaks after every white-box attack failed
+MONOTONE_TOLERANCE = 0.01  # accuracy may rise by at most this much (or one image) between budgets
+BLACK_BOX_QUERIES = 1000
+CURVE_FRACTIONS = (0.25, 0.5, 1.0)
+GRADIENT_FREE = ("square", "salt-pepper")  # attacks that never read gradients
+MIXED = ("autoattack",)  # white-box and black-box together: neither side of the black-box comparison
+
+
+def attack_budget(atk: Attack) -> float | None:
+    """The scalar budget of a bounded attack (None for unbounded minimal attacks and per-pixel budgets)."""
+    eps = atk.eps if atk.threat is not None else getattr(atk, "eps_value", None)
+    if eps is None or isinstance(eps, Tensor):
+        return None
+    return float(eps)
+
+
+def _unbounded_eps(norm: str, x: Tensor) -> float:
+    d = x[0].numel()
+    return {"linf": 1.0, "l2": math.sqrt(d), "l1": float(d)}[norm]
+
+
+def _pgd_accuracy(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float, steps: int, loss: str,
+                  seed: int) -> float:
+    from robustlab.attacks.pgd import PGD
+
+    step_size = 2.5 * eps / steps if norm != "l1" else max(eps / steps, 1.0)
+    x_adv = PGD(model, norm=norm, eps=eps, steps=steps, step_size=step_size, loss=loss, seed=seed)(x, y)
+    with attack_mode(model), torch.no_grad():
+        return (model(x_adv).argmax(1) == y).float().mean().item()
+
+
+def check_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tuple[str, Attack]],
+                    robust_first_batch: dict[str, Tensor], accuracies: dict[str, float], *, n_probe: int = N_PROBE,
+                    seed: int = 0) -> dict[str, Any]:
+    """The integrity section of `evaluate`'s result. x, y: the first evaluated batch; robust_first_batch: per attack
+    name, which of its samples survived; accuracies: the final robust accuracy per attack name."""
+    flags: list[str] = []
+    with attack_mode(model), torch.no_grad():
+        logits = model(x)
+    correct = logits.argmax(1) == y
+    probe = correct.nonzero().squeeze(1)[:n_probe]
+    out: dict[str, Any] = {"n_probe": int(probe.numel())}
+
+    probs = bool((logits >= 0).all()) and bool(torch.allclose(logits.sum(1), torch.ones_like(logits[:, 0]), atol=1e-4))
+    out["output_probabilities"] = probs
+    if probs:
+        flags.append("the model outputs probabilities (rows are non-negative and sum to 1), not logits: "
+                     "cross-entropy attacks see a squashed loss; remove the final softmax")
+
+    bounded: dict[str, float] = {}
+    for _, atk in attacks:
+        eps = attack_budget(atk)
+        if atk.norm in ("linf", "l2", "l1") and eps is not None and eps > 0:
+            bounded[atk.norm] = max(bounded.get(atk.norm, 0.0), eps)
+
+    if probe.numel():
+        xp, yp = x[probe], y[probe]
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        norm, eps = next(iter(bounded.items())) if bounded else ("linf", 0.0)
+        x0 = make_threat(norm, eps).random_init(xp, gen) if eps > 0 else xp
+        with attack_mode(model):
+            _, _, g = PassCounter(model).loss_and_grad(x0, ce_loss, yp)
+        zero_entries = (g == 0).float().mean().item()
+        zero_images = (g.flatten(1).abs().amax(1) == 0).float().mean().item()
+        out["zero_gradient"] = {"entries": zero_entries, "images": zero_images,
+                                "at": f"random points of the {norm} ball eps={eps:g}" if eps > 0 else "clean images"}
+        if zero_entries > ZERO_GRADIENT_FLAG or zero_images > 0:
+            flags.append(f"{zero_entries:.0%} of the input-gradient entries ({zero_images:.0%} of the images "
+                         f"entirely) are exactly zero: gradient masking or a non-differentiable model; "
+                         f"gradient-based robust accuracy is overestimated")
+
+        per_norm: dict[str, Any] = {}
+        for i, (norm, eps) in enumerate(bounded.items()):
+            entry: dict[str, Any] = {"eps": eps}
+            curve_eps = [eps * f for f in CURVE_FRACTIONS] + [_unbounded_eps(norm, xp)]
+            curve = [_pgd_accuracy(model, xp, yp, norm, e, 20, "ce", seed + i) for e in curve_eps[:-1]]
+            curve.append(_pgd_accuracy(model, xp, yp, norm, curve_eps[-1], 50, "cw", seed + i))
+            entry["eps_curve"] = {"eps": curve_eps, "accuracy": curve, "attack": "PGD-20 (CE); unbounded: PGD-50 (CW margin)"}
+            entry["unbounded_accuracy"] = curve[-1]
+            tol = max(MONOTONE_TOLERANCE, 1.0 / probe.numel())
+            if curve[-1] > UNBOUNDED_FLAG:
+                flags.append(f"{norm}: PGD with an unbounded budget (eps {curve_eps[-1]:g}) leaves {curve[-1]:.0%} of "
+                             f"the probe images correctly classified (expected ~0%): gradient masking or a broken "
+                             f"attack")
+            rises = [(curve_eps[j], curve_eps[j + 1]) for j in range(len(curve) - 1) if curve[j + 1] > curve[j] + tol]
+            if rises:
+                a, b = rises[0]
+                flags.append(f"{norm}: robust accuracy rises with the budget (PGD-20 at eps {a:g} -> {b:g}): the attack "
+                             f"is not converging (gradient masking or a bad step size)")
+            if norm in ("linf", "l2"):
+                white = [name for name, atk in attacks if atk.norm == norm and atk.name not in GRADIENT_FREE + MIXED
+                         and attack_budget(atk) == eps]
+                if white:
+                    survived = torch.stack([robust_first_batch[n][probe] for n in white]).all(0)
+                    cand = survived.nonzero().squeeze(1)
+                    broken = 0
+                    if cand.numel():
+                        from robustlab.attacks.square import Square
+
+                        sq = Square(model, norm=norm, eps=eps, n_queries=BLACK_BOX_QUERIES, seed=seed)
+                        broken = int(sq.run(xp[cand], yp[cand]).success.sum())
+                    entry["black_box"] = {"attack": f"square ({BLACK_BOX_QUERIES} queries)", "after": white,
+                                          "candidates": int(cand.numel()), "broken": broken}
+                    if broken > max(1, BLACK_BOX_FLAG * probe.numel()):
+                        flags.append(f"{norm} eps {eps:g}: Square (black-box, no gradients) broke {broken} of the "
+                                     f"{cand.numel()} probe images that every white-box attack ({', '.join(white)}) "
+                                     f"failed on: the gradients mislead the attacks, the white-box numbers are too high")
+            per_norm[norm] = entry
+        out["per_norm"] = per_norm
+
+    # across the panel: the same attack and norm at a larger budget must not leave more images robust
+    series: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
+    for name, atk in attacks:
+        eps = attack_budget(atk)
+        if eps is not None and atk.norm:
+            series.setdefault((atk.name, atk.norm), []).append((eps, accuracies[name], name))
+    for (kind, norm), pts in series.items():
+        pts.sort()
+        for (e0, a0, n0), (e1, a1, n1) in zip(pts, pts[1:]):
+            if e1 > e0 and a1 > a0 + MONOTONE_TOLERANCE:
+                flags.append(f"{kind} {norm}: robust accuracy rises from {a0:.1%} at eps {e0:g} ({n0}) to {a1:.1%} at "
+                             f"eps {e1:g} ({n1})")
+    out["flags"] = flags
+    out["ok"] = not flags
+    for f in flags:
+        warnings.warn(f, IntegrityWarning, stacklevel=3)
+    return out
+
+
+__all__ = ["check_integrity", "attack_budget", "N_PROBE"]
