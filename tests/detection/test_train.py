@@ -58,7 +58,7 @@ def test_task_mismatch_is_a_clear_error(tmp_path):
 def test_cli_train_eval_report_and_data_preview(tmp_path, capsys):
     rc = main(["train", "--task", "detection", "--out-dir", str(tmp_path), "name=cli", "epochs=1", "batch_size=16",
                "dataset_kwargs.n_train=32", "dataset_kwargs.n_test=16", "eval_samples=16", "warmup_epochs=0"])
-    assert rc == 0 and "best mAP" in capsys.readouterr().out
+    assert rc == 0 and "best.safetensors = epoch" in capsys.readouterr().out
     ckpt = tmp_path / "cli" / "best.safetensors"
     rc = main(["eval", "--model", str(ckpt), "--n-samples", "16", "--quiet", "--report", str(tmp_path / "rep"),
                "--json", str(tmp_path / "r.json"), "--ap-mode", "area"])

@@ -115,7 +115,7 @@ def test_lr_schedules():
     assert lr_factor(c, 0, 100) == 1 and lr_factor(c, 50, 100) == pytest.approx(0.1)
     assert lr_factor(c, 85, 100) == pytest.approx(0.01)
     cyc = TrainConfig(epochs=10, schedule="cyclic")
-    assert lr_factor(cyc, 50, 100) == pytest.approx(1.0) and lr_factor(cyc, 0, 100) == 0
+    assert lr_factor(cyc, 49, 100) == pytest.approx(1.0) and lr_factor(cyc, 0, 100) == pytest.approx(0.02)
     cos = TrainConfig(epochs=10, schedule="cosine")
     assert lr_factor(cos, 100, 100) == pytest.approx(0, abs=1e-12)
 
@@ -156,10 +156,48 @@ def test_shipped_configs_are_valid():
 
 
 def test_best_checkpoint_breaks_robust_ties_by_clean_accuracy(tmp_path):
-    t = Trainer(_cfg(tmp_path, method="standard", method_kwargs={}, epochs=3, eval_attack="pgd:eps=1.0,steps=5"))
+    # an unbounded evaluation attack: robust accuracy ties at 0 every epoch, clean accuracy decides
+    t = Trainer(_cfg(tmp_path, epochs=3, eval_attack="pgd:eps=1.0,steps=5"))
     res = t.fit()
     evals = [(h["eval_robust"], h["eval_clean"]) for h in res["history"]]
+    assert all(e[0] == 0 for e in evals)
     assert (res["best"]["score"], res["best"]["clean"]) == max(evals)
+
+
+def test_standard_training_is_selected_by_clean_accuracy_on_the_validation_split(tmp_path):
+    """A method with no robustness goal keeps its most accurate epoch, and every per-epoch evaluation (so the
+    selection) runs on validation images carved from the training split, never on the test images."""
+    t = Trainer(_cfg(tmp_path, method="standard", method_kwargs={}, epochs=3, validation=100))
+    full = Trainer(_cfg(tmp_path / "no-val", method="standard", method_kwargs={}, epochs=1, validation=0,
+                        select_best=False))
+    assert t.data.n_train == full.data.n_train - 100 and torch.equal(t.data.x_test, full.data.x_test)
+    x_val, _ = t.validation
+    assert x_val.shape[0] == 100
+    # validation images come from the training split and are no longer trained on
+    train_rows = {tuple(r.tolist()) for r in t.data.x_train.flatten(1)}
+    test_rows = {tuple(r.tolist()) for r in t.data.x_test.flatten(1)}
+    val_rows = [tuple(r.tolist()) for r in x_val.flatten(1)]
+    assert not any(r in train_rows for r in val_rows) and not any(r in test_rows for r in val_rows)
+    res = t.fit()
+    assert res["best"]["metric"] == "clean_accuracy" and "validation (100" in res["best"]["split"]
+    assert all(h["eval_split"] == "validation" for h in res["history"])
+    best = max(res["history"], key=lambda h: h["eval_clean"])  # the first epoch with the best clean accuracy
+    assert res["best"]["epoch"] == best["epoch"] and res["best"]["score"] == best["eval_clean"]
+    # the split is fixed by validation_seed, not by the run seed
+    other = Trainer(_cfg(tmp_path / "s2", method="standard", method_kwargs={}, seed=7, validation=100))
+    assert torch.equal(other.validation[0], x_val)
+
+
+def test_selection_without_a_validation_split_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="select_best needs a validation split"):
+        _cfg(tmp_path, validation=0)
+    with pytest.raises(ConfigError, match="validation"):
+        _cfg(tmp_path, validation=1.5)
+    with pytest.raises(ConfigError, match="holds out"):
+        Trainer(_cfg(tmp_path, validation=100000))
+    t = Trainer(_cfg(tmp_path, validation=0, select_best=False, epochs=1))
+    res = t.fit()
+    assert res["history"][-1]["eval_split"] == "test" and res["best"]["epoch"] == 1
 
 
 def test_class_subset_and_imbalance_from_config(tmp_path):

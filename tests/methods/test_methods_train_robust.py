@@ -50,7 +50,7 @@ def _train(method, kw, tmp_path, epochs=3):
     return t.model.eval(), t.data
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once per xdist worker even if modules interleave
 def standard(tmp_path_factory):
     model, data = _train("standard", {}, tmp_path_factory.mktemp("std"))
     x, y = data.x_test[:N_EVAL], data.y_test[:N_EVAL]

@@ -263,7 +263,8 @@ def test_meta_gradient_matches_finite_differences_and_is_second_order(norm):
     x = torch.rand(4, 1, 3, 3, dtype=torch.float64) * 0.5 + 0.25
     y = torch.tensor([0, 1, 2, 0])
     x_adv = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
-    m = create_method("mng-ac", norms=(norm,), eps_linf=3.0, eps_l2=0.2, eps_l1=0.4, generator_width=3)
+    eps = {"linf": 1.0, "l2": 0.2, "l1": 0.4}[norm]  # the trained norm's budget only: the others would be refused
+    m = create_method("mng-ac", norms=(norm,), **{f"eps_{norm}": eps}, generator_width=3)
     gen = m._ensure(x.float())
     gen.double()
     draw = torch.zeros(4, dtype=torch.long)
@@ -302,12 +303,65 @@ def test_meta_gradient_matches_finite_differences_and_is_second_order(norm):
 def test_cyclic_schedule_matches_mng_ac():
     cfg = TrainConfig(epochs=30, schedule="cyclic", cyclic_peak=0.4, lr=0.21)
     total = 30 * 100
-    assert lr_factor(cfg, 0, total) == 0
-    assert abs(lr_factor(cfg, 1200, total) - 1) < 1e-12
-    assert abs(lr_factor(cfg, 600, total) - 0.5) < 1e-12 and abs(lr_factor(cfg, 2100, total) - 0.5) < 1e-12
-    assert lr_factor(cfg, total, total) == 0
+    # step i uses the schedule at (i + 1) / total, as train_MNG.py's lr_schedule(epoch + (i + 1) / n): the first
+    # step (and so the first meta step) already has a positive lr, the peak is reached at the end of epoch 12
+    assert lr_factor(cfg, 0, total) == pytest.approx(1 / 1200)
+    assert abs(lr_factor(cfg, 1199, total) - 1) < 1e-12
+    assert abs(lr_factor(cfg, 599, total) - 0.5) < 1e-12 and abs(lr_factor(cfg, 2099, total) - 0.5) < 1e-12
+    assert lr_factor(cfg, total - 1, total) == 0
     with pytest.raises(Exception, match="cyclic_peak"):
         TrainConfig(schedule="cyclic", cyclic_peak=1.0)
+
+
+def test_sat_epoch_draw_follows_the_run_seed():
+    """sat_granularity=epoch draws one norm per epoch from (run seed, epoch): two runs with different seeds do not
+    share the sequence (it used to be seeded by the epoch alone)."""
+    sat = create_method("sat", sat_granularity="epoch", **MNIST)
+
+    def sequence(seed):
+        return [int(sat.draw(StepContext(e, 0, torch.Generator().manual_seed(99), seed=seed), 2)[0]) for e in range(40)]
+
+    assert sequence(0) == sequence(0)
+    assert sequence(0) != sequence(1)
+    assert sat.draw(StepContext(3, 0, torch.Generator().manual_seed(1), seed=5), 2).tolist() == \
+        sat.draw(StepContext(3, 7, torch.Generator().manual_seed(2), seed=5), 2).tolist()  # fixed within an epoch
+
+
+def test_mng_ac_defaults_to_the_official_input_independent_generator():
+    m = create_method("mng-ac", **MNIST)
+    assert m.generator_input == "noise"
+    m._ensure(torch.rand(2, 3, 8, 8))
+    assert sum(p.numel() for p in m.generator.parameters()) == 4183  # mng_ac.md 4.1, C = 3
+
+
+def test_first_mng_ac_step_of_a_cyclic_run_moves_the_generator(tmp_path):
+    """With the cyclic schedule the first step's lr is positive (the official loop evaluates the schedule at
+    (i + 1) / n), so the very first meta step already trains the generator."""
+    from robustlab.data import ImageData
+    from robustlab.engine.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageData("toy", torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g),
+                     torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g), 10)
+    cfg = TrainConfig(model="mlp", model_kwargs={"hidden": 16, "depth": 1}, method="mng-ac", method_kwargs=MNIST,
+                      epochs=3, batch_size=32, schedule="cyclic", cyclic_peak=0.4, lr=0.2, validation=0,
+                      select_best=False, eval_every=100, out_dir=str(tmp_path), progress=False)
+    t = Trainer(cfg, data=data)
+    snapshots = []
+    real_step = t.method.meta_step
+
+    def recording(*args, **kwargs):
+        before = [p.detach().clone() for p in t.method.generator.parameters()]
+        out = real_step(*args, **kwargs)
+        snapshots.append((before, args[5]))  # the lookahead lr of this meta step
+        return out
+
+    t.method.meta_step = recording
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(stop_at_step=1)
+    (before, lr), = snapshots
+    assert lr > 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, t.method.generator.parameters()))
 
 
 def test_mng_ac_checkpoint_round_trip():

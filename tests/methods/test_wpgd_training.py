@@ -21,13 +21,13 @@ def _train(method, kw, out, model="small-cnn", model_kwargs=None, epochs=3):
                       model_kwargs=model_kwargs if model_kwargs is not None else {"width": 8, "hidden": 64},
                       epochs=epochs, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0, schedule="cosine",
                       eval_every=100, eval_samples=50, eval_attack=f"pgd:norm=linf,eps={EPS},steps=10",
-                      out_dir=str(out), seed=0, progress=False)
+                      select_best=False, out_dir=str(out), seed=0, progress=False)  # the final weights are used
     t = Trainer(cfg)
     t.fit()
     return t.model.eval(), t.data
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once per xdist worker even if modules interleave
 def wpgd_models(tmp_path_factory):
     out = tmp_path_factory.mktemp("wpgd")
     linear, data = _train("standard", {}, out / "lin", model="mlp", model_kwargs={"depth": 0}, epochs=5)

@@ -33,3 +33,13 @@ def load_labelled_models(items: list[str], device: str, task: str, all_extras: b
         extras[label] = extra
         first = first if first is not None else extra
     return models, (extras if all_extras else first)
+
+
+def report_written(path: Path, problem: str | None) -> int:
+    """Say where a result went (outputs.save_result); exit code 2 when it could not go where the user asked and
+    was saved elsewhere."""
+    if problem:
+        print(f"robustlab: error: {problem}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0

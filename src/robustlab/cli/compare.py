@@ -13,7 +13,7 @@ from robustlab.cli.common import command_line, load_labelled_models
 def cmd_compare(args: argparse.Namespace) -> int:
     from robustlab.attacks.spec import expand_panels
     from robustlab.cli.main import _load_eval_data
-    from robustlab.cli.training import _machine
+    from robustlab.utils import machine_description
     from robustlab.reports.compare import compare_models, compare_table, write_compare
     from robustlab.utils import set_threads
 
@@ -29,7 +29,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             results[label]["train_seconds"] = extra["train_seconds"]
     print(compare_table(results))
     if args.out:
-        path = write_compare(args.out, results, specs=specs, n_samples=n, command=command_line(), machine=_machine())
+        path = write_compare(args.out, results, specs=specs, n_samples=n, command=command_line(), machine=machine_description())
         print(f"wrote {path}")
     return 0
 

@@ -81,22 +81,23 @@ def eval_detector(args: argparse.Namespace, model, extra: dict[str, Any]) -> int
     print(ap_table(result))
     result.update({"model": str(args.model), "data": {"name": name, "kwargs": kwargs, "split": args.split}})
     if args.report:
-        from robustlab.cli.training import _machine
+        from robustlab.utils import machine_description
 
         path = write_detection_report(args.report, result, f"Detection evaluation: {Path(args.model).name}",
-                                      command_line(), _machine())
+                                      command_line(), machine_description())
         print(f"wrote {path}")
     result.pop("examples", None)
     if args.json:
+        from robustlab.cli.common import report_written
+        from robustlab.outputs import save_result
         from robustlab.reports.json import write_json
 
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
+        return report_written(*save_result(args.json, lambda p: write_json(p, result), what="result JSON"))
     return 0
 
 
 def cmd_det_report(args: argparse.Namespace) -> int:
-    from robustlab.cli.training import _machine
+    from robustlab.utils import machine_description
     from robustlab.detection.compare import compare_detectors, write_comparison
     from robustlab.detection.data import DetData
     from robustlab.utils import set_threads
@@ -110,7 +111,7 @@ def cmd_det_report(args: argparse.Namespace) -> int:
     floats = lambda s: [float(v) for v in s.split(",")] if s else []  # noqa: E731
     result = compare_detectors(models, data.test, args.n_samples, args.panel or ["table1", "table3"], args.ap_mode,
                                ints(args.steps), floats(args.eps), examples=8, progress=None if not args.quiet else False)
-    path = write_comparison(args.out, result, command_line(), _machine())
+    path = write_comparison(args.out, result, command_line(), machine_description())
     print(path.read_text().split("## mAP vs")[0])
     from robustlab.reports.json import write_json
 

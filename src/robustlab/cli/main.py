@@ -53,10 +53,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from robustlab import evaluate
     from robustlab.attacks import create_attack
+    from robustlab.cli.common import report_written
     from robustlab.engine.checkpoint import load_model
+    from robustlab.outputs import check_writable, save_result
+    from robustlab.reports.json import write_json
     from robustlab.reports.markdown import eval_table
     from robustlab.utils import set_threads
+    from robustlab.validation import check_device, check_positive_int
 
+    # everything the user typed is checked before the model, the data or an attack costs anything
+    check_device(args.device)
+    if args.n_samples is not None:
+        check_positive_int(args.n_samples, "--n-samples")
+    check_positive_int(args.batch_size, "--batch-size")
+    if args.json:
+        check_writable(args.json, what="--json file")
+    if args.report:
+        check_writable(args.report, folder=True, what="--report folder")
     set_threads(args.threads)
     model, extra = load_model(args.model, map_location=args.device)
     if getattr(model, "task", "classification") == "detection":
@@ -78,11 +91,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result["device"] = str(torch.device(args.device))
     print(eval_table(result))
     if args.json:
-        from robustlab.reports.json import write_json
-
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
+        return report_written(*save_result(args.json, lambda p: write_json(p, result), what="result JSON"))
     return 0
+
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,30 @@ class ImageData:
         """What a model factory needs to know about this data."""
         return {"in_channels": self.in_channels, "num_classes": self.num_classes, "input_size": self.input_size}
 
+    def hold_out(self, n_val: int, seed: int = 0) -> tuple["ImageData", tuple[Tensor, Tensor]]:
+        """(this data with n_val training images removed, (x_val, y_val)): a fixed validation split carved from the
+        training images, stratified by class where every class has two or more images, seeded by `seed` alone."""
+        train_idx, val_idx = split_indices(self.n_train, n_val, seed, labels=self.y_train)
+        rest = ImageData(self.name, self.x_train[train_idx], self.y_train[train_idx], self.x_test, self.y_test,
+                         self.num_classes)
+        return rest, (self.x_train[val_idx], self.y_train[val_idx])
+
+
+def split_indices(n: int, n_val: int, seed: int, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(kept, held out) index tensors, both sorted: n_val of range(n), stratified by `labels` when given."""
+    if not 0 < n_val < n:
+        raise ValueError(f"cannot hold out {n_val} of {n} images")
+    idx = np.arange(n)
+    stratify = None
+    if labels is not None:
+        counts = np.bincount(labels.numpy())
+        if counts[counts > 0].min() >= 2 and n_val >= int((counts > 0).sum()) and n - n_val >= int((counts > 0).sum()):
+            stratify = labels.numpy()
+    from sklearn.model_selection import train_test_split
+
+    kept, held = train_test_split(idx, test_size=n_val, stratify=stratify, random_state=seed)
+    return torch.from_numpy(np.sort(kept)), torch.from_numpy(np.sort(held))
+
 
 def _stratified_split(x: np.ndarray, y: np.ndarray, n_test: int) -> tuple[np.ndarray, ...]:
     from sklearn.model_selection import train_test_split

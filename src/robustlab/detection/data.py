@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from robustlab.detection.mnistdet import MnistDetConfig
 from robustlab.detection.targets import pad_targets
 from robustlab.registry import DATASETS
 
@@ -55,6 +56,23 @@ class TensorSource(DetSource):
 
     def batch(self, idx: Tensor, generator: torch.Generator | None = None, train: bool = False) -> tuple[Tensor, Tensor]:
         return self.images[idx].float(), self.targets[idx]
+
+
+class SubsetSource(DetSource):
+    """The images `indices` of another source (a validation split carved from a training source)."""
+
+    def __init__(self, source: DetSource, indices: Tensor) -> None:
+        self.source, self.indices = source, indices.long()
+        self.image_size = source.image_size
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def batch(self, idx: Tensor, generator: torch.Generator | None = None, train: bool = False) -> tuple[Tensor, Tensor]:
+        return self.source.batch(self.indices[idx], generator, train)
+
+    def original_size(self, i: int) -> tuple[int, int]:
+        return self.source.original_size(int(self.indices[i]))
 
 
 @dataclass
@@ -143,6 +161,16 @@ class DetData:
         return {"in_channels": 3, "num_classes": self.num_classes, "input_size": self.input_size,
                 "mean": [round(m, 4) for m in self.mean], "class_names": self.class_names}
 
+    def hold_out(self, n_val: int, seed: int = 0) -> tuple["DetData", DetSource]:
+        """(this data with n_val training images removed, the validation source of those images, read without
+        augmentation), seeded by `seed` alone."""
+        from robustlab.data.embedded import split_indices
+
+        train_idx, val_idx = split_indices(len(self.train), n_val, seed)
+        rest = DetData(self.name, SubsetSource(self.train, train_idx), self.test, self.num_classes, self.class_names,
+                       self.mean, dict(self.info))
+        return rest, SubsetSource(self.train, val_idx)
+
 
 def _tensor_source(split: dict[str, np.ndarray], size: int) -> TensorSource:
     images = torch.from_numpy(split["images"]).permute(0, 3, 1, 2).contiguous()
@@ -165,6 +193,8 @@ def mnist_det(preset: str = "voc", n_train: int = 2000, n_test: int = 500, image
     return DetData(f"mnist-det-{preset}", _tensor_source(d["train"], image_size), _tensor_source(d["test"], image_size),
                    10, [str(i) for i in range(10)], [float(m) for m in d["mean"]["rgb"]], {"generator": asdict(cfg)})
 
+
+mnist_det.forwards_options_to = (MnistDetConfig,)  # type: ignore[attr-defined]  # generator settings
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")

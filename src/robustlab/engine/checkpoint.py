@@ -1,10 +1,13 @@
 """Model checkpoints: safetensors weights with the model's build config in the metadata.
 
 Loading never unpickles (safetensors only); files are written atomically (temp file + os.replace),
-so an interrupted save never leaves a half-written checkpoint under the final name.
+so an interrupted save never leaves a half-written checkpoint under the final name, with the permissions any
+other new file gets (the umask's); a SHA-256 of every tensor (name, dtype, shape, bytes) is stored in the
+metadata and checked on load, so bytes that rotted under an intact header are refused, not loaded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -14,14 +17,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustlab.errors import CheckpointError
+
 FORMAT = "robustlab-model-v1"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, truncated or not a robustlab checkpoint."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and os.replace: readers see the old
+    file or the new one, never a part. The file gets 0666 minus the umask, like any other new file (mkstemp's
+    temporary file would otherwise leave it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,10 +42,34 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (independent of file layout)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def verify_sha256(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
+    """Refuse a file whose tensors no longer match the hash stored when it was written (files from before the hash
+    was stored carry none and are accepted)."""
+    want = meta.get("sha256")
+    if want is not None and tensors_sha256(tensors) != want:
+        raise CheckpointError(f"{path} is damaged: its tensors do not match the SHA-256 stored when it was written "
+                              "(the header is intact, the weights are not); restore it from a copy")
 
 
 def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None) -> Path:
@@ -44,7 +80,8 @@ def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None 
     if not isinstance(config, dict) or "name" not in config:
         raise ValueError("save_model needs a robustlab model (one built by create_model, with a .config)")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "model": json.dumps(config), "extra": json.dumps(extra or {})}
+    meta = {"format": FORMAT, "model": json.dumps(config), "extra": json.dumps(extra or {}),
+            "sha256": tensors_sha256(state)}
     atomic_write_bytes(path, save(state, metadata=meta))
     return Path(path)
 
@@ -70,6 +107,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a valid safetensors file): {e}") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a robustlab model checkpoint (format {meta.get('format')!r})")
+    verify_sha256(state, meta, path)
     try:
         config = json.loads(meta["model"])
         extra = json.loads(meta.get("extra", "{}"))

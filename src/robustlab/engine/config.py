@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from robustlab.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration key is unknown, of the wrong type, or out of range."""
+
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,14 @@ class TrainConfig:
     augment: str = "none"  # none | crop-flip | crop
     eval_every: int = 1
     eval_attack: str | None = None  # attack spec; default: PGD-20 at the method's threat model
-    eval_samples: int = 500
+    eval_samples: int = 500  # at most this many validation images per evaluation
+    # images held out of the training split for the per-epoch evaluation and checkpoint selection: a fraction (< 1)
+    # or a count; fixed by validation_seed (not the run seed: every method of a table sees the same split).
+    # null (default): 0.1 when select_best is true, else 0. 0: no validation split, so nothing is selected
+    # (select_best must be false: the last epoch is kept, as the papers' protocols do) and the per-epoch
+    # evaluation, monitoring only, runs on the test split. robustlab never selects on the images it reports.
+    validation: float | None = None
+    validation_seed: int = 0
     ap_mode: str = "11pt"  # detectors: 11pt (VOC07) | area | coco (AP50 by COCO's rules)
     select_best: bool = True  # keep the checkpoint with the best robust accuracy (robust overfitting)
     early_stop_co: bool = False  # stop on catastrophic overfitting (Fast-AT's PGD check)
@@ -63,6 +70,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self)
 
+
+DEFAULT_VALIDATION = 0.1  # share of the training images held out when a checkpoint is selected
 
 _CHOICES = {"optimizer": ("sgd", "adam"), "schedule": ("constant", "multistep", "cosine", "cyclic", "exponential"),
             "augment": ("none", "crop-flip", "crop"), "amp": ("none", "bf16", "fp16"),
@@ -92,6 +101,13 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError("config key 'lr' must be > 0")
     if not 0 < cfg.cyclic_peak < 1:
         raise ConfigError(f"config key 'cyclic_peak' must be in (0, 1), got {cfg.cyclic_peak}")
+    v = cfg.validation
+    if v is not None and (v < 0 or (v >= 1 and v != int(v))):
+        raise ConfigError(f"config key 'validation' must be a fraction in [0, 1), a whole number of images or null, "
+                          f"got {v}")
+    if v == 0 and cfg.select_best:
+        raise ConfigError("select_best needs a validation split to select on (robustlab never selects a checkpoint "
+                          "on the test images it reports): set validation > 0 (e.g. 0.1) or select_best: false")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise ConfigError(f"config key 'grad_clip' must be > 0 or null, got {cfg.grad_clip}")
 
@@ -168,3 +184,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         d.update(loaded)
     return config_from_dict(apply_overrides(d, overrides or []))
+
+
+def validation_count(cfg: TrainConfig, n_train: int) -> int:
+    """Number of training images `cfg.validation` holds out of n_train (0: none)."""
+    v = cfg.validation
+    if v is None:
+        v = DEFAULT_VALIDATION if cfg.select_best else 0.0
+    n = int(round(v * n_train)) if v < 1 else int(v)
+    if v > 0 and not 1 <= n < n_train:
+        raise ConfigError(f"config key 'validation' ({v}) holds out {n} of the {n_train} training images; it must "
+                          f"leave at least one image on each side")
+    return n

@@ -9,10 +9,12 @@ with `deterministic: true`). The learning rate is a pure function of the global 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -24,24 +26,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.data import ImageData, load_dataset, select_classes
-from robustlab.engine.checkpoint import CheckpointError, atomic_write_bytes, save_model
-from robustlab.engine.config import ConfigError, TrainConfig
+from robustlab.engine.checkpoint import (atomic_write_bytes, atomic_write_text, save_model, tensors_sha256,
+                                         verify_sha256)
+from robustlab.engine.config import TrainConfig, validation_count
+from robustlab.errors import CheckpointError, ConfigError, DataError, ResumeError, RunExistsError
 from robustlab.methods import Batch, LossOut, StepContext, create_method
 from robustlab.models import create_model
 from robustlab.registry import MODELS
-from robustlab.utils import progress_bar
+from robustlab.utils import mix_seed, progress_bar
+from robustlab.validation import check_device
 
 log = logging.getLogger("robustlab.train")
 STATE_FORMAT = "robustlab-train-state-v1"
-
-
-def _mix(*ints: int) -> int:
-    """Deterministic 63-bit seed from integers (splitmix-style), independent of Python's hash salt."""
-    h = 0x9E3779B97F4A7C15
-    for v in ints:
-        h = (h ^ (v + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
+# what a run writes into its folder: a folder holding any of them holds a run
+RUN_FILES = ("config.json", "train_state.safetensors", "last.safetensors", "best.safetensors", "metrics.jsonl",
+             "metrics.csv", "tensorboard")
+# settings that may change when a run is resumed (extend it with more epochs, evaluate more or less often, logs);
+# anything else shapes the run and is refused
+RESUMABLE_KEYS = ("epochs", "eval_every", "progress", "tensorboard")
 
 
 def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
@@ -55,7 +57,10 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
     if cfg.schedule == "cyclic":  # one cycle: 0 -> peak -> 0, linear (Fast-AT: peak at half; MNG-AC: at 0.4)
+        # as the official Fast-AT and MNG-AC loops, step i of an epoch uses the schedule at epoch + (i + 1) / n: the
+        # first step already has a positive lr and the last one reaches 0
         c = cfg.cyclic_peak
+        t = (step + 1) / max(total, 1)
         return t / c if t < c else max(0.0, (1 - t) / (1 - c))
     if cfg.schedule == "exponential":  # times gamma after every epoch (the IJCNN margin baselines: 0.95)
         return cfg.gamma ** math.floor(t * cfg.epochs + 1e-9)
@@ -112,14 +117,20 @@ class _DDP:
         if self.enabled:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Leave the process group (every rank together): a gloo group left to the interpreter's exit can abort
+        the process ("terminate called without an active exception")."""
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
 
 class Trainer:
     """Train `cfg.model` with `cfg.method` on `cfg.dataset`; writes checkpoints and logs to run_dir."""
 
     def __init__(self, cfg: TrainConfig, data: Any = None, run_dir: str | Path | None = None) -> None:
         self.cfg = cfg
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
+        check_device(cfg.device)
         self.ddp = _DDP(cfg.device)
         dev = cfg.device
         if self.ddp.enabled and dev == "cuda":
@@ -137,6 +148,11 @@ class Trainer:
                                   "(MNIST-Det sets its class imbalance with dataset_kwargs.alpha)")
             imbalance = {int(k): float(v) for k, v in (cfg.imbalance or {}).items()}
             self.data = select_classes(self.data, cfg.classes, imbalance, seed=cfg.seed)
+        # the validation split: per-epoch evaluation and checkpoint selection never see the test images
+        self.n_validation = validation_count(cfg, self.data.n_train)
+        self.validation: Any = None
+        if self.n_validation:
+            self.data, self.validation = self.data.hold_out(self.n_validation, cfg.validation_seed)
         self.method = create_method(cfg.method, **cfg.method_kwargs)
         tasks = {"dataset": self.task, "model": getattr(MODELS.get(cfg.model), "task", "classification"),
                  "method": self.method.task}
@@ -144,6 +160,13 @@ class Trainer:
             raise ConfigError("dataset, model and method must be for the same task, got "
                               + ", ".join(f"{k} {getattr(cfg, k)!r} ({v})" for k, v in tasks.items()))
         self.model = create_model(cfg.model, **{**self.data.model_kwargs(), **cfg.model_kwargs})
+        built = getattr(self.model, "config", {})
+        for key in ("in_channels", "input_size"):  # a mismatch can broadcast silently (per-channel normalisation)
+            want = self.data.model_kwargs().get(key)
+            if key in built and want is not None and built[key] != want:
+                raise DataError(f"the {cfg.model!r} model is built for {key}={built[key]} but dataset {cfg.dataset!r} "
+                                f"has {key}={want} (images of shape {tuple(self._data_shape())}); drop "
+                                f"model_kwargs.{key} or use matching data")
         self._initialise(self.model)
         self.model = self.model.to(self.device)
         if cfg.channels_last:
@@ -164,14 +187,16 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
         self.epoch = 0
         self.global_step = 0
-        # best checkpoint: highest (score, clean) where score is the robust accuracy, or the mAP of a detector
-        self.best: dict[str, Any] = {"metric": "map" if self.task == "detection" else "robust_accuracy",
-                                     "score": -1.0, "clean": -1.0, "epoch": None}
+        self.best: dict[str, Any] = {**self.selection_rule(), "score": -1.0, "clean": -1.0, "epoch": None}
         self.history: list[dict[str, Any]] = []
         self.events: list[str] = []
         self._fwd_images = 0
         self._train_fwd_images = 0
         self.model.register_forward_pre_hook(self._count_forward)
+
+    def _data_shape(self) -> tuple[int, ...]:
+        kw = self.data.model_kwargs()
+        return (kw.get("in_channels"), kw.get("input_size"), kw.get("input_size"))
 
     def _initialise(self, model: nn.Module) -> None:
         """Weights from `init_backbone` (ImageNet, SSD300 only) and/or `init_from` (a robustlab checkpoint of the
@@ -257,6 +282,22 @@ class Trainer:
             g["lr"] = self.cfg.lr * f
         return f
 
+    def selection_rule(self) -> dict[str, Any]:
+        """How best.safetensors is chosen: the metric, the split it is measured on, and why (for reports)."""
+        detection = self.task == "detection"
+        robust = self.method.robustness_goal and (not detection or self.cfg.eval_attack)
+        attack = self.cfg.eval_attack or ("" if detection else self.default_eval_attack())
+        what = "mAP" if detection else "accuracy"
+        metric = f"robust {what} under {attack}" if robust else f"clean {what}"
+        if self.n_validation:
+            split = f"validation ({self.n_validation} training images held out, seed {self.cfg.validation_seed})"
+        else:
+            split = "none (validation: 0): the last epoch is kept; per-epoch evaluation on the test split is monitoring only"
+        why = ("the method trains for robustness" if robust else
+               "the method has no robustness goal" if not self.method.robustness_goal else "no eval_attack is set")
+        return {"metric": ("robust_" if robust else "clean_") + ("map" if detection else "accuracy"),
+                "metric_description": metric, "split": split, "why": why, "select_best": self.cfg.select_best}
+
     def default_eval_attack(self) -> str:
         norm = self.method.norm or "linf"
         eps = self.method.eps if self.method.eps is not None else 0.3
@@ -270,17 +311,19 @@ class Trainer:
             # detectors: clean mAP, and mAP under eval_attack (e.g. "cwa") when set; the latter picks the best epoch
             spec = self.cfg.eval_attack
             attacks = detection_attacks([spec], self.model) if spec else None
-            r = evaluate_detector(self.model, self.data.test, self.cfg.eval_samples, ap_mode=self.cfg.ap_mode,
+            source = self.validation if self.validation is not None else self.data.test
+            r = evaluate_detector(self.model, source, self.cfg.eval_samples, ap_mode=self.cfg.ap_mode,
                                   attacks=attacks)
-            row = {"eval_clean": r["clean"]["map"], "eval_map": r["clean"]["map"]}
+            row = {"eval_clean": r["clean"]["map"], "eval_map": r["clean"]["map"], "eval_split": self._eval_split()}
             if spec:
                 row.update(eval_robust=r["attacks"][spec]["map"], eval_attack=spec)
             return row
         from robustlab import evaluate
 
         spec = self.cfg.eval_attack or self.default_eval_attack()
-        n = min(self.cfg.eval_samples, self.data.x_test.shape[0])
-        x, y = self.data.x_test[:n].to(self.device), self.data.y_test[:n].to(self.device)
+        x, y = self.validation if self.validation is not None else (self.data.x_test, self.data.y_test)
+        n = min(self.cfg.eval_samples, x.shape[0])
+        x, y = x[:n].to(self.device), y[:n].to(self.device)
         # FGSM beside the PGD evaluation (about 1/20 of its cost): a model that resists the single-step attack
         # but not PGD has overfitted catastrophically (or masks gradients).
         from robustlab.attacks.spec import parse_attack_spec
@@ -292,30 +335,60 @@ class Trainer:
         with torch.autocast(self.device.type, enabled=False):
             r = evaluate(self.model, x, y, panel, checks=False, progress=False)
         accs = [a["robust_accuracy"] for a in r["attacks"].values()]
-        row = {"eval_clean": r["clean_accuracy"], "eval_robust": accs[0], "eval_attack": spec}
+        row = {"eval_clean": r["clean_accuracy"], "eval_robust": accs[0], "eval_attack": spec,
+               "eval_split": self._eval_split()}
         if len(accs) > 1:
             row["eval_fgsm"] = accs[1]
         return row
 
+    def _eval_split(self) -> str:
+        return "validation" if self.validation is not None else "test"
+
     # -- the loop ------------------------------------------------------------------------------
-    def fit(self, resume: bool = False, stop_at_step: int | None = None) -> dict[str, Any]:
-        """Train to cfg.epochs. resume=True continues from run_dir/train_state.safetensors.
+    def claim_run_dir(self, overwrite: bool = False) -> None:
+        """Refuse a run folder that already holds a run (never mix two runs or clobber checkpoints); with
+        overwrite=True remove that run's files first (only the files a run writes)."""
+        held = [n for n in RUN_FILES if (self.run_dir / n).exists()]
+        if not held:
+            self.ddp.barrier()  # every rank has looked before rank 0 writes the first file
+            return
+        if not overwrite:
+            raise RunExistsError(f"run folder {self.run_dir} already holds a run ({', '.join(held)}): continue it with "
+                                 f"--resume, replace it with --overwrite, or give this run another name "
+                                 f"(name=NEW or --out-dir)")
+        if self.ddp.main:
+            for n in RUN_FILES:
+                target = self.run_dir / n
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        self.ddp.barrier()
+
+    def fit(self, resume: bool = False, stop_at_step: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+        """Train to cfg.epochs. resume=True continues from run_dir/train_state.safetensors (refused if the settings
+        differ from the stored run's, except RESUMABLE_KEYS); otherwise the run folder must not hold a run yet
+        (overwrite=True replaces it).
 
         stop_at_step (testing): raise KeyboardInterrupt after that many global steps, as a kill would.
         """
         cfg = self.cfg
+        if resume and overwrite:
+            raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: give one of them")
         if resume:
             self.load_state(self.run_dir / "train_state.safetensors")
+        else:
+            self.claim_run_dir(overwrite)
         if self.ddp.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(_jsonable(vars(cfg)), indent=2))
+            atomic_write_text(self.run_dir / "config.json", json.dumps(_jsonable(vars(cfg)), indent=2))
         tb = self._tensorboard() if cfg.tensorboard and self.ddp.main else None
         n_train = self.data.n_train
         spe = self.steps_per_epoch()
         while self.epoch < cfg.epochs:
             epoch = self.epoch
-            torch.manual_seed(_mix(cfg.seed, epoch, 1))
-            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch, 2)))
+            torch.manual_seed(mix_seed(cfg.seed, epoch, 1))
+            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, 2)))
             self.model.train()
             sums: dict[str, Tensor] = {}
             correct = torch.zeros((), device=self.device)
@@ -330,12 +403,12 @@ class Trainer:
                         raise KeyboardInterrupt(f"stopped at global step {self.global_step} (as requested)")
                     idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                     idx = idx[self.ddp.rank::self.ddp.world]
-                    gen = torch.Generator(device=self.device).manual_seed(_mix(cfg.seed, epoch, step, 3))
+                    gen = torch.Generator(device=self.device).manual_seed(mix_seed(cfg.seed, epoch, step, 3))
                     x, y = self._train_batch(idx, gen)
                     factor = self._set_lr()
                     lr = cfg.lr * factor
                     ctx = StepContext(epoch, step, gen, attack_model=self.model,  # attacks skip DDP hooks
-                                      progress=epoch + step / spe, lr_factor=factor)
+                                      progress=epoch + step / spe, lr_factor=factor, seed=cfg.seed)
                     self._train_fwd_images = 0
                     with self._autocast():
                         out: LossOut = self.method.train_step(self.train_model, Batch(x, y), self.optimizer, ctx,
@@ -367,9 +440,11 @@ class Trainer:
                 row.update(self.evaluate())
                 if self.task == "classification":  # the FGSM/PGD rules are about classifier accuracy
                     self._check_overfitting(row)
-                # select_best: keep the most robust evaluated weights (robust overfitting); else the latest
-                # (ties on robust accuracy, e.g. 0 for standard training, go to the more accurate model)
-                key = (row.get("eval_robust", row["eval_clean"]), row["eval_clean"])
+                # select_best: keep the best evaluated weights on the validation split (robust accuracy against
+                # robust overfitting; clean accuracy for a method with no robustness goal), ties to the more
+                # accurate model; else the latest
+                score = row["eval_robust"] if self.best["metric"].startswith("robust") else row["eval_clean"]
+                key = (score, row["eval_clean"])
                 if key > (self.best["score"], self.best["clean"]) or not cfg.select_best:
                     self.best = {**self.best, "score": key[0], "clean": key[1], "epoch": self.epoch}
                     save_model(self.run_dir / "best.safetensors", self.model, extra=self._extra(row))
@@ -405,15 +480,15 @@ class Trainer:
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
     def _log(self, row: dict[str, Any], tb) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        csv_path = self.run_dir / "metrics.csv"
-        rows = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
-        keys = sorted({k for r in rows for k in r})
-        with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+        # rewritten whole from the history (the resumable state's copy), atomically: a run killed between this
+        # write and the checkpoint, then resumed, logs each epoch once
+        rows = self.history
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        out = io.StringIO()
+        w = csv.DictWriter(out, fieldnames=sorted({k for r in rows for k in r}))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(self.run_dir / "metrics.csv", out.getvalue())
         if tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -430,6 +505,13 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     # -- resumable state -----------------------------------------------------------------------
+    def _check_resumable(self, saved_cfg: dict[str, Any], path: Path) -> None:
+        diffs = config_differences(saved_cfg, self.cfg)
+        if diffs:
+            raise ResumeError(f"cannot resume {path.parent}: the settings differ from the stored run's "
+                              f"({'; '.join(diffs)}); only {', '.join(RESUMABLE_KEYS)} may change on --resume. "
+                              f"Start a new run (another name) to change the others")
+
     def save_state(self, path: Path) -> None:
         from safetensors.torch import save
 
@@ -450,14 +532,15 @@ class Trainer:
             opt_meta["scaler"] = self.scaler.state_dict()
         meta = {"format": STATE_FORMAT, "epoch": str(self.epoch), "global_step": str(self.global_step),
                 "best": json.dumps(self.best), "history": json.dumps(self.history), "events": json.dumps(self.events),
-                "optimizer": json.dumps(opt_meta), "config": json.dumps(_jsonable(vars(self.cfg)))}
+                "optimizer": json.dumps(opt_meta), "config": json.dumps(_jsonable(vars(self.cfg))),
+                "sha256": tensors_sha256(tensors)}
         atomic_write_bytes(path, save(tensors, metadata=meta))
 
     def load_state(self, path: Path) -> None:
         from safetensors import SafetensorError, safe_open
 
         if not path.exists():
-            raise CheckpointError(f"cannot resume: {path} does not exist (train without --resume first)")
+            raise ResumeError(f"cannot resume: {path} does not exist (train without --resume first)")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -466,11 +549,8 @@ class Trainer:
             raise CheckpointError(f"training state {path} is corrupt or truncated: {e}") from None
         if meta.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{path} is not a robustlab training state (format {meta.get('format')!r})")
-        saved_cfg = json.loads(meta["config"])
-        for key in ("model", "model_kwargs", "method", "method_kwargs", "dataset", "batch_size"):
-            if saved_cfg.get(key) != _jsonable(getattr(self.cfg, key)):
-                raise CheckpointError(f"cannot resume: config key {key!r} differs from the saved run "
-                                      f"({saved_cfg.get(key)!r} vs {getattr(self.cfg, key)!r})")
+        verify_sha256(tensors, meta, path)
+        self._check_resumable(json.loads(meta["config"]), path)
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
         opt_meta = json.loads(meta["optimizer"])
         state: dict[int, dict[str, Any]] = {}
@@ -490,6 +570,13 @@ class Trainer:
         self.best = json.loads(meta["best"])
         self.history = json.loads(meta["history"])
         self.events = json.loads(meta.get("events", "[]"))
+
+
+def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """'key: old -> new' for every setting that differs from a stored run's, except RESUMABLE_KEYS."""
+    now = json.loads(json.dumps(_jsonable(vars(cfg))))
+    keys = sorted((set(saved) | set(now)) - set(RESUMABLE_KEYS))
+    return [f"{k!r}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
 def _jsonable(v: Any) -> Any:

@@ -44,6 +44,7 @@ class StepContext:
     attack_model: nn.Module | None = None  # the unwrapped model (no DDP/compile wrapper) for inner attacks
     progress: float = 0.0  # training progress in epochs (epoch + fraction), for eps ramps
     lr_factor: float = 1.0  # the lr schedule's factor at this step, for a method's own optimisers (a critic's)
+    seed: int = 0  # the run's seed, for draws that are per epoch rather than per step
 
     def attacked(self, model: nn.Module) -> nn.Module:
         return self.attack_model if self.attack_model is not None else model
@@ -54,6 +55,8 @@ class Method(ABC):
 
     name: ClassVar[str] = ""
     task: ClassVar[str] = "classification"  # or "detection": the data and models it trains
+    # False for clean training: its best checkpoint is chosen by clean accuracy (or clean mAP), not robustness
+    robustness_goal: ClassVar[bool] = True
     norm: str | None = None
     eps: float | None = None
 

@@ -35,6 +35,7 @@ class Standard(Method):
     """Standard (clean) training: cross-entropy on natural images."""
 
     name = "standard"
+    robustness_goal = False
 
     def loss(self, model, batch, ctx):
         logits = model(batch.x)
@@ -73,6 +74,11 @@ class _Adversarial(Method):
         budget map; the default is the method's ball (eps-ramped when asked)."""
         return self.ramped(ctx)
 
+    def start_point(self, ctx: StepContext):
+        """How the inner attack's random start is drawn at this step (None: uniformly in the batch's threat model).
+        PART overrides it with Pixel-AG's start."""
+        return None
+
     def _pgd(self, model, x, y, ctx, loss_fn=ce_loss, random_start=None, steps=None, step_size=None):
         model = ctx.attacked(model)
         threat, f = self.batch_threat(model, x, ctx)
@@ -81,7 +87,7 @@ class _Adversarial(Method):
             out = pgd(counter, x, y, threat=threat, loss_fn=loss_fn, steps=steps or self.steps,
                       step_size=f * (self.step_size if step_size is None else step_size),
                       random_start=self.random_start if random_start is None else random_start,
-                      generator=ctx.generator)
+                      generator=ctx.generator, init=self.start_point(ctx))
         _attack_passes(ctx, counter)
         return out.x_adv.detach()
 

@@ -10,15 +10,16 @@ with BatchNorm in train mode (`attack_bn_mode="train"`, the official scripts; mn
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Any, ClassVar, Iterator
+import inspect
+from contextlib import nullcontext
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from robustlab.attacks.base import PassCounter, attack_mode
+from robustlab.attacks.base import PassCounter, attack_mode, restored_buffers
 from robustlab.attacks.pgd import pgd
 from robustlab.losses import ce_loss
 from robustlab.methods.base import LossOut, Method, StepContext, load_optimizer_state, optimizer_state_tensors
@@ -26,7 +27,9 @@ from robustlab.methods.baselines import PGDAT, TRADES, _attack_passes
 from robustlab.registry import METHODS
 from robustlab.threat import LpBall, make_threat
 from robustlab.threat.lp import NORMS, l1_threshold
-from robustlab.validation import check_choice, check_eps, check_positive, check_positive_int
+from robustlab.utils import mix_seed
+from robustlab.validation import (check_choice, check_eps, check_positive, check_positive_int,
+                                  reject_inapplicable)
 
 # (eps, steps, step size) of the training attacks, CIFAR-10 / SVHN (mng_ac.md 1.8)
 TRAIN_SETTINGS = {"linf": (8 / 255, 10, 1 / 255), "l2": (128 / 255, 10, 30 / 255), "l1": (2000 / 255, 20, 1.0)}
@@ -45,19 +48,6 @@ def check_norms(norms) -> tuple[str, ...]:
     if len(set(norms)) != len(norms):
         raise ValueError(f"repeated norm in {norms!r}")
     return norms
-
-
-@contextmanager
-def frozen_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer (BatchNorm running statistics) on exit: train-mode forwards leave no trace, as on the
-    official code's model copy."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
 
 
 class MultiNormAttacks:
@@ -80,6 +70,14 @@ class MultiNormAttacks:
                 raise ValueError(f"eps_{n} must be > 0, got {eps[n]}")
             check_positive_int(steps[n], f"steps_{n}")
             check_positive(sizes[n], f"step_size_{n}")
+        defaults = inspect.signature(MultiNormAttacks.__init__).parameters
+        for n in NORMS:
+            if n not in self.norms:
+                reject_inapplicable({f"{k}_{n}": (v[n], defaults[f"{k}_{n}"].default)
+                                     for k, v in (("eps", eps), ("steps", steps), ("step_size", sizes))},
+                                    f"{n!r} is not among the trained norms {self.norms}")
+        if "l1" not in self.norms:
+            reject_inapplicable({"q": (q, defaults["q"].default)}, "SLIDE's q applies to the l1 norm only")
         self.eps = {n: float(eps[n]) for n in self.norms}
         self.steps = {n: int(steps[n]) for n in self.norms}
         self.step_size = {n: float(sizes[n]) for n in self.norms}
@@ -106,7 +104,7 @@ class MultiNormAttacks:
         """x_adv for one norm (detached). keep_buffers: train-mode BN without touching the running statistics."""
         net = ctx.attacked(model)
         f = self.ramp(ctx)
-        with attack_mode(net, bn_mode=self.attack_bn_mode), (frozen_buffers(net) if keep_buffers else nullcontext()):
+        with attack_mode(net, bn_mode=self.attack_bn_mode), (restored_buffers(net) if keep_buffers else nullcontext()):
             counter = PassCounter(net)
             out = pgd(counter, x, y, threat=self.threat(norm, f), loss_fn=ce_loss, steps=self.steps[norm],
                       step_size=f * self.step_size[norm], random_start=self.random_start, generator=ctx.generator)
@@ -118,6 +116,7 @@ class _MultiNormMethod(Method):
     """Base of the methods that train against several threat models (norms: any non-empty subset)."""
 
     norm = "linf"
+    forwards_options_to = (MultiNormAttacks,)
 
     def __init__(self, norms=NORMS, **attack_kwargs: Any) -> None:
         self.attacks = MultiNormAttacks(norms, **attack_kwargs)
@@ -142,6 +141,8 @@ class _SingleNorm(PGDAT):
         super().__init__(self.single_norm, d_eps if eps is None else eps, d_steps if steps is None else steps,
                          d_step if step_size is None else step_size, random_start, eps_ramp_epochs)
         check_choice(attack_bn_mode, "attack_bn_mode", ("train", "eval"))
+        if self.single_norm != "l1":
+            reject_inapplicable({"q": (q, 0.99)}, "SLIDE's q applies to adv-l1 only")
         self.attack_bn_mode, self.q = attack_bn_mode, q
         if self.single_norm == "l1":
             self.threat = make_threat("l1", self.eps, q=q)
@@ -258,13 +259,19 @@ def msd_attack(model: nn.Module, x: Tensor, y: Tensor, attacks: MultiNormAttacks
 @METHODS.register("msd")
 class MSD(_MultiNormMethod):
     """MSD (Maini, Wong, Kolter 2020) as run in MNG-AC's code: 20 iterations, no random start, steps 1/255 (l_inf),
-    25/255 (l_2), 1.0 (l_1 SLIDE); CE on each sample's best iterate."""
+    25/255 (l_2), 1.0 (l_1 SLIDE); CE on each sample's best iterate.
+
+    MSD has its own iteration count and step sizes (`msd_*`); it takes the budgets, SLIDE's q, the BatchNorm mode
+    and the eps ramp of the per-norm attacks, and none of their steps, step sizes or random start (it has none)."""
 
     name = "msd"
 
     def __init__(self, norms=NORMS, msd_steps: int = 20, msd_step_size_linf: float = 1 / 255,
-                 msd_step_size_l2: float = 25 / 255, msd_step_size_l1: float = 1.0, **attack_kwargs: Any) -> None:
-        super().__init__(norms, **attack_kwargs)
+                 msd_step_size_l2: float = 25 / 255, msd_step_size_l1: float = 1.0, eps_linf: float = 8 / 255,
+                 eps_l2: float = 128 / 255, eps_l1: float = 2000 / 255, q: float = 0.99, attack_bn_mode: str = "train",
+                 eps_ramp_epochs: float = 0.0) -> None:
+        super().__init__(norms, eps_linf=eps_linf, eps_l2=eps_l2, eps_l1=eps_l1, q=q, attack_bn_mode=attack_bn_mode,
+                         eps_ramp_epochs=eps_ramp_epochs)
         check_positive_int(msd_steps, "msd_steps")
         sizes = {"linf": msd_step_size_linf, "l2": msd_step_size_l2, "l1": msd_step_size_l1}
         for n, v in sizes.items():
@@ -273,7 +280,8 @@ class MSD(_MultiNormMethod):
         self.msd_step_size = {n: float(sizes[n]) for n in self.norms}
 
     def describe(self):
-        return {**super().describe(), "msd_step_size": self.msd_step_size}
+        d = {k: v for k, v in super().describe().items() if k not in ("steps", "step_size")}  # the PGD ones: unused
+        return {**d, "msd_steps": self.msd_steps, "msd_step_size": self.msd_step_size}
 
     def loss(self, model, batch, ctx):
         net = ctx.attacked(model)
@@ -352,11 +360,12 @@ class NoiseGenerator(nn.Module):
     """MNG-AC's noise generator (mng_ac.md 4.1): 1x1 conv to 20, 3x3 valid conv, 1x1, 1x1 back to C (LeakyReLU
     0.01 between), plus the central crop of its Gaussian input z (B, C, H+2, W+2), fresh on every call.
 
-    image_input=True (default, the paper's input-dependent generator) also feeds x, zero-padded by one pixel,
-    next to z; image_input=False is the official code's input-independent generator (4,183 parameters for C=3).
+    image_input=False (default) is the official code's input-independent generator (4,183 parameters for C=3), the
+    spec's default (mng_ac.md 4.1); image_input=True (the paper's input-dependent description) also feeds x,
+    zero-padded by one pixel, next to z.
     """
 
-    def __init__(self, channels: int, width: int = 20, image_input: bool = True) -> None:
+    def __init__(self, channels: int, width: int = 20, image_input: bool = False) -> None:
         super().__init__()
         self.channels, self.image_input = channels, image_input
         cin = 2 * channels if image_input else channels
@@ -377,6 +386,8 @@ class NoiseGenerator(nn.Module):
 
 
 class _SAT(_MultiNormMethod):
+    forwards_options_to = (MultiNormAttacks,)
+
     def __init__(self, norms=NORMS, sat_granularity: str = "batch", **attack_kwargs: Any) -> None:
         super().__init__(norms, **attack_kwargs)
         check_choice(sat_granularity, "sat_granularity", ("batch", "sample", "epoch"))
@@ -384,13 +395,13 @@ class _SAT(_MultiNormMethod):
 
     def draw(self, ctx: StepContext, n: int) -> Tensor:
         """Index into `norms` per sample (all equal unless sat_granularity="sample"), from the step's seeded
-        generator (or, per epoch, from one seeded by the epoch)."""
+        generator (or, per epoch, from one seeded by the run's seed and the epoch)."""
         k = len(self.norms)
         if self.sat_granularity == "sample":
             return torch.randint(k, (n,), generator=ctx.generator, device=ctx.generator.device)
         gen = ctx.generator
         if self.sat_granularity == "epoch":
-            gen = torch.Generator().manual_seed(1_000_003 * (ctx.epoch + 1))
+            gen = torch.Generator().manual_seed(mix_seed(ctx.seed, ctx.epoch, 4))
         draw = torch.randint(k, (1,), generator=gen, device=gen.device)
         return draw.to(ctx.generator.device).expand(n)
 
@@ -433,6 +444,7 @@ class SATAC(_SAT):
     beta 12."""
 
     name = "sat-ac"
+    forwards_options_to = (MultiNormAttacks,)
 
     def __init__(self, norms=NORMS, beta: float = 12.0, sat_granularity: str = "batch", **attack_kwargs: Any) -> None:
         super().__init__(norms, sat_granularity, **attack_kwargs)
@@ -479,15 +491,17 @@ class MNGAC(SATAC):
     classifier's weights, .grad and BatchNorm statistics are untouched); (3) classifier step on
     CE(f(x_adv)) + beta * JS(p_clean, p_adv, p_aug) with fresh generator noise.
 
-    generator_input="image" feeds x and z (the paper); "noise" is the official code's input-independent generator
-    (compat). generator_lr / lookahead_lr: None = the classifier's current lr (the code's choice), else that
-    value times the lr schedule's factor.
+    generator_input="noise" (default) is the official code's input-independent generator, the one behind the
+    published numbers and the spec's default (mng_ac.md 4.1); "image" feeds x and z (the paper's description).
+    generator_lr / lookahead_lr: None = the classifier's current lr (the code's choice), else that value times the
+    lr schedule's factor.
     """
 
     name = "mng-ac"
+    forwards_options_to = (MultiNormAttacks,)
 
     def __init__(self, norms=NORMS, beta: float = 12.0, sat_granularity: str = "batch",
-                 generator_input: str = "image", generator_width: int = 20, generator_lr: float | None = None,
+                 generator_input: str = "noise", generator_width: int = 20, generator_lr: float | None = None,
                  lookahead_lr: float | None = None, generator_momentum: float = 0.9,
                  generator_weight_decay: float = 5e-4, **attack_kwargs: Any) -> None:
         super().__init__(norms, beta, sat_granularity, **attack_kwargs)
@@ -600,4 +614,4 @@ def _cloned_buffers(net: nn.Module) -> dict[str, Tensor]:
 
 __all__ = ["AdvInf", "AdvL1", "AdvL2", "TRADESInf", "AdvAvg", "AdvMax", "MSD", "SAT", "SATAC", "MNGAC",
            "MultiNormAttacks", "NoiseGenerator", "fit_noise", "js_divergence", "msd_attack", "check_norms",
-           "frozen_buffers", "TRAIN_SETTINGS"]
+           "TRAIN_SETTINGS"]

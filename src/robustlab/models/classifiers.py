@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab.errors import DataError
 from robustlab.registry import MODELS
 
 
@@ -42,6 +43,10 @@ class Classifier(nn.Module):
         self.config = config
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.normalize.mean.shape[1]:
+            # the per-channel normalisation would broadcast 1-channel images to 3 channels without a word
+            raise DataError(f"the {self.config.get('name', 'model')!r} model takes (N, {self.normalize.mean.shape[1]}, "
+                            f"H, W) images, got shape {tuple(x.shape)}")
         return self.body(self.normalize(x))
 
 

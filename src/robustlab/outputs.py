@@ -1,0 +1,55 @@
+"""Output paths: checked before any expensive work starts, and results that are never lost.
+
+`check_writable` creates the folder a result will go to and writes a probe file into it (permission bits say
+little when running as root or on a read-only mount; a real write says everything). `save_result` writes a
+result atomically and, if that still fails at the end of a long job, saves it in a fallback place and says where.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from robustlab.errors import OutputError
+
+
+def check_writable(path: str | Path, *, folder: bool = False, what: str = "output") -> Path:
+    """`path` (a file, or a folder with folder=True) can be written: its folder exists or is created, and a probe
+    file can be written there. OutputError naming the path and the reason otherwise."""
+    path = Path(path)
+    directory = path if folder else path.parent
+    if not folder and path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file name")
+    if folder and path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} exists and is not a folder")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory, prefix=".robustlab-probe-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write the {what} {path}: {e.strerror or e} ({directory})") from None
+    return path
+
+
+def save_result(path: str | Path, write: Callable[[Path], None], *, what: str = "result") -> tuple[Path, str | None]:
+    """write(path); if that fails with OSError, write the result to the current folder or the temporary folder
+    instead. Returns (where it was written, None) or (the fallback path, a one-line explanation)."""
+    path = Path(path)
+    try:
+        write(path)
+        return path, None
+    except OSError as first:
+        reason = f"{first.strerror or first}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        fallback = folder / f"robustlab-{stamp}-{path.name}"
+        try:
+            write(fallback)
+        except OSError:
+            continue
+        return fallback, f"cannot write the {what} to {path} ({reason}); it was saved to {fallback} instead"
+    raise OutputError(f"cannot write the {what} to {path} ({reason}), nor to the current or temporary folder")
+
+
+__all__ = ["check_writable", "save_result"]
