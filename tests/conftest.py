@@ -156,7 +156,7 @@ def pytest_collection_finish(session):
     """Under `--dist loadgroup`, grouped tests carry their group in the node id; if they do not, xdist is not
     grouping (pytest >= 9.2 with pytest-xdist 3.8, xdist issue 1386) and every worker would train the shared
     fixtures again. Fail loudly instead of silently doubling CI time."""
-    if not session.config.getvalue("loadgroup"):
+    if not getattr(session.config.option, "loadgroup", False):
         return
     grouped = [i for i in session.items if any(True for _ in i.iter_markers("xdist_group"))]
     if grouped and not any("@" in i.nodeid for i in grouped):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab.errors import InputError
 from robustlab.label_metric import check_metric
 
 
@@ -80,7 +81,7 @@ def accuracy_gap(ce_model: nn.Module, robust_model: nn.Module, x: Tensor, y: Ten
     check_metric(metric, k)
     off = metric[~torch.eye(k, dtype=torch.bool)]
     if off.max() == off.min():
-        raise ValueError("the label metric is constant off the diagonal: its correlation with the gap is undefined; "
+        raise InputError("the label metric is constant off the diagonal: its correlation with the gap is undefined; "
                          "use a visual, WordNet or file metric")
     c_ce = confusion(y, predictions(ce_model, x), k)
     c_pgd = confusion(y, predictions(robust_model, x), k)
@@ -105,7 +106,7 @@ def entropy_histograms(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, pa
     """Entropy (nats) of softmax outputs on the test images of `class_index` (all images if None)."""
     xs = x if class_index is None else x[y == class_index]
     if xs.shape[0] == 0:
-        raise ValueError(f"no test images of class {class_index}")
+        raise InputError(f"no test images of class {class_index}")
     from robustlab.reports.plots import _plt
 
     fig, ax = _plt().subplots(figsize=(5, 3.5))
@@ -131,7 +132,7 @@ def penultimate_features(model: nn.Module, x: Tensor, batch_size: int = 500) -> 
     """The input of the model's last nn.Linear layer (WRN: after the final BN + ReLU + pooling)."""
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not last:
-        raise ValueError("the model has no Linear layer to take penultimate features from")
+        raise InputError("the model has no Linear layer to take penultimate features from")
     feats: list[Tensor] = []
     hook = last[-1].register_forward_pre_hook(lambda mod, inp: feats.append(inp[0].detach().flatten(1)))
     try:
@@ -351,7 +352,7 @@ def weighted_score(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, metric
         out["models"][name] = {"S": s, "adversarial_error": err, "confusion": mat.tolist()}
     ref = reference or next(iter(models))
     if ref not in out["models"]:
-        raise ValueError(f"reference model {ref!r} is not among {list(models)}")
+        raise InputError(f"reference model {ref!r} is not among {list(models)}")
     for v in out["models"].values():
         v["S_minus_reference"] = v["S"] - out["models"][ref]["S"]
     out["reference"] = ref
@@ -366,7 +367,7 @@ def directional(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, path, *, 
     from robustlab.reports.plots import _plt
 
     if len(models) != 2:
-        raise ValueError(f"directional robustness compares two models, got {len(models)}")
+        raise InputError(f"directional robustness compares two models, got {len(models)}")
     (na, ma), (nb, mb) = models.items()
     ra = 1 - adversarial_confusion(ma, x, y, eps=eps, steps=steps, seed=seed)
     rb = 1 - adversarial_confusion(mb, x, y, eps=eps, steps=steps, seed=seed)

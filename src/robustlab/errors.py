@@ -57,6 +57,10 @@ class OutputError(RobustlabError):
     """An output path cannot be written (checked before any expensive work starts)."""
 
 
+class MissingDependencyError(RobustlabError, ImportError):
+    """An optional package a feature needs is not installed; the message says how to install it."""
+
+
 class MetricError(RobustlabError):
     """A label metric (cost matrix) is invalid."""
 
@@ -73,5 +77,5 @@ class IntegrityWarning(RuntimeWarning):
 
 
 __all__ = ["RobustlabError", "InputError", "InputTypeError", "ConfigError", "DataError", "CheckpointError", "AttackSpecError", "OptionError",
-           "DeviceError", "RunExistsError", "ResumeError", "OutputError", "MetricError", "UnknownNameError",
+           "DeviceError", "RunExistsError", "ResumeError", "OutputError", "MissingDependencyError", "MetricError", "UnknownNameError",
            "IntegrityWarning"]

@@ -31,8 +31,7 @@ class Registry(Generic[T]):
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = factory
-            text = doc or (factory.__doc__ or "").strip().splitlines()[0:1]
-            self._docs[name] = text if isinstance(text, str) else (text[0] if text else "")
+            self._docs[name] = doc or inspect.cleandoc(factory.__doc__ or "")
             return factory
 
         return decorator
@@ -72,9 +71,11 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
-    def describe(self, name: str) -> str:
+    def describe(self, name: str, full: bool = True) -> str:
+        """The entry's description: its whole docstring, or (full=False) the first line."""
         self.get(name)
-        return self._docs.get(name, "")
+        text = self._docs.get(name, "")
+        return text if full else (text.splitlines() or [""])[0]
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

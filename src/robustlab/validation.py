@@ -115,3 +115,29 @@ def reject_inapplicable(given: dict[str, tuple[object, object]], why: str) -> No
     set_ = [f"{k}={v!r}" for k, (v, d) in given.items() if v != d]
     if set_:
         raise OptionError(f"{', '.join(set_)} would be ignored: {why}")
+
+
+def check_logits(out: object, n: int) -> Tensor:
+    """The model's output must be a logits tensor (N, K); a tuple, a dict or probabilities-of-one-class are not."""
+    if not isinstance(out, Tensor):
+        what = type(out).__name__ + (f" of {len(out)}" if isinstance(out, (tuple, list)) else "")
+        raise InputTypeError(f"the model must return a logits tensor of shape (N, K), got a {what}; wrap it so that "
+                             "forward returns the logits only (e.g. lambda x: model(x)[0])")
+    if out.dim() != 2 or out.shape[0] != n:
+        raise InputError(f"the model must return logits of shape (N, K) = ({n}, K), got shape {tuple(out.shape)}")
+    return out
+
+
+def check_fits_model(model: torch.nn.Module, x: Tensor, name: str = "x") -> None:
+    """Images of a robustlab model's expected channels and size (its config says); dtype of its weights."""
+    config = getattr(model, "config", None)
+    if isinstance(config, dict):
+        c, size = config.get("in_channels"), config.get("input_size")
+        want = (c, size, size)
+        if c is not None and size is not None and tuple(x.shape[1:]) != want:
+            raise InputError(f"{name} has images of shape {tuple(x.shape[1:])} but the {config.get('name', 'model')!r} "
+                             f"model takes {want}: use data of the model's shape")
+    p = next(model.parameters(), None)
+    if p is not None and p.is_floating_point() and x.dtype != p.dtype:
+        raise InputTypeError(f"{name} is {x.dtype} but the model's weights are {p.dtype}; convert the images "
+                             f"(x.to({p.dtype}))")

@@ -193,3 +193,26 @@ def test_a_model_built_for_other_channels_never_trains(tmp_path):
     m = create_model("small-cnn", in_channels=3, input_size=28, width=4, hidden=8)
     with pytest.raises(DataError, match=r"\(N, 3, H, W\).*\(2, 1, 28, 28\)"):
         m(torch.rand(2, 1, 28, 28))
+
+
+def test_ctrl_c_during_training_says_where_the_checkpoint_is(tmp_path):
+    import signal
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: long\ndataset: digits\nmodel: mlp\nmodel_kwargs: {hidden: 32, depth: 1}\nepochs: 2000\n"
+                   "batch_size: 32\neval_every: 1000\nmethod: pgd-at\nmethod_kwargs: {eps: 0.1, steps: 2}\n"
+                   "progress: false\n")
+    proc = subprocess.Popen([sys.executable, "-m", "robustlab.cli.main", "train", "--config", str(cfg), "--out-dir",
+                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    state = tmp_path / "long" / "train_state.safetensors"
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert state.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint written"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("robustlab")]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert len(lines) == 1 and str(state) in lines[0] and "--resume" in lines[0], err

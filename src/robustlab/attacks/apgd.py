@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab.errors import InputError
 from robustlab.attacks.base import Attack, AttackOut, PassCounter
 from robustlab.losses import ce_loss, dlr_loss, dlr_targeted_loss
 from robustlab.registry import ATTACKS
@@ -130,7 +131,7 @@ class _APGDBase(Attack):
                  restarts: int = 1, rho: float = 0.75, seed: int | None = 0, bn_mode: str = "eval") -> None:
         super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
         if str(norm).lower() not in ("linf", "l2", "inf"):
-            raise ValueError(f"APGD supports norms linf and l2, got {norm!r}")
+            raise InputError(f"APGD supports norms linf and l2, got {norm!r}")
         check_positive_int(steps, "steps")
         check_positive_int(restarts, "restarts")
         self.threat = make_threat(norm, eps)
@@ -150,7 +151,7 @@ class APGD(_APGDBase):
     def __init__(self, model: nn.Module, *, loss: str = "ce", **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         if loss not in ("ce", "dlr"):
-            raise ValueError(f"APGD loss must be 'ce' or 'dlr', got {loss!r}")
+            raise InputError(f"APGD loss must be 'ce' or 'dlr', got {loss!r}")
         self.loss_name = loss
         self.loss_fn = ce_loss if loss == "ce" else dlr_loss
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab.errors import InputError, MissingDependencyError
 from robustlab.attacks.apgd import APGD, APGDT
 from robustlab.attacks.base import Attack, AttackOut, PassCounter
 from robustlab.attacks.fab import FAB
@@ -33,7 +34,7 @@ class AutoAttack(Attack):
                  square_queries: int = 5000, seed: int | None = 0, bn_mode: str = "eval") -> None:
         super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
         if str(norm).lower() not in ("linf", "l2", "inf"):
-            raise ValueError(f"AutoAttack supports norms linf and l2, got {norm!r}")
+            raise InputError(f"AutoAttack supports norms linf and l2, got {norm!r}")
         check_choice(version, "AutoAttack version", ("standard",))
         check_choice(impl, "AutoAttack impl", ("robustlab", "reference", "torchattacks"))
         self.threat = make_threat(norm, eps)
@@ -85,7 +86,7 @@ class AutoAttack(Attack):
             try:
                 from pyautoattack import AutoAttack as RefAA
             except ImportError as e:  # optional dependency
-                raise ImportError("impl='reference' needs the reference AutoAttack: pip install pyautoattack") from e
+                raise MissingDependencyError("impl='reference' needs the reference AutoAttack: pip install pyautoattack") from e
             ref = RefAA(self.model, norm=norm, eps=eps, version="standard", device=str(x.device),
                         seed=0 if self.seed is None else self.seed)
             ref.verbose = False
@@ -99,7 +100,7 @@ class AutoAttack(Attack):
             try:
                 import torchattacks
             except ImportError as e:
-                raise ImportError("impl='torchattacks' needs torchattacks: pip install --no-deps torchattacks") from e
+                raise MissingDependencyError("impl='torchattacks' needs torchattacks: pip install --no-deps torchattacks") from e
             with torch.no_grad():
                 k = counter.logits(x[:1]).shape[1]
             ref = torchattacks.AutoAttack(self.model, norm=norm, eps=eps, version="standard", n_classes=k,

@@ -14,8 +14,9 @@ from typing import Any, ClassVar, Iterator, Literal
 import torch
 from torch import Tensor, nn
 
+from robustlab.errors import InputError, InputTypeError
 from robustlab.threat import LpBall
-from robustlab.validation import check_images, check_labels
+from robustlab.validation import check_fits_model, check_images, check_labels, check_logits
 
 
 @dataclass
@@ -51,9 +52,8 @@ class PassCounter:
     def logits(self, x: Tensor) -> Tensor:
         out = self.model(x)
         self.forward += x.shape[0]
-        if self._y is not None:  # first call only: validate labels against the number of classes
-            if not isinstance(out, Tensor) or out.dim() != 2:
-                raise ValueError(f"the model must return logits of shape (N, K), got {getattr(out, 'shape', type(out))}")
+        if self._y is not None:  # first call only: validate the output and labels against the number of classes
+            check_logits(out, x.shape[0])
             check_labels(self._y, self._y.shape[0], num_classes=out.shape[1])
             self._y = None
         return out
@@ -127,9 +127,9 @@ class Attack(ABC):
 
     def __init__(self, model: nn.Module, *, seed: int | None = 0, bn_mode: BNMode = "eval") -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if bn_mode not in ("eval", "train"):
-            raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+            raise InputError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
         self.model = model
         self.seed = seed
         self.bn_mode: BNMode = bn_mode
@@ -156,12 +156,13 @@ class Attack(ABC):
         """Run the attack. with_success=False skips the extra forward some attacks need for success flags."""
         check_images(x)
         check_labels(y, x.shape[0])
+        check_fits_model(self.model, x)
         if target is not None:
             if not self.supports_targeted:
-                raise ValueError(f"attack {self.name!r} has no targeted mode")
+                raise InputError(f"attack {self.name!r} has no targeted mode")
             check_labels(target, x.shape[0], name="target")
             if (target == y).any():
-                raise ValueError("target equals the true label for some samples; a targeted attack needs target != y")
+                raise InputError("target equals the true label for some samples; a targeted attack needs target != y")
         y = y.long()
         target = target.long() if target is not None else None
         x = x.detach()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab.errors import InputError
 from robustlab.attacks.base import Attack, AttackOut, PassCounter
 from robustlab.registry import ATTACKS
 from robustlab.threat import per_sample_norm
@@ -34,10 +35,10 @@ def check_confidence(c: float | Tensor, name: str = "confidence") -> None:
     if isinstance(c, Tensor):
         bad = ~((c > 0) & (c < 1))
         if bool(bad.any()):
-            raise ValueError(f"{name} must lie in (0, 1); got values in [{c.min().item():.4g}, {c.max().item():.4g}]")
+            raise InputError(f"{name} must lie in (0, 1); got values in [{c.min().item():.4g}, {c.max().item():.4g}]")
         return
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < 1:
-        raise ValueError(f"{name} must lie in (0, 1), got {c!r}")
+        raise InputError(f"{name} must lie in (0, 1), got {c!r}")
 
 
 def logit_jacobian(logits: Tensor, x: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustlab.errors import InputError
 from robustlab.attacks.base import Attack, AttackOut
 from robustlab.registry import ATTACKS
 from robustlab.threat import per_sample_norm
@@ -35,7 +36,7 @@ class DeepFool(Attack):
         super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
         key = str(norm).lower()
         if key not in ("l2", "linf", "inf"):
-            raise ValueError(f"DeepFool supports norms l2 and linf, got {norm!r}")
+            raise InputError(f"DeepFool supports norms l2 and linf, got {norm!r}")
         check_positive_int(steps, "steps")
         check_positive_int(num_classes, "num_classes", minimum=2)
         check_positive(overshoot, "overshoot", allow_zero=True)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab.errors import InputError
 from robustlab.attacks.base import Attack, AttackOut, PassCounter
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat, per_sample_norm
@@ -129,7 +130,7 @@ class FAB(Attack):
         super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
         key = str(norm).lower()
         if key not in ("linf", "l2", "inf"):
-            raise ValueError(f"FAB supports norms linf and l2, got {norm!r}")
+            raise InputError(f"FAB supports norms linf and l2, got {norm!r}")
         if eps is not None:
             check_eps(eps)
         check_positive_int(steps, "steps")

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from robustlab.errors import InputError
 from robustlab.attacks.base import Attack, AttackOut, PassCounter
 from robustlab.losses import get_loss
 from robustlab.losses.classification import margin
@@ -141,7 +142,7 @@ class FGSM(Attack):
                  seed: int | None = 0, bn_mode: str = "eval") -> None:
         super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
         if norm not in ("linf", "l2", "Linf", "L2", "inf"):
-            raise ValueError(f"FGSM supports norms linf and l2, got {norm!r}")
+            raise InputError(f"FGSM supports norms linf and l2, got {norm!r}")
         self.threat = make_threat(norm, eps)
         self.loss_fn = get_loss(loss)
 

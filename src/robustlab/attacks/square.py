@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab.errors import InputError
 from robustlab.attacks.base import Attack, AttackOut
 from robustlab.losses.classification import margin
 from robustlab.registry import ATTACKS
@@ -71,7 +72,7 @@ class Square(Attack):
                  bn_mode: str = "eval") -> None:
         super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
         if str(norm).lower() not in ("linf", "l2", "inf"):
-            raise ValueError(f"Square supports norms linf and l2, got {norm!r}")
+            raise InputError(f"Square supports norms linf and l2, got {norm!r}")
         check_positive_int(n_queries, "n_queries")
         check_positive_int(restarts, "restarts")
         check_positive(p_init, "p_init")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from robustlab.errors import InputError
 from robustlab.cli.common import load_labelled_models
 
 
 def _data(args, extra):
-    from robustlab.cli.main import _load_eval_data
+    from robustlab.cli.common import load_eval_data
 
-    x, y = _load_eval_data(args.data, "test", extra or {})
+    x, y = load_eval_data(args.data, "test", extra or {})
     n = min(args.n_samples or x.shape[0], x.shape[0])
     return x[:n], y[:n]
 
@@ -46,7 +47,7 @@ def cmd_gap(args) -> int:
     from robustlab.analysis import accuracy_gap
 
     if len(args.model) != 2:
-        raise ValueError("analyze gap takes exactly two models: --model CE=... --model PGD=...")
+        raise InputError("analyze gap takes exactly two models: --model CE=... --model PGD=...")
     models, x, y = _setup(args)
     metric_models = models
     if args.metric_model:
@@ -102,7 +103,7 @@ def cmd_two_class(args) -> int:
     for p in args.pair:
         a, _, b = p.partition(",")
         if not b:
-            raise ValueError(f"--pair takes two class ids like 3,5, got {p!r}")
+            raise InputError(f"--pair takes two class ids like 3,5, got {p!r}")
         pairs.append((int(a), int(b)))
     two_class(args.out, dataset=name, dataset_kwargs=kwargs, pairs=pairs, ratio=args.ratio, eps=args.eps,
               epochs=args.epochs, out_dir=str(Path(args.out).with_suffix("")) + "-runs")
@@ -139,7 +140,7 @@ def cmd_metric_wordnet(args) -> int:
     from robustlab.label_metric import wordnet_metric
 
     if not args.classes.exists():
-        raise FileNotFoundError(f"class list {args.classes} does not exist (one class per line)")
+        raise InputError(f"class list {args.classes} does not exist (one class per line)")
     classes = [c.strip() for c in args.classes.read_text().splitlines() if c.strip()]
     m = wordnet_metric(classes, root=args.wordnet_root, measure=args.measure,
                        normalize=None if args.no_normalize else "max")
@@ -155,9 +156,9 @@ def cmd_metric_visual(args) -> int:
     from robustlab.label_metric import visual_metric
 
     model, extra = load_model(args.model, map_location="cpu")
-    from robustlab.cli.main import _load_eval_data
+    from robustlab.cli.common import load_eval_data
 
-    x, y = _load_eval_data(args.data, "test", extra)
+    x, y = load_eval_data(args.data, "test", extra)
     m, info = visual_metric(model.eval(), x, y, int(model.config["num_classes"]), method=args.method,
                             n_per_class=args.per_class)
     np.save(args.out, m.numpy())

@@ -1,10 +1,13 @@
-"""Pieces several commands share: the command line as typed (for "Reproduce:" lines in reports) and
-loading `LABEL=PATH` checkpoints (robustlab compare, det-report, corruptions eval)."""
+"""Pieces several commands share: the command line as typed (for "Reproduce:" lines in reports), loading
+`LABEL=PATH` checkpoints (robustlab compare, det-report, corruptions eval) and evaluation data, and saying where a
+result was written."""
 from __future__ import annotations
 
 import shlex
 import sys
 from pathlib import Path
+
+from robustlab.errors import InputError
 
 
 def command_line() -> str:
@@ -24,10 +27,10 @@ def load_labelled_models(items: list[str], device: str, task: str, all_extras: b
         if not sep:
             label, path = Path(item).parent.name or Path(item).stem, item
         if label in models:
-            raise ValueError(f"model label {label!r} given twice; use LABEL=PATH to name them")
+            raise InputError(f"model label {label!r} given twice; use LABEL=PATH to name them")
         model, extra = load_model(path, map_location=device)
         if getattr(model, "task", "classification") != task:
-            raise ValueError(f"{path} is not a {task} checkpoint (compare classifiers with `robustlab compare`, "
+            raise InputError(f"{path} is not a {task} checkpoint (compare classifiers with `robustlab compare`, "
                              "detectors with `robustlab det-report`)")
         models[label] = model.eval()
         extras[label] = extra
@@ -43,3 +46,19 @@ def report_written(path: Path, problem: str | None) -> int:
         return 2
     print(f"wrote {path}")
     return 0
+
+
+def load_eval_data(spec: str | None, split: str, extra: dict):
+    """(x, y) of a classification dataset: `spec` (NAME[:key=value,...]) or the one a checkpoint was trained on."""
+    from robustlab.attacks.spec import parse_spec
+    from robustlab.registry import DATASETS
+
+    if spec is None:  # the data the checkpoint was trained on, else mnist5k
+        cfg = extra.get("config") or {}
+        data = DATASETS.create(cfg.get("dataset", "mnist5k"), **(cfg.get("dataset_kwargs") or {}))
+    else:
+        name, kwargs = parse_spec(spec, DATASETS)
+        data = DATASETS.create(name, **kwargs)
+    if getattr(data, "task", "classification") != "classification":
+        raise InputError(f"dataset {spec!r} is a detection dataset; a classifier needs classification data")
+    return (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)

@@ -7,19 +7,20 @@ import argparse
 import json
 from pathlib import Path
 
+from robustlab.errors import InputError
 from robustlab.cli.common import command_line, load_labelled_models
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from robustlab.attacks.spec import expand_panels
-    from robustlab.cli.main import _load_eval_data
+    from robustlab.cli.common import load_eval_data
     from robustlab.utils import machine_description
     from robustlab.reports.compare import compare_models, compare_table, write_compare
     from robustlab.utils import set_threads
 
     set_threads(args.threads)
     models, extras = load_labelled_models(args.model, args.device, "classification", all_extras=True)
-    x, y = _load_eval_data(args.data, "test", next(iter(extras.values())) or {})
+    x, y = load_eval_data(args.data, "test", next(iter(extras.values())) or {})
     n = min(args.n_samples or x.shape[0], x.shape[0])
     x, y = x[:n].to(args.device), y[:n].to(args.device)
     specs = expand_panels(args.attack)
@@ -35,14 +36,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from robustlab.cli.main import _load_eval_data
+    from robustlab.cli.common import load_eval_data
     from robustlab.engine.checkpoint import load_model
     from robustlab.reports.human_study import export_adversarials
     from robustlab.utils import set_threads
 
     set_threads(args.threads)
     model, extra = load_model(args.model, map_location=args.device)
-    x, y = _load_eval_data(args.data, "test", extra)
+    x, y = load_eval_data(args.data, "test", extra)
     summary = export_adversarials(model.eval(), x[: args.n_samples].to(args.device), y[: args.n_samples].to(args.device),
                                   args.out, seed=args.seed, deepfool_steps=args.steps, critic_steps=args.steps)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -56,7 +57,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     for path in (args.targets, args.labels):
         if not Path(path).exists():
-            raise FileNotFoundError(f"{path} does not exist")
+            raise InputError(f"{path} does not exist")
     scores = score_labels(args.targets, args.labels)
     print("| adversarial kind | labelled | change (%) | no change (%) |\n|---|---|---|---|")
     for kind, s in scores.items():
@@ -65,13 +66,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_part_figure(args: argparse.Namespace) -> int:
-    from robustlab.cli.main import _load_eval_data
+    from robustlab.cli.common import load_eval_data
     from robustlab.engine.checkpoint import load_model
     from robustlab.reports.part_figure import part_figure
 
     part, extra = load_model(args.part, map_location="cpu")
     at, _ = load_model(args.at, map_location="cpu")
-    x, y = _load_eval_data(args.data, "test", extra)
+    x, y = load_eval_data(args.data, "test", extra)
     path = part_figure(part, at, x[: args.n_samples], y[: args.n_samples], args.out, eps=args.eps,
                        eps_low=args.eps_low, step_size=args.step_size, layer=args.cam_layer,
                        cam_method=args.cam_method)
@@ -80,13 +81,13 @@ def cmd_part_figure(args: argparse.Namespace) -> int:
 
 
 def cmd_boundary_figure(args: argparse.Namespace) -> int:
-    from robustlab.cli.main import _load_eval_data
+    from robustlab.cli.common import load_eval_data
     from robustlab.reports.boundary_figure import boundary_figure
     from robustlab.utils import set_threads
 
     set_threads(args.threads)
     models, extra = load_labelled_models(args.model, "cpu", "classification")
-    x, y = _load_eval_data(args.data, "test", extra or {})
+    x, y = load_eval_data(args.data, "test", extra or {})
     path = boundary_figure(models, x[: args.n_samples], y[: args.n_samples], args.out, attack=args.attack,
                            span=args.span, grid=args.grid, seed=args.seed)
     print(f"wrote {path} and {path.with_suffix('.json')}")
@@ -96,7 +97,7 @@ def cmd_boundary_figure(args: argparse.Namespace) -> int:
 def add_commands(sub) -> None:
     pc = sub.add_parser("compare", help="several classifiers under one attack panel, as one table",
                         description="Evaluate classifiers on the same test images and attacks and print one table: "
-                                    "error (%%), robust accuracy (%%) for bounded attacks, rho = mean ||r||/||x|| for "
+                                    "error (%), robust accuracy (%) for bounded attacks, rho = mean ||r||/||x|| for "
                                     "minimal ones (DeepFool, C&W, critic). --out writes compare.md/.html/.json.")
     pc.add_argument("--model", action="append", required=True, metavar="LABEL=PATH",
                     help="a checkpoint, optionally labelled (repeatable)")

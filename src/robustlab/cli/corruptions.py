@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from robustlab.errors import InputError
 from robustlab.cli.common import command_line, load_labelled_models
 
 
@@ -34,7 +35,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     if not Path(args.root).is_dir():
-        raise FileNotFoundError(f"{args.root} is not a folder of <corruption>.npy files")
+        raise InputError(f"{args.root} is not a folder of <corruption>.npy files")
     models, _ = load_labelled_models(args.model, args.device, "classification")
     sev = [int(s) for s in args.severity.split(",")] if args.severity != "all" else [1, 2, 3, 4, 5]
     result = corruption_accuracy(models, args.root, corruptions=args.corruption, severities=sev,

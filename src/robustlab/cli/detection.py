@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from robustlab.errors import InputError
 from robustlab.cli.common import command_line, load_labelled_models
 
 # `robustlab train --task detection` starts from these keys (a --config and KEY=VALUE overrides replace them):
@@ -54,7 +55,7 @@ def _data_from_spec(spec: str | None, extra: dict[str, Any]):
     if spec is None:  # the data the checkpoint was trained on
         cfg = extra.get("config") or {}
         if "dataset" not in cfg:
-            raise ValueError("the checkpoint does not record its dataset; pass --data NAME[:key=value,...]")
+            raise InputError("the checkpoint does not record its dataset; pass --data NAME[:key=value,...]")
         name, kwargs = cfg["dataset"], dict(cfg.get("dataset_kwargs") or {})
     else:
         name, kwargs = parse_spec(spec, DATASETS)
@@ -68,9 +69,9 @@ def eval_detector(args: argparse.Namespace, model, extra: dict[str, Any]) -> int
 
     data, name, kwargs = _data_from_spec(args.data, extra)
     if not isinstance(data, DetData):
-        raise ValueError(f"dataset {name!r} is not a detection dataset; a detector needs mnist-det, voc or coco")
+        raise InputError(f"dataset {name!r} is not a detection dataset; a detector needs mnist-det, voc or coco")
     if data.num_classes != model.num_classes:
-        raise ValueError(f"the model detects {model.num_classes} classes but dataset {name!r} has {data.num_classes}")
+        raise InputError(f"the model detects {model.num_classes} classes but dataset {name!r} has {data.num_classes}")
     from robustlab.detection.attacks import detection_attacks
 
     attacks = detection_attacks(args.attack, model) if args.attack else None
@@ -106,7 +107,7 @@ def cmd_det_report(args: argparse.Namespace) -> int:
     models, extra = load_labelled_models(args.model, args.device, "detection")
     data, _, _ = _data_from_spec(args.data, extra)
     if not isinstance(data, DetData):
-        raise ValueError("det-report needs a detection dataset (mnist-det, voc, coco)")
+        raise InputError("det-report needs a detection dataset (mnist-det, voc, coco)")
     ints = lambda s: [int(v) for v in s.split(",")] if s else []  # noqa: E731
     floats = lambda s: [float(v) for v in s.split(",")] if s else []  # noqa: E731
     result = compare_detectors(models, data.test, args.n_samples, args.panel or ["table1", "table3"], args.ap_mode,

@@ -3,49 +3,58 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
-KINDS = ("attacks", "models", "datasets", "methods")
+from robustlab.errors import RobustlabError
+
+KINDS = ("attacks", "models", "datasets", "methods", "panels")
 
 
 def _registry(kind: str):
-    import robustlab  # noqa: F401  (registers everything)
+    import robustlab  # noqa: F401  (registers attacks, models, datasets)
+    import robustlab.methods  # noqa: F401  (registers the methods)
     from robustlab import registry
 
-    try:
-        import robustlab.methods  # noqa: F401
-    except ImportError:  # methods arrive with the training engine
-        pass
     return {"attacks": registry.ATTACKS, "models": registry.MODELS, "datasets": registry.DATASETS,
             "methods": registry.METHODS}[kind]
+
+
+def _panels() -> dict[str, str]:
+    """Named attack panels (usable wherever attack specs are) and what each expands to."""
+    from robustlab.attacks.spec import PANELS, expand_panels
+    from robustlab.detection.attacks import PANELS as DET_PANELS
+
+    out = {}
+    for name, fn in PANELS.items():
+        doc = " ".join((fn.__doc__ or "").split())
+        out[name] = f"{doc}\n  default expansion: " + "; ".join(expand_panels([name]))
+    for name, specs in DET_PANELS.items():
+        out[name] = "detection panel of the class-aware SSD paper: " + "; ".join(f"{k} = {v}" for k, v in specs.items())
+    return out
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     kinds = [args.kind] if args.kind else list(KINDS)
     for kind in kinds:
-        reg = _registry(kind)
         if len(kinds) > 1:
             print(f"{kind}:")
-        for name in reg.names():
-            print(f"  {name:18s} {reg.describe(name)}" if len(kinds) > 1 else f"{name:18s} {reg.describe(name)}")
+        if kind == "panels":
+            entries = _panels()
+        else:
+            reg = _registry(kind)
+            entries = {name: reg.describe(name) for name in reg.names()}
+        indent = "  " if len(kinds) > 1 else ""
+        for name, text in entries.items():
+            lines = [line for line in text.splitlines() if line.strip()] or [""]
+            print(f"{indent}{name:18s} {lines[0]}")
+            for line in lines[1:]:
+                print(f"{indent}{'':18s} {line.strip()}")
     return 0
-
-
-def _load_eval_data(spec: str | None, split: str, extra: dict):
-    from robustlab.attacks.spec import parse_spec
-    from robustlab.registry import DATASETS
-
-    if spec is None:  # the data the checkpoint was trained on, else mnist5k
-        cfg = extra.get("config") or {}
-        data = DATASETS.create(cfg.get("dataset", "mnist5k"), **(cfg.get("dataset_kwargs") or {}))
-    else:
-        name, kwargs = parse_spec(spec, DATASETS)
-        data = DATASETS.create(name, **kwargs)
-    if getattr(data, "task", "classification") != "classification":
-        raise ValueError(f"dataset {spec!r} is a detection dataset; a classifier needs classification data")
-    return (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -53,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from robustlab import evaluate
     from robustlab.attacks import create_attack
-    from robustlab.cli.common import report_written
+    from robustlab.cli.common import load_eval_data, report_written
     from robustlab.engine.checkpoint import load_model
     from robustlab.outputs import check_writable, save_result
     from robustlab.reports.json import write_json
@@ -76,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from robustlab.cli.detection import eval_detector
 
         return eval_detector(args, model, extra)
-    x, y = _load_eval_data(args.data, args.split, extra)
+    x, y = load_eval_data(args.data, args.split, extra)
     from robustlab.attacks.spec import expand_panels
 
     specs = expand_panels(args.attack or ["pgd:norm=linf,eps=0.3,steps=40"])
@@ -96,12 +105,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help shows its default (options without one, or with help=SUPPRESS, stay as they are)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or isinstance(action, argparse._HelpAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _all_parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustlab", description="Adversarial training and robustness evaluation.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logs, and the traceback of a user error too (also accepted after the subcommand)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pl = sub.add_parser("list", help="list registered attacks, models, datasets or methods")
+    pl = sub.add_parser("list", help="list registered attacks, models, datasets, methods and attack panels")
     pl.add_argument("kind", nargs="?", choices=KINDS, help="what to list (default: everything)")
     pl.set_defaults(func=cmd_list)
 
@@ -135,19 +162,50 @@ def build_parser() -> argparse.ArgumentParser:
     corruptions.add_commands(sub)
     detection.add_commands(sub)
     analyze.add_commands(sub)
+    for parser in _all_parsers(p):
+        parser.formatter_class = _HelpFormatter
+        for action in parser._actions:  # an option without help text still shows its default
+            if action.help is None and action.default not in (None, False) and action.option_strings:
+                action.help = "(default: %(default)s)"
     return p
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 success; 2 a user error (robustlab.errors, or an OS error on a path the user gave), printed as
+    one line (-v adds its traceback); 1 anything else: a bug, shown with its traceback; 130 interrupted."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in argv)  # before or after the subcommand
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value config overrides may appear anywhere among the options of commands that take them
+        if hasattr(args, "overrides") and all(OVERRIDE.match(a) for a in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.verbose = verbose
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as e:
-        # User errors (bad spec, missing file, corrupt checkpoint): one clear line, exit code 2.
-        print(f"robustlab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:  # `robustlab list | head`: the reader left; not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except RobustlabError as e:
+        return _user_error(args.command, str(e), verbose)
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug or the machine, keep the traceback
+            raise
+        return _user_error(args.command, f"{e.strerror or e}: {e.filename}", verbose)
+
+
+def _user_error(command: str, message: str, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exc()
+    print(f"robustlab {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import numpy as np
 from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from scipy import ndimage
 
+from robustlab.errors import DataError, InputTypeError
+
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "defocus_blur", "glass_blur",
                "motion_blur", "zoom_blur", "gaussian_blur", "snow", "frost", "fog", "brightness", "spatter",
                "contrast", "elastic_transform", "pixelate", "jpeg_compression", "saturate")
@@ -331,18 +333,18 @@ _BATCHED = {"glass_blur"}  # functions of the whole (N, H, W, C) batch
 def corrupt(images: np.ndarray, corruption: str, severity: int, seed: int = 0) -> np.ndarray:
     """Apply one corruption at one severity (1..5) to (N, H, W, C) images; same shape and dtype out."""
     if corruption not in _FUNCS:
-        raise ValueError(f"unknown corruption {corruption!r}; valid: {', '.join(CORRUPTIONS)}")
+        raise DataError(f"unknown corruption {corruption!r}; valid: {', '.join(CORRUPTIONS)}")
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
-        raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
+        raise DataError(f"severity must be an integer in 1..5, got {severity!r}")
     x = np.asarray(images)
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise ValueError(f"images must be (N, H, W, C) with C = 1 or 3, got shape {x.shape}")
+        raise DataError(f"images must be (N, H, W, C) with C = 1 or 3, got shape {x.shape}")
     integer = x.dtype == np.uint8
     if not integer and not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"images must be uint8 or floating point in [0, 1], got {x.dtype}")
+        raise InputTypeError(f"images must be uint8 or floating point in [0, 1], got {x.dtype}")
     f = x.astype(np.float64) / 255 if integer else x.astype(np.float64)
     if not integer and (f.min() < 0 or f.max() > 1 or not np.isfinite(f).all()):
-        raise ValueError("float images must be finite and lie in [0, 1]")
+        raise DataError("float images must be finite and lie in [0, 1]")
     # Common random numbers: image i draws from a generator seeded by (seed, corruption, i) whatever the severity,
     # so severities differ only by their parameters (and a call is reproducible image by image).
     cidx = CORRUPTIONS.index(corruption)
@@ -364,7 +366,7 @@ def write_cifar10_c(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
         x = np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
     y = np.asarray(labels)
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"labels must be (N,) for {x.shape[0]} images, got {y.shape}")
+        raise DataError(f"labels must be (N,) for {x.shape[0]} images, got {y.shape}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with progress_bar(len(corruptions) * 5, "corruptions", progress) as bar:

@@ -157,7 +157,7 @@ def cifar100(root: str | Path, label: str = "fine") -> ImageData:
     layout = "train and test (the CIFAR-100 'python version' pickles)"
     key = {"fine": "fine_labels", "coarse": "coarse_labels"}.get(label)
     if key is None:
-        raise ValueError(f"CIFAR-100 label must be 'fine' or 'coarse', got {label!r}")
+        raise DataError(f"CIFAR-100 label must be 'fine' or 'coarse', got {label!r}")
     x_tr, y_tr = _cifar_arrays(_load_batch(_need(root / "train", layout)), key, root / "train")
     x_te, y_te = _cifar_arrays(_load_batch(_need(root / "test", layout)), key, root / "test")
     return _to_data("cifar100", x_tr, y_tr, x_te, y_te, 100 if label == "fine" else 20)
@@ -287,7 +287,7 @@ def cifar10_c(root: str | Path, corruption: str = "gaussian_noise", severity: in
     root = Path(root)
     layout = "<corruption>.npy (N*5 x 32 x 32 x 3 uint8, severities 1..5 in order) and labels.npy"
     if not 1 <= int(severity) <= 5:
-        raise ValueError(f"severity must be in 1..5, got {severity}")
+        raise DataError(f"severity must be in 1..5, got {severity}")
     path = root / f"{corruption}.npy"
     if not path.exists():
         avail = sorted(p.stem for p in root.glob("*.npy") if p.stem != "labels") if root.exists() else []
@@ -318,14 +318,14 @@ def select_classes(data: ImageData, classes: list[int] | None = None, imbalance:
         keep = torch.ones_like(y_tr, dtype=torch.bool)
         for c, frac in imbalance.items():
             if not 0 < frac <= 1:
-                raise ValueError(f"imbalance fraction for class {c} must be in (0, 1], got {frac}")
+                raise DataError(f"imbalance fraction for class {c} must be in (0, 1], got {frac}")
             idx = (y_tr == c).nonzero().squeeze(1)
             drop = idx[torch.randperm(idx.numel(), generator=g)[int(round(frac * idx.numel())):]]
             keep[drop] = False
         x_tr, y_tr = x_tr[keep], y_tr[keep]
     if classes is not None:
         if len(set(classes)) != len(classes) or any(not 0 <= c < k for c in classes):
-            raise ValueError(f"classes must be distinct indices in 0..{k - 1}, got {classes}")
+            raise DataError(f"classes must be distinct indices in 0..{k - 1}, got {classes}")
         remap = torch.full((k,), -1, dtype=torch.long)
         remap[torch.tensor(classes)] = torch.arange(len(classes))
         mtr, mte = remap[y_tr] >= 0, remap[y_te] >= 0

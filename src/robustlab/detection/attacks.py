@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab.errors import InputError
 from robustlab.attacks.base import attack_mode
 from robustlab.detection.boxes import box_iou, center_to_corner
 from robustlab.detection.evaluate import check_detection_images
@@ -46,9 +47,9 @@ class DetectionAttack(ABC):
 
     def __init__(self, model: nn.Module, eps: float = 8.0, seed: int = 0) -> None:
         if getattr(model, "task", None) != "detection":
-            raise ValueError(f"{self.name} attacks detectors (robustlab SSD models); got {type(model).__name__}")
+            raise InputError(f"{self.name} attacks detectors (robustlab SSD models); got {type(model).__name__}")
         if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
-            raise ValueError(f"eps must be a finite number >= 0 in pixel units (0-255 scale), got {eps!r}")
+            raise InputError(f"eps must be a finite number >= 0 in pixel units (0-255 scale), got {eps!r}")
         self.model = model
         self.eps = float(eps)
         self.seed = seed
@@ -60,7 +61,7 @@ class DetectionAttack(ABC):
         check_detection_images(x)
         check_targets(targets, self.model.num_classes)
         if targets.shape[0] != x.shape[0]:
-            raise ValueError(f"{x.shape[0]} images but {targets.shape[0]} target rows")
+            raise InputError(f"{x.shape[0]} images but {targets.shape[0]} target rows")
         with attack_mode(self.model, "eval"):
             out = self._run(x.detach(), targets.to(x.device))
         return out
@@ -344,7 +345,7 @@ def detection_attacks(specs: list[str], model: nn.Module) -> dict[str, Any]:
         for label, s in items:
             atk = create_attack(s, model)
             if getattr(atk, "task", None) != "detection":
-                raise ValueError(f"attack {s!r} is a classifier attack; detectors take det-fgsm, det-pgd, owa, cwa, "
+                raise InputError(f"attack {s!r} is a classifier attack; detectors take det-fgsm, det-pgd, owa, cwa, "
                                  "mda, dag (or the panels table1, table3)")
             out[label] = bound(s, atk)
     return out

@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from robustlab.errors import DataError
+
 VARIANCES = (0.1, 0.2)
 
 
@@ -26,17 +28,17 @@ def corner_to_center(b: Tensor) -> Tensor:
 def check_boxes(boxes: Tensor, name: str = "boxes", normalised: bool = True) -> None:
     """Clear errors for malformed boxes: wrong shape, NaN, x2 < x1 or y2 < y1, outside [0, 1]."""
     if boxes.dim() != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"{name} must have shape (M, 4) in [x1, y1, x2, y2] form, got {tuple(boxes.shape)}")
+        raise DataError(f"{name} must have shape (M, 4) in [x1, y1, x2, y2] form, got {tuple(boxes.shape)}")
     if boxes.numel() == 0:
         return
     if not torch.isfinite(boxes).all():
-        raise ValueError(f"{name} contain NaN or inf")
+        raise DataError(f"{name} contain NaN or inf")
     bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if bad.any():
         i = int(bad.nonzero()[0])
-        raise ValueError(f"{name}[{i}] = {boxes[i].tolist()} has x2 < x1 or y2 < y1")
+        raise DataError(f"{name}[{i}] = {boxes[i].tolist()} has x2 < x1 or y2 < y1")
     if normalised and ((boxes < -1e-6) | (boxes > 1 + 1e-6)).any():
-        raise ValueError(f"{name} must be normalised to [0, 1] (got min {boxes.min():.4g}, max {boxes.max():.4g})")
+        raise DataError(f"{name} must be normalised to [0, 1] (got min {boxes.min():.4g}, max {boxes.max():.4g})")
 
 
 def box_area(b: Tensor) -> Tensor:

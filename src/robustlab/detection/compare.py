@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
+from robustlab.errors import InputError
 from robustlab.detection.attacks import PANELS, detection_attacks
 from robustlab.detection.data import DetSource
 from robustlab.detection.evaluate import evaluate_detector
@@ -27,7 +28,7 @@ def compare_detectors(models: Mapping[str, nn.Module], source: DetSource, n_imag
     white-box); optional curves: mAP vs PGD steps at eps 8 (alpha 2) and vs eps under PGD-10 (alpha eps/4)."""
     for p in panels:
         if p not in PANELS:
-            raise ValueError(f"unknown panel {p!r}; valid: {', '.join(PANELS)}")
+            raise InputError(f"unknown panel {p!r}; valid: {', '.join(PANELS)}")
     out: dict[str, Any] = {"panels": list(panels), "models": {}, "steps": {}, "eps": {}, "seconds": {}}
     for name, model in models.items():
         t0 = time.perf_counter()

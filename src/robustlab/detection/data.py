@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from robustlab.errors import DataError
 from robustlab.detection.mnistdet import MnistDetConfig
 from robustlab.detection.targets import pad_targets
 from robustlab.registry import DATASETS
@@ -45,9 +46,9 @@ class TensorSource(DetSource):
 
     def __init__(self, images: Tensor, targets: Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
-            raise ValueError(f"detection images must be (N, 3, S, S), got {tuple(images.shape)}")
+            raise DataError(f"detection images must be (N, 3, S, S), got {tuple(images.shape)}")
         if targets.shape[0] != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {targets.shape[0]} target rows")
+            raise DataError(f"{images.shape[0]} images but {targets.shape[0]} target rows")
         self.images, self.targets = images, targets
         self.image_size = int(images.shape[-1])
 
@@ -208,7 +209,7 @@ def voc(root: str | None = None, train_sets: Sequence[str] = ("2007/trainval", "
     from robustlab.detection.folders import read_voc
 
     if root is None:
-        raise ValueError("the voc dataset needs root=<folder holding VOC2007/ and VOC2012/> (dataset_kwargs.root)")
+        raise DataError("the voc dataset needs root=<folder holding VOC2007/ and VOC2012/> (dataset_kwargs.root)")
     train = [r for s in train_sets for r in read_voc(root, s, keep_difficult=False)]
     test = read_voc(root, test_set, keep_difficult=True)
     return DetData("voc", FileSource(train, image_size, VOC_MEAN), FileSource(test, image_size, VOC_MEAN),
@@ -222,11 +223,11 @@ def coco(root: str | None = None, train_split: str = "train2017", test_split: st
     from robustlab.detection.folders import read_coco
 
     if root is None:
-        raise ValueError("the coco dataset needs root=<folder holding train2017/, val2017/, annotations/>")
+        raise DataError("the coco dataset needs root=<folder holding train2017/, val2017/, annotations/>")
     train, names, ids = read_coco(root, train_split, training=True)
     test, names_t, _ = read_coco(root, test_split, training=False)
     if names != names_t:
-        raise ValueError(f"COCO {train_split} and {test_split} annotation files list different categories")
+        raise DataError(f"COCO {train_split} and {test_split} annotation files list different categories")
     return DetData("coco", FileSource(train, image_size, VOC_MEAN), FileSource(test, image_size, VOC_MEAN),
                    len(names), names, list(VOC_MEAN), {"root": str(root), "category_ids": ids})
 
@@ -234,5 +235,5 @@ def coco(root: str | None = None, train_split: str = "train2017", test_split: st
 def load_detection_data(name: str, **kwargs: Any) -> DetData:
     data = DATASETS.create(name, **kwargs)
     if not isinstance(data, DetData):
-        raise ValueError(f"dataset {name!r} is not a detection dataset")
+        raise DataError(f"dataset {name!r} is not a detection dataset")
     return data

@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from robustlab.errors import DataError
 from robustlab.detection.data import DetData, DetSource
 from robustlab.detection.metrics import detection_map
 from robustlab.detection.postprocess import Detections, detect
@@ -19,11 +20,11 @@ DetAttack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 def check_detection_images(x: Tensor) -> None:
     if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"detection images must be (B, 3, H, W), got {tuple(x.shape)}")
+        raise DataError(f"detection images must be (B, 3, H, W), got {tuple(x.shape)}")
     if not torch.isfinite(x).all():
-        raise ValueError("detection images contain NaN or inf")
+        raise DataError("detection images contain NaN or inf")
     if x.min() < 0 or x.max() > 255:
-        raise ValueError(f"detection images must be pixel-scale values in [0, 255], got [{x.min():.3g}, {x.max():.3g}]")
+        raise DataError(f"detection images must be pixel-scale values in [0, 255], got [{x.min():.3g}, {x.max():.3g}]")
 
 
 def evaluate_detector(model: nn.Module, source: DetSource | DetData, n_images: int | None = None, batch_size: int = 32,
@@ -39,7 +40,7 @@ def evaluate_detector(model: nn.Module, source: DetSource | DetData, n_images: i
         source = source.test
     n = len(source) if n_images is None else min(int(n_images), len(source))
     if n < 1:
-        raise ValueError("nothing to evaluate: the split has no images")
+        raise DataError("nothing to evaluate: the split has no images")
     names = ["clean"] + list(attacks or {})
     dets: dict[str, list[Detections]] = {k: [] for k in names}
     gts: list[tuple[Tensor, Tensor, Tensor]] = []

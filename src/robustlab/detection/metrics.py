@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from robustlab.errors import InputError, MissingDependencyError
+
 MODES = ("11pt", "area", "coco")
 
 
@@ -60,7 +62,7 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, mode: str = "11
         reached = idx < pr.size  # recall thresholds never reached count as precision 0
         q[reached] = pr[idx[reached]]
         return float(np.mean(q))
-    raise ValueError(f"AP mode must be one of {', '.join(MODES)}, got {mode!r}")
+    raise InputError(f"AP mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
 def _voc_class(dets, gts, c: int, thr: float) -> tuple[np.ndarray, np.ndarray, int]:
@@ -162,7 +164,7 @@ def _prepare(detections, ground_truth):
         gts.append((_np(b).reshape(-1, 4).astype(np.float64), _np(lab).reshape(-1).astype(np.int64),
                     _np(diff).reshape(-1).astype(bool)))
     if len(dets) != len(gts):
-        raise ValueError(f"{len(dets)} detection lists for {len(gts)} images")
+        raise InputError(f"{len(dets)} detection lists for {len(gts)} images")
     return dets, gts
 
 
@@ -170,11 +172,11 @@ def detection_map(detections: Sequence[Any], ground_truth: Sequence[Any], num_cl
                   iou_threshold: float = 0.5, mode: str = "11pt", max_dets: int = 100) -> dict[str, Any]:
     """mAP and per-class AP (NaN for classes without ground truth, which the mean skips)."""
     if mode not in MODES:
-        raise ValueError(f"AP mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise InputError(f"AP mode must be one of {', '.join(MODES)}, got {mode!r}")
     dets, gts = _prepare(detections, ground_truth)
     for _, lab, _ in gts:
         if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
-            raise ValueError(f"ground-truth labels must be in 0..{num_classes - 1}, got {sorted(set(lab.tolist()))}")
+            raise InputError(f"ground-truth labels must be in 0..{num_classes - 1}, got {sorted(set(lab.tolist()))}")
     aps, npos_all = [], []
     for c in range(num_classes):
         if mode == "coco":
@@ -226,7 +228,7 @@ def coco_ap50(detections: Sequence[Any], ground_truth: Sequence[Any], image_size
             from pycocotools.cocoeval import COCOeval
             backend = "pycocotools"
         except ImportError:
-            raise ImportError("COCO-style evaluation needs faster-coco-eval or pycocotools "
+            raise MissingDependencyError("COCO-style evaluation needs faster-coco-eval or pycocotools "
                               "(pip install 'robustlab[coco]')") from None
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()

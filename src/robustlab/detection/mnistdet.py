@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from robustlab.errors import DataError
 from robustlab.engine.checkpoint import atomic_write_bytes
 
 GENERATOR_VERSION = 1
@@ -50,13 +51,13 @@ PRESET_TARGETS = {"voc": (2.4, 1.45, 0.63), "coco": (7.3, 2.9, 0.11)}
 
 def make_config(preset: str = "voc", **overrides) -> MnistDetConfig:
     if preset not in PRESETS:
-        raise ValueError(f"unknown MNIST-Det preset {preset!r}; valid: {', '.join(PRESETS)}")
+        raise DataError(f"unknown MNIST-Det preset {preset!r}; valid: {', '.join(PRESETS)}")
     cfg = MnistDetConfig(preset=preset, **{**PRESETS[preset], **overrides})
     for k in ("n_train", "n_test", "image_size", "n_max"):
         if getattr(cfg, k) < 1:
-            raise ValueError(f"MNIST-Det {k} must be >= 1, got {getattr(cfg, k)}")
+            raise DataError(f"MNIST-Det {k} must be >= 1, got {getattr(cfg, k)}")
     if cfg.alpha < 0 or cfg.lam < 0 or not 0 <= cfg.p_same <= 1 or not 4 <= cfg.s_min <= cfg.s_max:
-        raise ValueError(f"MNIST-Det parameters out of range: alpha >= 0, lam >= 0, 0 <= p_same <= 1, "
+        raise DataError(f"MNIST-Det parameters out of range: alpha >= 0, lam >= 0, 0 <= p_same <= 1, "
                          f"4 <= s_min <= s_max (got {cfg})")
     return cfg
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab.errors import InputError
 from robustlab.detection.boxes import SSD300_COCO, SSD300_VOC, TINYSSD_96, make_priors
 from robustlab.registry import MODELS
 
@@ -47,9 +48,9 @@ class Detector(nn.Module):
                  mean: Sequence[float], config: dict[str, Any]) -> None:
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"num_classes (foreground classes) must be >= 1, got {num_classes}")
+            raise InputError(f"num_classes (foreground classes) must be >= 1, got {num_classes}")
         if len(mean) != 3:
-            raise ValueError(f"mean needs 3 entries (RGB, pixel scale), got {list(mean)}")
+            raise InputError(f"mean needs 3 entries (RGB, pixel scale), got {list(mean)}")
         self.num_classes = num_classes
         self.image_size = int(prior_cfg["image_size"])
         self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1))
@@ -57,7 +58,7 @@ class Detector(nn.Module):
         self.backbone = backbone
         anchors = anchors_per_location(prior_cfg["aspect_ratios"])
         if len(anchors) != len(source_channels):
-            raise ValueError("one prior configuration per source feature map is needed")
+            raise InputError("one prior configuration per source feature map is needed")
         self.loc = nn.ModuleList(nn.Conv2d(c, a * 4, 3, padding=1) for c, a in zip(source_channels, anchors))
         self.conf = nn.ModuleList(nn.Conv2d(c, a * (num_classes + 1), 3, padding=1)
                                   for c, a in zip(source_channels, anchors))
@@ -72,9 +73,9 @@ class Detector(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"detector input must be (B, 3, H, W) RGB, got {tuple(x.shape)}")
+            raise InputError(f"detector input must be (B, 3, H, W) RGB, got {tuple(x.shape)}")
         if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"{self.config['name']} takes {self.image_size}x{self.image_size} images, got "
+            raise InputError(f"{self.config['name']} takes {self.image_size}x{self.image_size} images, got "
                              f"{x.shape[-2]}x{x.shape[-1]} (resize them, e.g. with the dataset's image_size)")
         sources = self.backbone(x - self.mean)
         b = x.shape[0]
@@ -123,7 +124,7 @@ def _detector_factory(f):
 
 def _check_size(name: str, input_size: int | None, expected: int) -> None:
     if input_size is not None and int(input_size) != expected:
-        raise ValueError(f"{name} is a fixed-size model for {expected}x{expected} images, got input_size={input_size}")
+        raise InputError(f"{name} is a fixed-size model for {expected}x{expected} images, got input_size={input_size}")
 
 
 def _mean(mean) -> list[float]:
@@ -195,7 +196,7 @@ class _VGGBackbone(nn.Module):
 
 def _ssd300_priors(priors: str) -> dict:
     if priors not in ("voc", "coco"):
-        raise ValueError(f"priors must be 'voc' or 'coco', got {priors!r}")
+        raise InputError(f"priors must be 'voc' or 'coco', got {priors!r}")
     return SSD300_VOC if priors == "voc" else SSD300_COCO
 
 
@@ -284,7 +285,7 @@ def load_imagenet_backbone(model: Detector, path: str | Path) -> list[str]:
     because torchvision weights expect (x/255 - m)/s while robustlab feeds x - 255*m. Returns the loaded keys."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"backbone weights {path} do not exist")
+        raise InputError(f"backbone weights {path} do not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -293,7 +294,7 @@ def load_imagenet_backbone(model: Detector, path: str | Path) -> list[str]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused or file damaged: say which file
-        raise ValueError(f"cannot read backbone weights {path}: {e}") from None
+        raise InputError(f"cannot read backbone weights {path}: {e}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     name = model.config["name"]
@@ -302,19 +303,19 @@ def load_imagenet_backbone(model: Detector, path: str | Path) -> list[str]:
     elif name == "ssd300-resnet50":
         first, prefix = "conv1.weight", ""
     else:
-        raise ValueError(f"ImageNet backbone weights apply to ssd300-vgg16 / ssd300-resnet50, not {name}")
+        raise InputError(f"ImageNet backbone weights apply to ssd300-vgg16 / ssd300-resnet50, not {name}")
     own = model.backbone.state_dict()
     wanted = {k for k in own if not k.startswith(("extras.", "fc.", "l2norm."))}
     if prefix:
         wanted = {k for k in wanted if k.startswith(prefix)}
     missing = sorted(k for k in wanted if k not in state)
     if missing:
-        raise ValueError(f"{path} is not a torchvision {name.split('-')[1]} state dict: missing {missing[:3]}...")
+        raise InputError(f"{path} is not a torchvision {name.split('-')[1]} state dict: missing {missing[:3]}...")
     loaded = {}
     for k in sorted(wanted):
         v = state[k]
         if not isinstance(v, Tensor) or v.shape != own[k].shape:
-            raise ValueError(f"{path}: {k} has shape {getattr(v, 'shape', None)}, expected {tuple(own[k].shape)}")
+            raise InputError(f"{path}: {k} has shape {getattr(v, 'shape', None)}, expected {tuple(own[k].shape)}")
         if k == first:
             v = v / (255.0 * torch.tensor(IMAGENET_STD, dtype=v.dtype)).view(1, 3, 1, 1)
         loaded[k] = v

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from robustlab.errors import InputError
 from robustlab.detection.loss import Decomp
 from robustlab.validation import reject_inapplicable
 
@@ -45,14 +46,14 @@ class Objective:
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
-            raise ValueError(f"unknown detection attack objective {self.name!r}; valid: {', '.join(OBJECTIVES)}")
+            raise InputError(f"unknown detection attack objective {self.name!r}; valid: {', '.join(OBJECTIVES)}")
         for k in ("beta_cls", "beta_reg", "beta_o"):
             v = float(getattr(self, k))
             if not v > 0:
-                raise ValueError(f"{k} must be > 0 (inf for no clipping), got {v}")
+                raise InputError(f"{k} must be > 0 (inf for no clipping), got {v}")
         for k, valid in (("granularity", GRANULARITIES), ("attack_negatives", NEGATIVES), ("cwa_scope", SCOPES)):
             if getattr(self, k) not in valid:
-                raise ValueError(f"{k} must be one of {', '.join(valid)}, got {getattr(self, k)!r}")
+                raise InputError(f"{k} must be one of {', '.join(valid)}, got {getattr(self, k)!r}")
         used = USED_OPTIONS[self.name]
         defaults = {f.name: f.default for f in fields(Objective) if f.name != "name"}
         reject_inapplicable({k: (getattr(self, k), d) for k, d in defaults.items() if k not in used},
@@ -92,7 +93,7 @@ class Objective:
             present = d.pos
         else:
             if num_objects is None:
-                raise ValueError("granularity='gt' needs the number of objects (padded targets' M)")
+                raise InputError("granularity='gt' needs the number of objects (padded targets' M)")
             oc, orr, count = d.object_losses(num_objects)
             terms = _clip(oc, beta) + _clip(orr, beta)
             present = count > 0

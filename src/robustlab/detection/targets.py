@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from robustlab.errors import DataError
 from robustlab.detection.boxes import check_boxes, match
 
 FIELDS = 6
@@ -41,13 +42,13 @@ def unpad(targets: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
 def check_targets(targets: Tensor, num_classes: int) -> None:
     """Clear errors for malformed ground truth: shape, boxes (x2 < x1, outside [0, 1], NaN), labels out of range."""
     if targets.dim() != 3 or targets.shape[-1] != FIELDS:
-        raise ValueError(f"detection targets must have shape (B, M, {FIELDS}) = [x1, y1, x2, y2, label, difficult], "
+        raise DataError(f"detection targets must have shape (B, M, {FIELDS}) = [x1, y1, x2, y2, label, difficult], "
                          f"got {tuple(targets.shape)}")
     lab = targets[..., 4]
     valid = lab >= 0
     if (lab[valid] != lab[valid].round()).any() or (lab[valid] >= num_classes).any() or ((lab < 0) & (lab != -1)).any():
         bad = lab[(valid & ((lab >= num_classes) | (lab != lab.round()))) | ((lab < 0) & (lab != -1))]
-        raise ValueError(f"object labels must be integers in 0..{num_classes - 1} (-1 marks padding), got {bad[:5].tolist()}")
+        raise DataError(f"object labels must be integers in 0..{num_classes - 1} (-1 marks padding), got {bad[:5].tolist()}")
     check_boxes(targets[..., :4][valid], "ground-truth boxes")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustlab.errors import CheckpointError
+from robustlab.errors import CheckpointError, InputError
 
 FORMAT = "robustlab-model-v1"
 
@@ -78,7 +78,7 @@ def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None 
 
     config = getattr(model, "config", None)
     if not isinstance(config, dict) or "name" not in config:
-        raise ValueError("save_model needs a robustlab model (one built by create_model, with a .config)")
+        raise InputError("save_model needs a robustlab model (one built by create_model, with a .config)")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "model": json.dumps(config), "extra": json.dumps(extra or {}),
             "sha256": tensors_sha256(state)}
@@ -97,6 +97,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     data = path.read_bytes()
+    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # torch.save's zip archive, or a bare pickle
+        raise CheckpointError(f"{path} is a PyTorch file written by torch.save (a pickled state dict or model), not a "
+                              "robustlab checkpoint (safetensors). robustlab never unpickles it for you: build your "
+                              "model, model.load_state_dict(torch.load(path, weights_only=True)), then evaluate it "
+                              "with robustlab.evaluate(model, ...) or save it with "
+                              "robustlab.engine.checkpoint.save_model")
     try:
         state = load(data)
         import safetensors

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from robustlab.errors import DataError
 from robustlab.data.corruptions import CORRUPTIONS
 
 
@@ -20,7 +21,7 @@ def corruption_accuracy(models: Mapping[str, nn.Module], root: str | Path, *, co
 
     names = list(corruptions or [p for p in CORRUPTIONS if (Path(root) / f"{p}.npy").exists()])
     if not names:
-        raise FileNotFoundError(f"no corruption files (<corruption>.npy) in {root}")
+        raise DataError(f"no corruption files (<corruption>.npy) in {root}")
     out: dict[str, Any] = {label: {} for label in models}
     for name in names:
         for sev in severities:

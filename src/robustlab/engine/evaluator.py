@@ -23,7 +23,7 @@ from robustlab.engine.integrity import check_integrity
 from robustlab.errors import InputError, InputTypeError
 from robustlab.threat import make_threat, per_sample_norm
 from robustlab.utils import progress_bar
-from robustlab.validation import check_images, check_labels, check_positive_int
+from robustlab.validation import check_fits_model, check_images, check_labels, check_logits, check_positive_int
 
 
 class ThreatViolation(RuntimeError):
@@ -56,7 +56,8 @@ def check_setup(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
     with attack_mode(model):
         xs = x[: min(32, x.shape[0])].detach()
         with torch.no_grad():
-            a, b = model(xs), model(xs)
+            a, b = check_logits(model(xs), xs.shape[0]), check_logits(model(xs), xs.shape[0])
+        check_labels(y, y.shape[0], num_classes=a.shape[1])
         if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
             problems.append("two forward passes on the same input differ: the model is randomised; robust "
                             "accuracy from deterministic attacks is unreliable (use EOT-style attacks)")
@@ -79,8 +80,13 @@ def check_setup(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
 def _batches(x: Tensor | None, y: Tensor | None, loader: Iterable | None, batch_size: int):
     if loader is not None:
         for item in loader:
-            xb, yb = item[0], item[1]
-            yield xb, yb
+            if isinstance(item, dict):
+                raise InputTypeError(f"the DataLoader yields dicts (keys {', '.join(map(str, item))}); evaluate needs "
+                                     "(images, labels) pairs, e.g. a TensorDataset or a collate_fn returning (x, y)")
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise InputTypeError(f"the DataLoader yields {type(item).__name__}; evaluate needs (images, labels) "
+                                     "pairs")
+            yield item[0], item[1]
         return
     for i in range(0, x.shape[0], batch_size):  # type: ignore[union-attr]
         yield x[i:i + batch_size], y[i:i + batch_size]  # type: ignore[index]
@@ -127,6 +133,7 @@ def evaluate(
     else:
         check_images(x)
         check_labels(y, x.shape[0])
+        check_fits_model(model, x)
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -162,12 +169,14 @@ def evaluate(
             if loader is not None:
                 check_images(xb)
                 check_labels(yb, xb.shape[0])
+                if first:
+                    check_fits_model(model, xb.float() if xb.dtype == torch.float64 else xb)
             if first and checks:
                 check_setup(model, xb, yb)
                 first = False
             with attack_mode(model):
                 with torch.no_grad():
-                    logits = model(xb)
+                    logits = check_logits(model(xb), xb.shape[0])
                 check_labels(yb, xb.shape[0], num_classes=logits.shape[1])
                 num_classes = logits.shape[1]
                 pred = logits.argmax(1)

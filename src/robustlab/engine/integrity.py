@@ -36,7 +36,9 @@ from robustlab.threat import make_threat
 N_PROBE = 100
 ZERO_GRADIENT_FLAG = 0.25  # share of exactly-zero gradient entries at random points of the ball
 UNBOUNDED_FLAG = 0.02  # accuracy an unbounded attack may leave (noise of a 50-step attack on a few images)
-BLACK_BOX_FLAG = 0.01  # share of the probe that Square breaks after every white-box attack failed
+# share of the probe that Square may break after every white-box attack failed: a weak PGD leaves a few images
+# that a black-box search finds (2 of 120 on an honest CNN after PGD-10); masking leaves most of them
+BLACK_BOX_FLAG = 0.03
 MONOTONE_TOLERANCE = 0.01  # accuracy may rise by at most this much (or one image) between budgets
 BLACK_BOX_QUERIES = 1000
 CURVE_FRACTIONS = (0.25, 0.5, 1.0)
@@ -139,7 +141,7 @@ def check_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tu
                         broken = int(sq.run(xp[cand], yp[cand]).success.sum())
                     entry["black_box"] = {"attack": f"square ({BLACK_BOX_QUERIES} queries)", "after": white,
                                           "candidates": int(cand.numel()), "broken": broken}
-                    if broken > max(1, BLACK_BOX_FLAG * probe.numel()):
+                    if broken > max(2, BLACK_BOX_FLAG * probe.numel()):
                         flags.append(f"{norm} eps {eps:g}: Square (black-box, no gradients) broke {broken} of the "
                                      f"{cand.numel()} probe images that every white-box attack ({', '.join(white)}) "
                                      f"failed on: the gradients mislead the attacks, the white-box numbers are too high")

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustlab.errors import InputError
+
 LossFn = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
 
 
@@ -41,7 +43,7 @@ def dlr_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
     if target is not None:
         return dlr_targeted_loss(logits, y, target)
     if logits.shape[1] < 3:
-        raise ValueError(f"the DLR loss needs at least 3 classes, the model outputs {logits.shape[1]}")
+        raise InputError(f"the DLR loss needs at least 3 classes, the model outputs {logits.shape[1]}")
     z_sorted, ind_sorted = logits.sort(dim=1)
     top_is_y = (ind_sorted[:, -1] == y).to(logits.dtype)
     z_y = logits.gather(1, y[:, None]).squeeze(1)
@@ -51,7 +53,7 @@ def dlr_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
 
 def dlr_targeted_loss(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
     if logits.shape[1] < 4:
-        raise ValueError(f"the targeted DLR loss needs at least 4 classes, the model outputs {logits.shape[1]}")
+        raise InputError(f"the targeted DLR loss needs at least 4 classes, the model outputs {logits.shape[1]}")
     z_sorted, _ = logits.sort(dim=1)
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     z_t = logits.gather(1, target[:, None]).squeeze(1)
@@ -65,4 +67,4 @@ def get_loss(name: str) -> LossFn:
     try:
         return LOSSES[name]
     except KeyError:
-        raise ValueError(f"unknown attack loss {name!r}; valid losses: {', '.join(LOSSES)}") from None
+        raise InputError(f"unknown attack loss {name!r}; valid losses: {', '.join(LOSSES)}") from None

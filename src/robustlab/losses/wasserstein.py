@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustlab.errors import InputError
+
 
 def wasserstein_onehot(logits: Tensor, y: Tensor, cost: Tensor, entropy_weight: float = 0.0) -> Tensor:
     """Per-sample l_W = sum_k C[y, k] softmax(z)_k - entropy_weight * H(softmax(z)) / log K."""
@@ -44,7 +46,7 @@ class WassersteinAttackLoss:
 
     def __call__(self, logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
         if target is not None:
-            raise ValueError("the Wasserstein attack loss is untargeted (it spreads the mass by the metric)")
+            raise InputError("the Wasserstein attack loss is untargeted (it spreads the mass by the metric)")
         if self.entropy_weight:
             return wasserstein_onehot(logits, y, self.cost, self.entropy_weight)
         out = log_wasserstein_onehot(logits, y, self.cost)
@@ -112,16 +114,16 @@ def wasserstein_soft(logits: Tensor, target: Tensor, cost: Tensor, method: str =
         return ot_exact(q, target, cost)
     if method == "sinkhorn":
         return ot_sinkhorn(q, target, cost, reg)
-    raise ValueError(f"unknown OT method {method!r}; valid: exact, sinkhorn")
+    raise InputError(f"unknown OT method {method!r}; valid: exact, sinkhorn")
 
 
 def _check_dists(q: Tensor, t: Tensor, cost: Tensor) -> None:
     if q.shape != t.shape or q.dim() != 2 or cost.shape != (q.shape[1], q.shape[1]):
-        raise ValueError(f"OT needs q and t of shape (N, K) and a K x K cost; got {tuple(q.shape)}, {tuple(t.shape)}, "
+        raise InputError(f"OT needs q and t of shape (N, K) and a K x K cost; got {tuple(q.shape)}, {tuple(t.shape)}, "
                          f"{tuple(cost.shape)}")
     for name, d in (("q", q), ("t", t)):
         if (d < -1e-9).any() or not torch.allclose(d.sum(1), torch.ones_like(d.sum(1)), atol=1e-5):
-            raise ValueError(f"{name} rows must be probability distributions (non-negative, summing to 1)")
+            raise InputError(f"{name} rows must be probability distributions (non-negative, summing to 1)")
 
 
 __all__ = ["wasserstein_onehot", "log_wasserstein_onehot", "WassersteinAttackLoss", "ot_exact", "ot_sinkhorn",

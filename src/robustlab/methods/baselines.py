@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustlab.errors import InputError
 from robustlab.attacks.base import PassCounter, attack_mode
 from robustlab.attacks.pgd import pgd
 from robustlab.losses import ce_loss
@@ -118,7 +119,7 @@ class FGSMAT(_Adversarial):
     def __init__(self, norm: str = "linf", eps: float = 8 / 255, alpha: float = 0.5) -> None:
         super().__init__(norm, eps, 1, eps, False)
         if not 0 <= alpha <= 1:
-            raise ValueError(f"fgsm-at mixing weight alpha must be in [0, 1], got {alpha}")
+            raise InputError(f"fgsm-at mixing weight alpha must be in [0, 1], got {alpha}")
         self.alpha = alpha
 
     def describe(self):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab.errors import InputError
 from robustlab.attacks.base import PassCounter
 from robustlab.attacks.critic import closest_boundary_targets, high_confidence_attack, logit_jacobian, random_targets
 from robustlab.methods.base import LossOut, Method, StepContext, load_optimizer_state, optimizer_state_tensors
@@ -160,7 +161,7 @@ class AdversaryCritic(Method):
         check_choice(target, "target selection", ("closest", "random"))
         check_choice(cycle_norm, "cycle_norm", ("squared", "l2"))
         if len(critic_betas) != 2 or not all(0 <= b < 1 for b in critic_betas):
-            raise ValueError(f"critic_betas must be two numbers in [0, 1), got {critic_betas!r}")
+            raise InputError(f"critic_betas must be two numbers in [0, 1), got {critic_betas!r}")
         self.lam, self.lam_rec, self.lam_grad = float(lam), float(lam_rec), float(lam_grad)
         self.attack_steps, self.overshoot, self.target = attack_steps, float(overshoot), target
         self.pretrain_epochs, self.pretrain_weight_decay = pretrain_epochs, float(pretrain_weight_decay)
@@ -223,7 +224,7 @@ class AdversaryCritic(Method):
 
     def train_step(self, model, batch, optimizer, ctx: StepContext, backward_and_step):
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ValueError("the adversary critic trains in one process (its double backpropagation through the "
+            raise InputError("the adversary critic trains in one process (its double backpropagation through the "
                              "attack and its own critic are not wired for DDP); run without torchrun")
         x, y = batch.x, batch.y
         n = x.shape[0]

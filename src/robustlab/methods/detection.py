@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor
 
+from robustlab.errors import InputError
 from robustlab.attacks.base import attack_mode
 from robustlab.detection.attacks import ascend, select_by_total_loss
 from robustlab.detection.loss import decompose, multibox_loss
@@ -27,7 +28,7 @@ from robustlab.validation import check_positive, check_positive_int
 
 def _check_eps(eps: float) -> float:
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0 in pixel units (0-255), got {eps!r}")
+        raise InputError(f"eps must be a finite number >= 0 in pixel units (0-255), got {eps!r}")
     return float(eps)
 
 
@@ -60,7 +61,7 @@ class _DetPGDMethod(Method):
         check_positive(self.alpha, "alpha", allow_zero=True)
         check_positive_int(steps, "steps")
         if not 0.0 <= clean_fraction <= 1.0:
-            raise ValueError(f"clean_fraction must be in [0, 1], got {clean_fraction}")
+            raise InputError(f"clean_fraction must be in [0, 1], got {clean_fraction}")
         self.steps, self.random_start, self.clean_fraction = steps, random_start, float(clean_fraction)
         self.objective = Objective(self.objective_name, float(beta_cls), float(beta_reg), float(beta_o), granularity,
                                    attack_negatives, cwa_scope)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from robustlab.errors import InputError
 from robustlab.attacks.base import PassCounter, attack_mode, restored_buffers
 from robustlab.attacks.pgd import pgd
 from robustlab.losses import ce_loss
@@ -41,12 +42,12 @@ def check_norms(norms) -> tuple[str, ...]:
         norms = (norms,)
     norms = tuple(norms)
     if not norms:
-        raise ValueError(f"the set of threat models is empty; give one or more of {', '.join(NORMS)}")
+        raise InputError(f"the set of threat models is empty; give one or more of {', '.join(NORMS)}")
     for n in norms:
         if n not in NORMS:
-            raise ValueError(f"unknown norm {n!r}; valid norms: {', '.join(NORMS)}")
+            raise InputError(f"unknown norm {n!r}; valid norms: {', '.join(NORMS)}")
     if len(set(norms)) != len(norms):
-        raise ValueError(f"repeated norm in {norms!r}")
+        raise InputError(f"repeated norm in {norms!r}")
     return norms
 
 
@@ -67,7 +68,7 @@ class MultiNormAttacks:
         for n in NORMS:
             check_eps(eps[n], f"eps_{n}")
             if eps[n] <= 0:
-                raise ValueError(f"eps_{n} must be > 0, got {eps[n]}")
+                raise InputError(f"eps_{n} must be > 0, got {eps[n]}")
             check_positive_int(steps[n], f"steps_{n}")
             check_positive(sizes[n], f"step_size_{n}")
         defaults = inspect.signature(MultiNormAttacks.__init__).parameters
@@ -323,7 +324,7 @@ def fit_noise(x: Tensor, v: Tensor, norm: str, eps: float) -> Tensor:
     if norm == "l2":
         s = _l2_fit_scale(x, v, eps)
         return (x + s.clamp_min(1e-20).sqrt().view(-1, *([1] * (x.dim() - 1))) * v).clamp(0, 1)
-    raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+    raise InputError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
 
 
 def _l2_fit_scale(x: Tensor, v: Tensor, eps: float) -> Tensor:
@@ -576,7 +577,7 @@ class MNGAC(SATAC):
 
     def train_step(self, model, batch, optimizer, ctx: StepContext, backward_and_step):
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ValueError("mng-ac trains in one process (its generator and meta step are not wired for DDP); "
+            raise InputError("mng-ac trains in one process (its generator and meta step are not wired for DDP); "
                              "run without torchrun")
         x, y = batch.x, batch.y
         gen_net = self._ensure(x)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.errors import DataError
+from robustlab.errors import DataError, InputError
 from robustlab.registry import MODELS
 
 
@@ -35,9 +35,9 @@ class Classifier(nn.Module):
         mean = [0.0] * in_channels if mean is None else list(mean)
         std = [1.0] * in_channels if std is None else list(std)
         if len(mean) != in_channels or len(std) != in_channels:
-            raise ValueError(f"mean/std need {in_channels} entries (one per channel), got {len(mean)}/{len(std)}")
+            raise InputError(f"mean/std need {in_channels} entries (one per channel), got {len(mean)}/{len(std)}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"std entries must be > 0, got {std}")
+            raise InputError(f"std entries must be > 0, got {std}")
         self.normalize = Normalize(mean, std)
         self.body = body
         self.config = config
@@ -71,7 +71,7 @@ def he_init_(module: nn.Module) -> None:
 
 def _check_init(init: str) -> None:
     if init not in ("default", "he"):
-        raise ValueError(f"init must be 'default' (PyTorch's) or 'he', got {init!r}")
+        raise InputError(f"init must be 'default' (PyTorch's) or 'he', got {init!r}")
 
 
 @MODELS.register("mlp")
@@ -100,11 +100,11 @@ def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, ch
     first conv padded by 2, FC 120-84; the critic paper's variant is channels [32, 64], hidden [512], padding 0."""
     _check_init(init)
     if len(channels) != 2 or any(int(c) < 1 for c in channels):
-        raise ValueError(f"lenet5 channels must be two positive filter counts, got {channels!r}")
+        raise InputError(f"lenet5 channels must be two positive filter counts, got {channels!r}")
     s = _conv_out(input_size, 5, p=padding) // 2
     s = _conv_out(s, 5) // 2
     if s < 1:
-        raise ValueError(f"lenet5 (first conv padding {padding}) needs a larger input than {input_size}x{input_size}")
+        raise InputError(f"lenet5 (first conv padding {padding}) needs a larger input than {input_size}x{input_size}")
     c1, c2 = int(channels[0]), int(channels[1])
     layers: list[nn.Module] = [nn.Conv2d(in_channels, c1, 5, padding=padding), nn.ReLU(), nn.MaxPool2d(2),
                                nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()]
@@ -128,7 +128,7 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10, input_size: int = 28,
     s = _conv_out(_conv_out(input_size, 3), 3) // 2
     s = _conv_out(_conv_out(s, 3), 3) // 2
     if s < 1:
-        raise ValueError(f"small-cnn needs input_size >= 16, got {input_size}")
+        raise InputError(f"small-cnn needs input_size >= 16, got {input_size}")
     body = nn.Sequential(
         nn.Conv2d(in_channels, w, 3), nn.ReLU(), nn.Conv2d(w, w, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(w, 2 * w, 3), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3), nn.ReLU(), nn.MaxPool2d(2),
@@ -231,7 +231,7 @@ class _WRN(nn.Module):
     def __init__(self, depth: int, width: int, in_channels: int, num_classes: int, dropout: float) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:
-            raise ValueError(f"WideResNet depth must be 6n+4 (16, 22, 28, 34, ...), got {depth}")
+            raise InputError(f"WideResNet depth must be 6n+4 (16, 22, 28, 34, ...), got {depth}")
         n = (depth - 4) // 6
         ch = [16, 16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(in_channels, ch[0], 3, 1, 1, bias=False)

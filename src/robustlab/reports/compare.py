@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from robustlab.errors import InputError
+
 
 def compare_models(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, specs: list[str], *,
                    batch_size: int = 500, progress: bool | None = False) -> dict[str, Any]:
@@ -20,7 +22,7 @@ def compare_models(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, specs:
     from robustlab import evaluate
 
     if not models:
-        raise ValueError("compare needs at least one model")
+        raise InputError("compare needs at least one model")
     return {label: evaluate(m, x, y, specs, batch_size=batch_size, checks=False, progress=progress,
                             keep_records=True)
             for label, m in models.items()}

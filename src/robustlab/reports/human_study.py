@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab.errors import InputError
+
 
 def _grid(images: Tensor, ncol: int) -> np.ndarray:
     """(N, C, H, W) in [0, 1] -> (rows*H + gaps, ncol*W + gaps, C) uint8 with 2-pixel white gaps."""
@@ -58,7 +60,7 @@ def export_adversarials(model: nn.Module, x: Tensor, y: Tensor, out_dir: str | P
         p0 = F.softmax(model(x), 1)
     keep = (p0.argmax(1) == y).nonzero().squeeze(1)
     if keep.numel() == 0:
-        raise ValueError("the model misclassifies every image given; nothing to attack")
+        raise InputError("the model misclassifies every image given; nothing to attack")
     x, y, p0 = x[keep], y[keep], p0[keep]
     kinds = {"boundary": DeepFool(model, steps=deepfool_steps, max_step=0.1, project=True).run(x, y),
              "high_confidence": CriticAttack(model, steps=critic_steps).run(x, y)}
@@ -109,7 +111,7 @@ def score_labels(targets_csv: str | Path, labels_csv: str | Path) -> dict[str, d
             if not lab:
                 continue
             if r["id"] not in key:
-                raise ValueError(f"{labels_csv}: id {r['id']} is not in {targets_csv}")
+                raise InputError(f"{labels_csv}: id {r['id']} is not in {targets_csv}")
             k = key[r["id"]]
             c = counts.setdefault(k["kind"], [0, 0, 0])
             c[0] += 1
