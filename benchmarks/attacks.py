@@ -126,8 +126,8 @@ def main() -> None:
     with amp:
         for name, norm, eps, alpha in cases:
             atk = PGD(model, norm=norm, eps=eps, steps=T, step_size=alpha, random_start=norm == "linf")
-            t_ours = timeit(lambda: atk(x, y), args.repeats, sync)
-            t_ref = timeit(lambda: plain_pgd(model, x, y, eps, alpha, T, norm), args.repeats, sync)
+            t_ours = timeit(lambda atk=atk: atk(x, y), args.repeats, sync)
+            t_ref = timeit(lambda e=eps, a=alpha, p=norm: plain_pgd(model, x, y, e, a, T, p), args.repeats, sync)
             rows.append((name, 2 * T, n / t_ours, n / t_ref, "hand-written PGD loop"))
         apgd = APGD(model, eps=0.3, steps=T)
         out = apgd.run(x, y, with_success=False)

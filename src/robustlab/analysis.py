@@ -111,11 +111,11 @@ def entropy_histograms(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, pa
 
     fig, ax = _plt().subplots(figsize=(5, 3.5))
     out: dict[str, Any] = {"class": class_index, "n": int(xs.shape[0]), "models": {}}
-    top = None
+    top = 0.0
     for name, m in models.items():
         m.eval()
         logp = F.log_softmax(m(xs), 1)
-        top = math.log(logp.shape[1])
+        top = float(math.log(logp.shape[1]))
         h = -(logp.exp() * logp).sum(1).cpu().numpy()
         hist, edges = np.histogram(h, bins=bins, range=(0, top), density=True)
         ax.hist(h, bins=edges, alpha=0.5, density=True, label=name)

@@ -76,6 +76,6 @@ class IntegrityWarning(RuntimeWarning):
     """An evaluation result shows a sign of gradient masking or a broken attack: the number may be too high."""
 
 
-__all__ = ["RobustlabError", "InputError", "InputTypeError", "ConfigError", "DataError", "CheckpointError", "AttackSpecError", "OptionError",
-           "DeviceError", "RunExistsError", "ResumeError", "OutputError", "MissingDependencyError", "MetricError", "UnknownNameError",
-           "IntegrityWarning"]
+__all__ = ["RobustlabError", "InputError", "InputTypeError", "ConfigError", "DataError", "CheckpointError",
+           "AttackSpecError", "OptionError", "DeviceError", "RunExistsError", "ResumeError", "OutputError",
+           "MissingDependencyError", "MetricError", "UnknownNameError", "IntegrityWarning"]

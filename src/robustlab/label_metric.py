@@ -105,6 +105,7 @@ def load_metric_file(path: str | Path, num_classes: int | None = None) -> Tensor
 
 def get_metric(spec: str | Sequence | Tensor, num_classes: int, normalize: str | None = None) -> Tensor:
     """Resolve a metric: "uniform", "cifar10-wordnet", a .npy/.csv path, or a matrix; validated for K classes."""
+    c: Sequence | Tensor
     if isinstance(spec, str):
         if spec == "uniform":
             c = uniform_metric(num_classes)

@@ -94,7 +94,7 @@ def main_job(opts: MainJobOptions = MainJobOptions(), *, overwrite: bool = False
     t0 = time.time()
     eps = opts.eps
     data = load_dataset("mnist5k")
-    common = dict(dataset="mnist5k", model="small-cnn", model_kwargs={"width": opts.width, "hidden": 100},
+    common: dict[str, Any] = dict(dataset="mnist5k", model="small-cnn", model_kwargs={"width": opts.width, "hidden": 100},
                   epochs=opts.epochs, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine",
                   eval_every=2, eval_samples=opts.validation, validation=opts.validation,
                   eval_attack=f"pgd:eps={eps},steps=20,step_size={eps / 8}", seed=opts.seed, out_dir=str(run_dir),

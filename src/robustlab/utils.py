@@ -1,10 +1,12 @@
-"""Small shared helpers: progress bars that stay quiet off a terminal, thread settings, seed mixing."""
+"""Small shared helpers: progress (a bar on a terminal, a line now and then in logs), thread settings, seed mixing,
+the machine's description."""
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
 import sys
+import time
 from typing import Iterator
 
 
@@ -16,21 +18,66 @@ class _NullBar:
         return None
 
 
+class _LogBar:
+    """Progress for logs (no terminal): one line on stderr at most every `interval` seconds and one at the end,
+    so a batch job's log shows that a long evaluation or epoch is moving."""
+
+    def __init__(self, total: int | None, desc: str, interval: float) -> None:
+        self.total, self.desc, self.interval = total, desc, interval
+        self.n = 0
+        self.postfix: dict[str, object] = {}
+        self.start = self.last = time.monotonic()
+
+    def _line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        done = f"{self.n}/{self.total}" if self.total else str(self.n)
+        eta = ""
+        if self.total and self.n:
+            eta = f", about {elapsed * (self.total - self.n) / self.n:.0f} s left"
+        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+        return f"{self.desc}: {done}{extra} ({elapsed:.0f} s{eta})"
+
+    def _maybe_print(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            print(self._line(), file=sys.stderr, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._maybe_print()
+
+    def set_postfix(self, **kwargs) -> None:
+        """What runs now (an attack, how many points remain robust): shown with the next line."""
+        self.postfix.update(kwargs)
+        self._maybe_print()
+
+    def close(self) -> None:
+        if time.monotonic() - self.start >= self.interval:  # short jobs stay silent
+            print(self._line(), file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def progress_bar(total: int | None, desc: str, enabled: bool | None = None) -> Iterator:
-    """A tqdm bar on an interactive terminal, nothing otherwise (CI logs, pipes, notebooks off)."""
-    if enabled is None:
-        enabled = sys.stderr.isatty() and not os.environ.get("CI")
-    if not enabled:
+    """Progress of a long job: a tqdm bar on an interactive terminal, a line every ROBUSTLAB_PROGRESS_SECONDS (30)
+    seconds otherwise (logs of batch jobs), nothing with enabled=False (--quiet)."""
+    if enabled is False:
         yield _NullBar()
+        return
+    if not sys.stderr.isatty():
+        bar = _LogBar(total, desc, float(os.environ.get("ROBUSTLAB_PROGRESS_SECONDS", "30")))
+        try:
+            yield bar
+        finally:
+            bar.close()
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    tbar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
     try:
-        yield bar
+        yield tbar
     finally:
-        bar.close()
+        tbar.close()
 
 
 def set_threads(n: int | None) -> None:

@@ -130,7 +130,7 @@ def check_logits(out: object, n: int) -> Tensor:
 
 def check_fits_model(model: torch.nn.Module, x: Tensor, name: str = "x") -> None:
     """Images of a robustlab model's expected channels and size (its config says); dtype of its weights."""
-    config = getattr(model, "config", None)
+    config = getattr(model, "config", None)  # robustlab models record how they were built
     if isinstance(config, dict):
         c, size = config.get("in_channels"), config.get("input_size")
         want = (c, size, size)

@@ -8,9 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustlab.attacks import CriticAttack, DeepFool
-from robustlab.attacks.critic import (closest_boundary_targets, find_targets, high_confidence_attack, logit_jacobian,
-                                      straight_through_indicator)
-
+from robustlab.attacks.critic import (
+    closest_boundary_targets,
+    find_targets,
+    high_confidence_attack,
+    logit_jacobian,
+    straight_through_indicator,
+)
 from tests.conftest import Linear
 
 

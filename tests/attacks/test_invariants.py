@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from robustlab.attacks import create_attack
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat
-
 from tests.conftest import TinyCNN
 
 # Fast settings per attack and norm (the algorithms are unchanged; only iteration counts are small).

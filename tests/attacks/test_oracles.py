@@ -4,7 +4,6 @@ import torch
 
 from robustlab.attacks import CW, FAB, FGSM, PGD, DeepFool
 from robustlab.attacks.fab import project_hyperplane_box
-
 from tests.conftest import Linear
 
 

@@ -4,8 +4,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from robustlab.detection.boxes import (SSD300_COCO, SSD300_VOC, TINYSSD_96, batched_nms, box_iou,
-                                       center_to_corner, check_boxes, decode, encode, make_priors, match, nms)
+from robustlab.detection.boxes import (
+    SSD300_COCO,
+    SSD300_VOC,
+    TINYSSD_96,
+    batched_nms,
+    box_iou,
+    center_to_corner,
+    check_boxes,
+    decode,
+    encode,
+    make_priors,
+    match,
+    nms,
+)
 
 
 def _random_boxes(n, seed, min_size=0.02):

@@ -18,7 +18,7 @@ K = 4
 def _targets(seed=0, empty_image=False):
     g = torch.Generator().manual_seed(seed)
     boxes, labels = [], []
-    for i, n in enumerate([3, 1, 0 if empty_image else 2]):
+    for n in [3, 1, 0 if empty_image else 2]:
         xy = torch.rand(n, 2, generator=g) * 0.6
         wh = 0.1 + torch.rand(n, 2, generator=g) * 0.3
         boxes.append(torch.cat([xy, (xy + wh).clamp(max=1)], 1))

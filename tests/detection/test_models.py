@@ -3,7 +3,7 @@ and ImageNet backbone loading from torchvision-format files (no torchvision need
 import pytest
 import torch
 
-from robustlab.detection.boxes import make_priors, TINYSSD_96
+from robustlab.detection.boxes import TINYSSD_96, make_priors
 from robustlab.detection.models import IMAGENET_STD, anchors_per_location, load_imagenet_backbone
 from robustlab.engine.checkpoint import load_model, save_model
 from robustlab.models import create_model

@@ -10,7 +10,6 @@ from robustlab.errors import RobustlabError
 from robustlab.methods import Batch, StepContext
 from robustlab.models import create_model
 from robustlab.registry import ATTACKS, METHODS
-
 from tests.unit.test_options import _alternative, _default
 
 DET_ATTACKS = [n for n in ATTACKS.names() if getattr(ATTACKS.get(n), "task", "classification") == "detection"]

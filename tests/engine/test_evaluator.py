@@ -9,7 +9,6 @@ from robustlab import evaluate
 from robustlab.attacks import PGD, Attack, AttackOut
 from robustlab.engine.evaluator import ThreatViolation
 from robustlab.threat import make_threat
-
 from tests.conftest import TinyCNN
 
 

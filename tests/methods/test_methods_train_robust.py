@@ -91,7 +91,6 @@ def test_pgd_at_with_eps_zero_equals_standard_training(tmp_path):
 
 def test_trades_beta_zero_is_cross_entropy():
     from robustlab.methods import Batch, StepContext, create_method
-
     from tests.conftest import TinyCNN
 
     torch.manual_seed(0)

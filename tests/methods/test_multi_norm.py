@@ -12,10 +12,9 @@ from robustlab.attacks.base import PassCounter
 from robustlab.engine.config import TrainConfig
 from robustlab.engine.trainer import lr_factor
 from robustlab.methods import Batch, StepContext, create_method
-from robustlab.methods.multi_norm import (MultiNormAttacks, NoiseGenerator, fit_noise, js_divergence, msd_attack)
+from robustlab.methods.multi_norm import MultiNormAttacks, NoiseGenerator, fit_noise, js_divergence, msd_attack
 from robustlab.threat import make_threat, per_sample_norm
 from robustlab.threat.lp import l1_threshold, project_l1_ball
-
 from tests.conftest import TinyCNN
 
 MNIST = dict(eps_linf=0.3, eps_l2=2.0, eps_l1=10.0, steps_linf=3, steps_l2=3, steps_l1=4,

@@ -6,8 +6,8 @@ from torch import nn
 
 from robustlab.attacks import create_attack
 from robustlab.attacks.cam import class_activation_maps, find_module
-from robustlab.methods import Batch, StepContext, create_method
 from robustlab.attacks.pixel_ag import PixelAG, budget_map, importance_mask, part_budget
+from robustlab.methods import Batch, StepContext, create_method
 from robustlab.models.classifiers import create_model
 
 
@@ -32,7 +32,7 @@ def _manual_cam(model, x, method, cls):
     out = []
     for i in range(x.shape[0]):
         store = {}
-        h = model.act.register_forward_hook(lambda m, inp, o: store.setdefault("a", o))
+        h = model.act.register_forward_hook(lambda m, inp, o, store=store: store.setdefault("a", o))
         z = model(x[i:i + 1].requires_grad_(True))
         h.remove()
         a = store["a"]

@@ -11,12 +11,23 @@ from torch import nn
 
 from robustlab.attacks.base import PassCounter
 from robustlab.attacks.pgd import pgd
-from robustlab.label_metric import (CIFAR10_WORDNET_DISTANCES, MetricError, check_metric, cifar10_wordnet,
-                                    get_metric, linear_pair_distances, load_metric_file, metric_power,
-                                    resolve_synsets, targeted_deepfool, uniform_metric, visual_metric, wordnet_metric)
+from robustlab.label_metric import (
+    CIFAR10_WORDNET_DISTANCES,
+    MetricError,
+    check_metric,
+    cifar10_wordnet,
+    get_metric,
+    linear_pair_distances,
+    load_metric_file,
+    metric_power,
+    resolve_synsets,
+    targeted_deepfool,
+    uniform_metric,
+    visual_metric,
+    wordnet_metric,
+)
 from robustlab.losses import ce_loss
-from robustlab.losses.wasserstein import (WassersteinAttackLoss, log_wasserstein_onehot, ot_exact, ot_sinkhorn,
-                                          wasserstein_onehot)
+from robustlab.losses.wasserstein import WassersteinAttackLoss, log_wasserstein_onehot, ot_exact, ot_sinkhorn, wasserstein_onehot
 from robustlab.methods import Batch, StepContext, create_method
 from robustlab.threat import make_threat
 

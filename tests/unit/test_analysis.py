@@ -5,8 +5,17 @@ import pytest
 import torch
 from torch import nn
 
-from robustlab.analysis import (accuracy_gap, adversarial_confusion, confusion, correlation, entropy_histograms,
-                                penultimate_features, toy3, tsne_features, weighted_score)
+from robustlab.analysis import (
+    accuracy_gap,
+    adversarial_confusion,
+    confusion,
+    correlation,
+    entropy_histograms,
+    penultimate_features,
+    toy3,
+    tsne_features,
+    weighted_score,
+)
 from robustlab.cli.main import main
 from robustlab.engine.checkpoint import save_model
 from robustlab.label_metric import cifar10_wordnet, uniform_metric

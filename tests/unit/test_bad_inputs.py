@@ -15,7 +15,6 @@ from robustlab.engine.config import TrainConfig, load_config
 from robustlab.methods import create_method
 from robustlab.models import create_model
 from robustlab.registry import DATASETS
-
 from tests.conftest import TinyCNN
 
 

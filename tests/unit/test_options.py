@@ -17,7 +17,6 @@ import robustlab.methods  # noqa: F401  (registers the methods)
 from robustlab.errors import RobustlabError
 from robustlab.methods import Batch, StepContext
 from robustlab.registry import ATTACKS, METHODS
-
 from tests.conftest import TinyCNN
 
 # Settings under which every attack partly succeeds on the trained digits CNN (options then show in the outcome).

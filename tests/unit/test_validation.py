@@ -5,7 +5,6 @@ import torch
 from robustlab import evaluate
 from robustlab.attacks import PGD, create_attack, parse_attack_spec
 from robustlab.models import create_model
-
 from tests.conftest import TinyCNN
 
 

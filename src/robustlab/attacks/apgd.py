@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.errors import InputError
 from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.errors import InputError
 from robustlab.losses import ce_loss, dlr_loss, dlr_targeted_loss
 from robustlab.registry import ATTACKS
 from robustlab.threat import LpBall, make_threat
@@ -129,7 +129,7 @@ class _APGDBase(Attack):
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float | Tensor = 8 / 255, steps: int = 100,
                  restarts: int = 1, rho: float = 0.75, seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        super().__init__(model, seed=seed, bn_mode=bn_mode)
         if str(norm).lower() not in ("linf", "l2", "inf"):
             raise InputError(f"APGD supports norms linf and l2, got {norm!r}")
         check_positive_int(steps, "steps")

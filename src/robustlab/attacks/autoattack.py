@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.errors import InputError, MissingDependencyError
 from robustlab.attacks.apgd import APGD, APGDT
 from robustlab.attacks.base import Attack, AttackOut, PassCounter
 from robustlab.attacks.fab import FAB
 from robustlab.attacks.square import Square
+from robustlab.errors import InputError, MissingDependencyError
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat
 from robustlab.validation import check_choice
@@ -32,12 +32,13 @@ class AutoAttack(Attack):
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float = 8 / 255, version: str = "standard",
                  impl: str = "robustlab", n_targets: int = 9, apgd_steps: int = 100, fab_steps: int = 100,
                  square_queries: int = 5000, seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        super().__init__(model, seed=seed, bn_mode=bn_mode)
         if str(norm).lower() not in ("linf", "l2", "inf"):
             raise InputError(f"AutoAttack supports norms linf and l2, got {norm!r}")
         check_choice(version, "AutoAttack version", ("standard",))
         check_choice(impl, "AutoAttack impl", ("robustlab", "reference", "torchattacks"))
-        self.threat = make_threat(norm, eps)
+        self.ball = make_threat(norm, eps)  # the threat model, never None (self.threat is Optional in the base)
+        self.threat = self.ball
         self.impl, self.version = impl, version
         self.n_targets, self.apgd_steps, self.fab_steps, self.square_queries = n_targets, apgd_steps, fab_steps, square_queries
         self.last_log: list[dict[str, Any]] = []
@@ -46,13 +47,13 @@ class AutoAttack(Attack):
         return {**super().describe(), "version": self.version, "impl": self.impl}
 
     def components(self) -> list[Attack]:
-        kw = dict(norm=self.threat.norm, seed=self.seed, bn_mode=self.bn_mode)
-        eps = self.threat.eps
+        norm, eps, seed, bn = self.ball.norm, self.ball.eps, self.seed, self.bn_mode
         return [
-            APGD(self.model, eps=eps, steps=self.apgd_steps, **kw),
-            APGDT(self.model, eps=eps, steps=self.apgd_steps, n_targets=self.n_targets, **kw),
-            FAB(self.model, eps=float(eps), steps=self.fab_steps, targeted=True, n_targets=self.n_targets, **kw),
-            Square(self.model, eps=float(eps), n_queries=self.square_queries, **kw),
+            APGD(self.model, norm=norm, eps=eps, steps=self.apgd_steps, seed=seed, bn_mode=bn),
+            APGDT(self.model, norm=norm, eps=eps, steps=self.apgd_steps, n_targets=self.n_targets, seed=seed, bn_mode=bn),
+            FAB(self.model, norm=norm, eps=float(eps), steps=self.fab_steps, targeted=True, n_targets=self.n_targets,
+                seed=seed, bn_mode=bn),
+            Square(self.model, norm=norm, eps=float(eps), n_queries=self.square_queries, seed=seed, bn_mode=bn),
         ]
 
     def _run(self, counter: PassCounter, x: Tensor, y: Tensor, target, gen) -> AttackOut:
@@ -77,11 +78,14 @@ class AutoAttack(Attack):
             robust[idx] = ~fooled
             self.last_log.append({"attack": attack.name + ("-t" if attack.name == "fab" else ""),
                                   "robust_after": int(robust.sum())})
+            if self.report_progress is not None:
+                self.report_progress(f"{self.last_log[-1]['attack']}: {self.last_log[-1]['robust_after']} of "
+                                     f"{x.shape[0]} robust")
         return AttackOut(x_adv, ~robust)
 
     def _run_external(self, counter: PassCounter, x: Tensor, y: Tensor) -> AttackOut:
-        norm = "Linf" if self.threat.norm == "linf" else "L2"
-        eps = float(self.threat.eps)
+        norm = "Linf" if self.ball.norm == "linf" else "L2"
+        eps = float(self.ball.eps)
         if self.impl == "reference":
             try:
                 from pyautoattack import AutoAttack as RefAA

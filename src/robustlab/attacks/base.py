@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +77,15 @@ class PassCounter:
 BNMode = Literal["eval", "train"]
 
 
+def check_bn_mode(bn_mode: str, name: str = "bn_mode") -> BNMode:
+    """BatchNorm's mode during an attack: 'eval' (running statistics) or 'train' (batch statistics)."""
+    if bn_mode == "eval":
+        return "eval"
+    if bn_mode == "train":
+        return "train"
+    raise InputError(f"{name} must be 'eval' or 'train', got {bn_mode!r}")
+
+
 @contextlib.contextmanager
 def attack_mode(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[nn.Module]:
     """Model in eval (or train) mode with `requires_grad=False` on every parameter; both restored in finally."""
@@ -125,15 +134,15 @@ class Attack(ABC):
     # options every attack accepts that this one cannot use, with the reason (tests/unit/test_options.py)
     no_op_options: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, model: nn.Module, *, seed: int | None = 0, bn_mode: BNMode = "eval") -> None:
+    def __init__(self, model: nn.Module, *, seed: int | None = 0, bn_mode: str = "eval") -> None:
         if not isinstance(model, nn.Module):
             raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if bn_mode not in ("eval", "train"):
-            raise InputError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
         self.model = model
         self.seed = seed
-        self.bn_mode: BNMode = bn_mode
+        self.bn_mode: BNMode = check_bn_mode(bn_mode)
         self.threat: LpBall | None = None
+        # called with a short status ("apgd-t: 42 robust") by attacks made of stages (AutoAttack); evaluate shows it
+        self.report_progress: Callable[[str], None] | None = None
 
     # threat model helpers --------------------------------------------------------------------
     @property

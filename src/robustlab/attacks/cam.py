@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from robustlab.errors import InputError
+
 CAM_METHODS = ("gradcam", "xgradcam", "layercam")
 
 

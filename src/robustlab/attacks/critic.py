@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.errors import InputError
 from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.errors import InputError
 from robustlab.registry import ATTACKS
 from robustlab.threat import per_sample_norm
 from robustlab.validation import check_positive, check_positive_int
@@ -131,7 +131,7 @@ class CriticAttack(Attack):
     def __init__(self, model: nn.Module, *, steps: int = 500, max_step: float = 0.1, overshoot: float = 0.02,
                  confidence: float | None = None, eps: float | None = None, seed: int | None = 0,
                  bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        super().__init__(model, seed=seed, bn_mode=bn_mode)
         check_positive_int(steps, "steps")
         check_positive(max_step, "max_step")
         check_positive(overshoot, "overshoot", allow_zero=True)

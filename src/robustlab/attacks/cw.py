@@ -28,7 +28,7 @@ class CW(Attack):
     def __init__(self, model: nn.Module, *, kappa: float = 0.0, binary_steps: int = 9, steps: int = 1000,
                  lr: float = 1e-2, initial_const: float = 1e-3, abort_early: bool = True, eps: float | None = None,
                  seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        super().__init__(model, seed=seed, bn_mode=bn_mode)
         check_positive_int(binary_steps, "binary_steps")
         check_positive_int(steps, "steps")
         check_positive(lr, "lr")

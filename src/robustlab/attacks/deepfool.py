@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustlab.errors import InputError
 from robustlab.attacks.base import Attack, AttackOut
+from robustlab.errors import InputError
 from robustlab.registry import ATTACKS
 from robustlab.threat import per_sample_norm
 from robustlab.validation import check_positive, check_positive_int
@@ -33,7 +33,7 @@ class DeepFool(Attack):
     def __init__(self, model: nn.Module, *, norm: str = "l2", steps: int = 50, overshoot: float = 0.02,
                  num_classes: int = 10, eps: float | None = None, max_step: float | None = None, project: bool = False,
                  seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        super().__init__(model, seed=seed, bn_mode=bn_mode)
         key = str(norm).lower()
         if key not in ("l2", "linf", "inf"):
             raise InputError(f"DeepFool supports norms l2 and linf, got {norm!r}")

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.errors import InputError
 from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.errors import InputError
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat, per_sample_norm
 from robustlab.validation import check_eps, check_positive_int
@@ -127,7 +127,7 @@ class FAB(Attack):
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float | None = None, steps: int = 100,
                  targeted: bool = False, n_targets: int = 9, alpha_max: float = 0.1, eta: float = 1.05,
                  beta: float = 0.9, seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        super().__init__(model, seed=seed, bn_mode=bn_mode)
         key = str(norm).lower()
         if key not in ("linf", "l2", "inf"):
             raise InputError(f"FAB supports norms linf and l2, got {norm!r}")

@@ -50,7 +50,7 @@ class _MinimalL1(Attack):
     minimal = True
 
     def __init__(self, model: nn.Module, eps: float | None, seed: int | None, bn_mode: str) -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        super().__init__(model, seed=seed, bn_mode=bn_mode)
         if eps is not None:
             check_eps(eps)
         self.eps_value = None if eps is None else float(eps)

@@ -11,8 +11,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from robustlab.errors import InputError
 from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.errors import InputError
 from robustlab.losses import get_loss
 from robustlab.losses.classification import margin
 from robustlab.registry import ATTACKS
@@ -98,7 +98,7 @@ class PGD(Attack):
         seed: int | None = 0,
         bn_mode: str = "eval",
     ) -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        super().__init__(model, seed=seed, bn_mode=bn_mode)
         check_positive_int(steps, "steps")
         check_positive_int(restarts, "restarts")
         threat_kwargs: dict[str, Any] = {}
@@ -140,7 +140,7 @@ class FGSM(Attack):
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float | Tensor = 8 / 255, loss: str = "ce",
                  seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        super().__init__(model, seed=seed, bn_mode=bn_mode)
         if norm not in ("linf", "l2", "Linf", "L2", "inf"):
             raise InputError(f"FGSM supports norms linf and l2, got {norm!r}")
         self.threat = make_threat(norm, eps)

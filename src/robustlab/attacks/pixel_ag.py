@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.errors import InputError, InputTypeError
 from robustlab.attacks.base import Attack, AttackOut
 from robustlab.attacks.cam import CAM_METHODS, class_activation_maps
 from robustlab.attacks.pgd import pgd
+from robustlab.errors import InputError, InputTypeError
 from robustlab.losses import ce_loss
 from robustlab.registry import ATTACKS
 from robustlab.threat import LinfBall
@@ -55,7 +55,7 @@ def upsample_maps(cam: Tensor, size: tuple[int, int], mode: str = "torch_bicubic
     from PIL import Image
 
     out = [np.asarray(Image.fromarray(m.cpu().numpy().astype(np.float32), mode="F").resize(
-        (size[1], size[0]), Image.BICUBIC)) for m in cam]
+        (size[1], size[0]), Image.Resampling.BICUBIC)) for m in cam]
     return torch.from_numpy(np.stack(out)).to(cam.device, cam.dtype)
 
 
@@ -100,7 +100,8 @@ def part_budget(model: nn.Module, x: Tensor, eps: float, eps_low: float, *, laye
                 cam_method: str = "gradcam", mask_mode: str = "zscore", upsample: str = "torch_bicubic") -> Tensor:
     """The whole pipeline: CAM of the predicted class -> mask -> budget map of x's shape."""
     cam = class_activation_maps(model, x, layer or default_cam_layer(model), cam_method)
-    return budget_map(importance_mask(cam, tuple(x.shape[1:]), mask_mode, upsample), eps, eps_low).to(x)
+    c, h, w = x.shape[1:]
+    return budget_map(importance_mask(cam, (c, h, w), mask_mode, upsample), eps, eps_low).to(x)
 
 
 def check_budget_shape(budget: Tensor, x: Tensor) -> None:
@@ -137,7 +138,7 @@ class PixelAG(Attack):
                  step_size: float = 2 / 255, random_start: bool = True, start: str = "uniform_eps",
                  budget: Tensor | None = None, cam_layer: str | None = None, cam_method: str = "gradcam",
                  mask_mode: str = "zscore", seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        super().__init__(model, seed=seed, bn_mode=bn_mode)
         check_budgets(eps, eps_low)
         check_positive_int(steps, "steps")
         check_positive(step_size, "step_size", allow_zero=True)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.errors import InputError
 from robustlab.attacks.base import Attack, AttackOut
+from robustlab.errors import InputError
 from robustlab.losses.classification import margin
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat
@@ -70,7 +70,7 @@ class Square(Attack):
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float = 8 / 255, n_queries: int = 5000,
                  p_init: float = 0.8, restarts: int = 1, rescale_schedule: bool = False, seed: int | None = 0,
                  bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)  # type: ignore[arg-type]
+        super().__init__(model, seed=seed, bn_mode=bn_mode)
         if str(norm).lower() not in ("linf", "l2", "inf"):
             raise InputError(f"Square supports norms linf and l2, got {norm!r}")
         check_positive_int(n_queries, "n_queries")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from robustlab.errors import InputError
 from robustlab.cli.common import load_labelled_models
+from robustlab.errors import InputError
 
 
 def _data(args, extra):
@@ -152,14 +152,15 @@ def cmd_metric_wordnet(args) -> int:
 def cmd_metric_visual(args) -> int:
     import numpy as np
 
+    from robustlab.cli.common import load_eval_data
     from robustlab.engine.checkpoint import load_model
     from robustlab.label_metric import visual_metric
+    from robustlab.models import model_config
 
     model, extra = load_model(args.model, map_location="cpu")
-    from robustlab.cli.common import load_eval_data
 
     x, y = load_eval_data(args.data, "test", extra)
-    m, info = visual_metric(model.eval(), x, y, int(model.config["num_classes"]), method=args.method,
+    m, info = visual_metric(model.eval(), x, y, int(model_config(model)["num_classes"]), method=args.method,
                             n_per_class=args.per_class)
     np.save(args.out, m.numpy())
     fails = sum(map(sum, info["failures"]))

@@ -7,16 +7,15 @@ import argparse
 import json
 from pathlib import Path
 
-from robustlab.errors import InputError
 from robustlab.cli.common import command_line, load_labelled_models
+from robustlab.errors import InputError
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from robustlab.attacks.spec import expand_panels
     from robustlab.cli.common import load_eval_data
-    from robustlab.utils import machine_description
-    from robustlab.reports.compare import compare_models, compare_table, write_compare
-    from robustlab.utils import set_threads
+    from robustlab.reports.compare import compare_models, compare_table, integrity_notes, write_compare
+    from robustlab.utils import machine_description, set_threads
 
     set_threads(args.threads)
     models, extras = load_labelled_models(args.model, args.device, "classification", all_extras=True)
@@ -29,6 +28,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if (extra or {}).get("train_seconds") is not None:
             results[label]["train_seconds"] = extra["train_seconds"]
     print(compare_table(results))
+    for note in integrity_notes(results):
+        print(f"integrity warning {note[2:]}")
     if args.out:
         path = write_compare(args.out, results, specs=specs, n_samples=n, command=command_line(), machine=machine_description())
         print(f"wrote {path}")

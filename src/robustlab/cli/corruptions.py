@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from robustlab.errors import InputError
 from robustlab.cli.common import command_line, load_labelled_models
+from robustlab.errors import InputError
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

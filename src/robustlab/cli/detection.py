@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from robustlab.errors import InputError
 from robustlab.cli.common import command_line, load_labelled_models
+from robustlab.errors import InputError
 
 # `robustlab train --task detection` starts from these keys (a --config and KEY=VALUE overrides replace them):
 # the clean TinySSD-96 recipe of spec cwat.md 1.8 on MNIST-Det `voc`.
@@ -21,13 +21,12 @@ DETECTION_DEFAULTS: dict[str, Any] = {
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from robustlab.detection.mnistdet import (PRESET_TARGETS, class_distribution, load_or_generate, make_config,
-                                              split_statistics)
+    from robustlab.detection.mnistdet import PRESET_TARGETS, class_distribution, load_or_generate, make_config, split_statistics
 
     cfg = make_config(args.preset, n_train=args.n_train, n_test=args.n_test, image_size=args.image_size,
                       alpha=args.alpha, seed=args.seed)
     d = load_or_generate(cfg, regenerate=args.regenerate)
-    stats = {s: split_statistics(d[s]) for s in ("train", "test")}
+    stats: dict[str, Any] = {s: split_statistics(d[s]) for s in ("train", "test")}
     target = PRESET_TARGETS[args.preset]
     stats["preset_targets"] = {"objects_per_image": target[0], "classes_per_image": target[1],
                                "single_class_fraction": target[2],
@@ -98,10 +97,9 @@ def eval_detector(args: argparse.Namespace, model, extra: dict[str, Any]) -> int
 
 
 def cmd_det_report(args: argparse.Namespace) -> int:
-    from robustlab.utils import machine_description
     from robustlab.detection.compare import compare_detectors, write_comparison
     from robustlab.detection.data import DetData
-    from robustlab.utils import set_threads
+    from robustlab.utils import machine_description, set_threads
 
     set_threads(args.threads)
     models, extra = load_labelled_models(args.model, args.device, "detection")

@@ -22,6 +22,7 @@ class ImageData:
     x_test: Tensor
     y_test: Tensor
     num_classes: int
+    classes: list[str] | None = None  # class names, where the files name them (image-folder)
     task = "classification"
 
     @property
@@ -49,7 +50,7 @@ class ImageData:
         training images, stratified by class where every class has two or more images, seeded by `seed` alone."""
         train_idx, val_idx = split_indices(self.n_train, n_val, seed, labels=self.y_train)
         rest = ImageData(self.name, self.x_train[train_idx], self.y_train[train_idx], self.x_test, self.y_test,
-                         self.num_classes)
+                         self.num_classes, self.classes)
         return rest, (self.x_train[val_idx], self.y_train[val_idx])
 
 

@@ -14,7 +14,6 @@ containers and numpy arrays CIFAR batches consist of (never arbitrary code).
 from __future__ import annotations
 
 import gzip
-
 import pickle
 import struct
 from pathlib import Path
@@ -25,8 +24,6 @@ import torch
 from robustlab.data.embedded import ImageData
 from robustlab.errors import DataError
 from robustlab.registry import DATASETS
-
-
 
 
 def _need(path: Path, layout: str) -> Path:
@@ -202,7 +199,7 @@ def _read_image(path: Path, size: int | None, mode: str) -> np.ndarray:
         with Image.open(path) as im:
             im = im.convert(mode)
             if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
             a = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
@@ -240,7 +237,7 @@ def image_folder(root: str | Path, size: int | None = None, grayscale: bool = Fa
     x_tr, y_tr = _folder_split(train_dir, classes, size, mode)
     x_te, y_te = _folder_split(test_dir, classes, size, mode)
     data = _to_data("image-folder", x_tr, y_tr, x_te, y_te, len(classes))
-    data.classes = classes  # type: ignore[attr-defined]
+    data.classes = list(classes)
     return data
 
 

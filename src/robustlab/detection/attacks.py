@@ -13,20 +13,23 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from robustlab.errors import InputError
 from robustlab.attacks.base import attack_mode
 from robustlab.detection.boxes import box_iou, center_to_corner
 from robustlab.detection.evaluate import check_detection_images
 from robustlab.detection.loss import decompose
 from robustlab.detection.objectives import Objective
 from robustlab.detection.targets import check_targets, match_targets
+from robustlab.errors import InputError
 from robustlab.registry import ATTACKS
 from robustlab.validation import check_positive, check_positive_int
+
+if TYPE_CHECKING:
+    from robustlab.detection.models import Detector
 
 PIXEL_MAX = 255.0
 
@@ -50,7 +53,7 @@ class DetectionAttack(ABC):
             raise InputError(f"{self.name} attacks detectors (robustlab SSD models); got {type(model).__name__}")
         if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
             raise InputError(f"eps must be a finite number >= 0 in pixel units (0-255 scale), got {eps!r}")
-        self.model = model
+        self.model = cast("Detector", model)  # checked above: a robustlab detector
         self.eps = float(eps)
         self.seed = seed
 
@@ -82,7 +85,7 @@ def _project(x: Tensor, delta: Tensor, eps: float) -> Tensor:
     return (x + delta).clamp(0, PIXEL_MAX) - x
 
 
-def ascend(model: nn.Module, x: Tensor, targets: Tensor, objective: Objective, eps: float, alpha: float, steps: int,
+def ascend(model: Detector, x: Tensor, targets: Tensor, objective: Objective, eps: float, alpha: float, steps: int,
            random_start: bool = False, generator: torch.Generator | None = None,
            matched: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, int]:
     """Signed-gradient ascent of sum_b J_b within the L_inf ball of radius eps and [0, 255] (spec cwat.md 3.1).
@@ -192,7 +195,7 @@ class MDA(DetectionAttack):
 
 
 @torch.no_grad()
-def select_by_total_loss(model: nn.Module, xa: Tensor, xb: Tensor, targets: Tensor,
+def select_by_total_loss(model: Detector, xa: Tensor, xb: Tensor, targets: Tensor,
                          matched: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """Per image: True where xa has the strictly larger total loss L_cls,b + L_reg,b (two no-grad forwards)."""
     totals = []

@@ -9,11 +9,11 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from robustlab.errors import InputError
 from robustlab.detection.attacks import PANELS, detection_attacks
 from robustlab.detection.data import DetSource
 from robustlab.detection.evaluate import evaluate_detector
 from robustlab.detection.report import curve_plot, draw_grid, map_table, per_class_table
+from robustlab.errors import InputError
 
 STEPS_GRID = (1, 2, 5, 10, 20)
 EPS_GRID = (0, 1, 2, 4, 6, 8, 10, 12, 16)

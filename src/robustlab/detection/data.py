@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from robustlab.errors import DataError
 from robustlab.detection.mnistdet import MnistDetConfig
 from robustlab.detection.targets import pad_targets
+from robustlab.errors import DataError
 from robustlab.registry import DATASETS
 
 

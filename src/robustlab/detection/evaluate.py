@@ -3,17 +3,20 @@ with per-class AP. Batched: one forward and one batched post-processing per batc
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, cast
 
 import torch
 from torch import Tensor, nn
 
-from robustlab.errors import DataError
 from robustlab.detection.data import DetData, DetSource
 from robustlab.detection.metrics import detection_map
 from robustlab.detection.postprocess import Detections, detect
 from robustlab.detection.targets import check_targets, unpad
+from robustlab.errors import DataError
 from robustlab.utils import progress_bar
+
+if TYPE_CHECKING:
+    from robustlab.detection.models import Detector
 
 DetAttack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -34,6 +37,7 @@ def evaluate_detector(model: nn.Module, source: DetSource | DetData, n_images: i
     """{"clean": {map, ap}, "attacks": {name: {map, ap}}, n_images, class_names, ...}. `keep_examples` keeps the
     first images with their detections (clean and attacked) for reports. At most `max_per_image` detections
     per image: 100 under COCO rules (COCOeval's maxDets), else 200 (the SSD reference)."""
+    detector = cast("Detector", model)  # a robustlab detector (num_classes, priors, class_names)
     if max_per_image is None:
         max_per_image = 100 if ap_mode == "coco" else 200
     if isinstance(source, DetData):
@@ -49,7 +53,7 @@ def evaluate_detector(model: nn.Module, source: DetSource | DetData, n_images: i
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    k = model.num_classes
+    k = detector.num_classes
     try:
         with progress_bar((n + batch_size - 1) // batch_size, "evaluate", progress) as bar:
             for start in range(0, n, batch_size):
@@ -67,7 +71,7 @@ def evaluate_detector(model: nn.Module, source: DetSource | DetData, n_images: i
                     xa = x if name == "clean" else attacks[name](model, x, t)  # type: ignore[index]
                     with torch.no_grad():
                         loc, conf = model(xa)
-                    d = detect(loc, conf, model.priors, max_per_image=max_per_image)
+                    d = detect(loc, conf, detector.priors, max_per_image=max_per_image)
                     seconds[name] += time.perf_counter() - t0
                     dets[name] += d
                     if keep:
@@ -76,7 +80,7 @@ def evaluate_detector(model: nn.Module, source: DetSource | DetData, n_images: i
                 bar.update(1)
     finally:
         model.train(was_training)
-    out: dict[str, Any] = {"n_images": n, "ap_mode": ap_mode, "class_names": list(model.class_names), "attacks": {}}
+    out: dict[str, Any] = {"n_images": n, "ap_mode": ap_mode, "class_names": list(detector.class_names), "attacks": {}}
     for name in names:
         r = detection_map(dets[name], gts, k, mode=ap_mode)
         entry = {"map": r["map"], "ap": r["ap"], "seconds": seconds[name]}

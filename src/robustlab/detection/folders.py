@@ -21,7 +21,7 @@ def _voc_object(obj: ET.Element, xml_path: Path, width: int, height: int):
         raise DataError(f"{xml_path}: object {name!r} has no <bndbox>")
     try:
         # 1-based inclusive pixel coordinates -> 0-based continuous corners (the SSD reference subtracts 1)
-        x1, y1, x2, y2 = (float(bb.findtext(k)) - 1 for k in ("xmin", "ymin", "xmax", "ymax"))
+        x1, y1, x2, y2 = (float(bb.findtext(k) or "") - 1 for k in ("xmin", "ymin", "xmax", "ymax"))
     except (TypeError, ValueError):
         raise DataError(f"{xml_path}: object {name!r} has a missing or non-numeric box coordinate") from None
     if x2 < x1 or y2 < y1:
@@ -53,7 +53,7 @@ def read_voc(root: str | Path, image_set: str, keep_difficult: bool = True) -> l
         except ET.ParseError as e:
             raise DataError(f"VOC annotation {xml_path} is not valid XML: {e}") from None
         try:
-            width, height = int(tree.findtext("size/width")), int(tree.findtext("size/height"))
+            width, height = int(tree.findtext("size/width") or ""), int(tree.findtext("size/height") or "")
         except (TypeError, ValueError):
             raise DataError(f"{xml_path}: missing or bad <size><width>/<height>") from None
         boxes, labels, diffs = [], [], []

@@ -68,13 +68,13 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, mode: str = "11
 def _voc_class(dets, gts, c: int, thr: float) -> tuple[np.ndarray, np.ndarray, int]:
     """tp, fp (in descending score order) and npos for class c under VOC matching, vectorised: a detection
     whose best ground truth is a non-difficult object with IoU > thr is a TP iff it is the first such hit."""
-    img, score, box = [], [], []
+    imgs, scores, boxes = [], [], []
     for i, (b, s, lab) in enumerate(dets):
         m = lab == c
-        img.append(np.full(int(m.sum()), i))
-        score.append(s[m])
-        box.append(b[m].reshape(-1, 4))
-    img, score, box = np.concatenate(img), np.concatenate(score), np.concatenate(box)
+        imgs.append(np.full(int(m.sum()), i))
+        scores.append(s[m])
+        boxes.append(b[m].reshape(-1, 4))
+    img, score, box = np.concatenate(imgs), np.concatenate(scores), np.concatenate(boxes)
     gt_sel = [(g[lab == c].reshape(-1, 4), d[lab == c]) for g, lab, d in gts]
     npos = int(sum((~d).sum() for _, d in gt_sel))
     order = np.argsort(-score, kind="stable")
@@ -205,7 +205,9 @@ def coco_ap50(detections: Sequence[Any], ground_truth: Sequence[Any], image_size
     dets, gts = _prepare(detections, ground_truth)
     k = 1 + max([int(lab.max()) for _, lab, _ in gts if lab.size] + [int(lab.max()) for _, _, lab in dets if lab.size] + [0])
     cats = list(category_ids) if category_ids is not None else list(range(1, k + 1))
-    images, anns, results = [], [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     for i, ((db, ds, dl), (gb, gl, gd), (w, h)) in enumerate(zip(dets, gts, image_sizes)):
         scale = np.array([w, h, w, h], dtype=np.float64)
         images.append({"id": i + 1, "width": int(w), "height": int(h)})

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from robustlab.errors import DataError
 from robustlab.engine.checkpoint import atomic_write_bytes
+from robustlab.errors import DataError
 
 GENERATOR_VERSION = 1
 
@@ -87,12 +87,12 @@ def _resize(a: np.ndarray, h: int, w: int) -> np.ndarray:
     return F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def _iou(a, b) -> float:
+def _iou(a, b) -> tuple[float, float, float]:
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = iw * ih
     aa, ab = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
-    return inter / (aa + ab - inter), inter / aa, inter / ab
+    return inter / (aa + ab - inter), inter / aa, inter / ab  # IoU, and the intersection's share of a and of b
 
 
 def _background(rng: np.random.Generator, s: int) -> np.ndarray:
@@ -121,7 +121,8 @@ def _scene(rng: np.random.Generator, cfg: MnistDetConfig, pools: list[np.ndarray
             classes.append(classes[int(rng.integers(0, len(classes)))])
         else:
             classes.append(int(rng.choice(10, p=pi)))
-    boxes, labels = [], []
+    boxes: list[tuple[float, float, float, float]] = []
+    labels: list[int] = []
     for c in classes:
         digit = pools[c][int(rng.integers(0, len(pools[c])))]
         ys, xs = np.nonzero(digit > 30)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.errors import InputError
 from robustlab.detection.boxes import SSD300_COCO, SSD300_VOC, TINYSSD_96, make_priors
+from robustlab.errors import InputError
 from robustlab.registry import MODELS
 
 VOC_MEAN_RGB = (123.0, 117.0, 104.0)
@@ -43,6 +43,8 @@ class Detector(nn.Module):
     """mean subtraction -> backbone (a list of source feature maps) -> per-source loc/conf heads."""
 
     task = "detection"
+    mean: Tensor
+    priors: Tensor
 
     def __init__(self, backbone: nn.Module, source_channels: Sequence[int], num_classes: int, prior_cfg: dict,
                  mean: Sequence[float], config: dict[str, Any]) -> None:
@@ -62,7 +64,8 @@ class Detector(nn.Module):
         self.loc = nn.ModuleList(nn.Conv2d(c, a * 4, 3, padding=1) for c, a in zip(source_channels, anchors))
         self.conf = nn.ModuleList(nn.Conv2d(c, a * (num_classes + 1), 3, padding=1)
                                   for c, a in zip(source_channels, anchors))
-        for m in list(self.loc) + list(self.conf):
+        for m in [*self.loc, *self.conf]:
+            assert isinstance(m, nn.Conv2d) and m.bias is not None
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
         self.config = config
@@ -156,7 +159,7 @@ def tinyssd_128(num_classes: int = 10, in_channels: int = 3, input_size: int | N
 
 
 # -- SSD300 with VGG16-BN ------------------------------------------------------------------------------
-_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "C", 512, 512, 512, "M", 512, 512, 512)
+_VGG16: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "C", 512, 512, 512, "M", 512, 512, 512)
 
 
 class _VGGBackbone(nn.Module):
@@ -168,7 +171,7 @@ class _VGGBackbone(nn.Module):
         layers: list[nn.Module] = []
         cin = 3
         for v in _VGG16:
-            if v in ("M", "C"):
+            if isinstance(v, str):  # "M": max-pool, "C": max-pool with ceil mode
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=(v == "C")))
             else:
                 layers += [nn.Conv2d(cin, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
@@ -246,17 +249,18 @@ class _ResNet50Backbone(nn.Module):
             for j in range(n):
                 blocks.append(_Bottleneck(cin, width, stride if j == 0 else 1))
                 cin = width * 4
-            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))  # torchvision's key names: layer1..layer4
         spec = [(2048, 256, 512, 2, 1), (512, 128, 256, 1, 0), (256, 128, 256, 1, 0)]
         self.extras = nn.ModuleList(
             nn.Sequential(*_cbr(a, b, k=1, padding=0), *_cbr(b, c, stride=s, padding=p)) for a, b, c, s, p in spec)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         h = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        h = self.layer1(h)
-        s1 = self.layer2(h)
-        s2 = self.layer3(s1)
-        s3 = self.layer4(s2)
+        layer1, layer2, layer3, layer4 = (self.get_submodule(f"layer{i}") for i in range(1, 5))
+        h = layer1(h)
+        s1 = layer2(h)
+        s2 = layer3(s1)
+        s3 = layer4(s2)
         out = [s1, s2, s3]
         for e in self.extras:
             out.append(e(out[-1]))

@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from robustlab.errors import InputError
 from robustlab.detection.loss import Decomp
+from robustlab.errors import InputError
 from robustlab.validation import reject_inapplicable
 
 OBJECTIVES = ("cls", "reg", "full", "toat", "owa", "cwa")
@@ -117,7 +117,7 @@ class Objective:
             if n_neg is not None:
                 n_groups = n_groups + (n_neg > 0).float()
             w = pf / (n_groups * n_c.gather(1, unit_cls)).clamp_min(1e-12)
-            nw = (neg.float() / (n_groups * n_neg).clamp_min(1e-12)) if neg is not None else None
+            nw = (neg.float() / (n_groups * n_neg).clamp_min(1e-12)) if neg is not None and n_neg is not None else None
             return w, nw
         # batch scope: one class census over the whole batch
         n_c = torch.zeros(num_classes + 1, device=present.device).scatter_add(0, unit_cls.flatten(), pf.flatten())
@@ -127,5 +127,5 @@ class Objective:
         if n_neg is not None:
             n_groups = n_groups + (n_neg > 0).float()
         w = pf / (n_groups * n_c[unit_cls]).clamp_min(1e-12)
-        nw = (neg.float() / (n_groups * n_neg).clamp_min(1e-12)) if neg is not None else None
+        nw = (neg.float() / (n_groups * n_neg).clamp_min(1e-12)) if neg is not None and n_neg is not None else None
         return w, nw

@@ -28,7 +28,7 @@ def draw_grid(images: Tensor, path: str | Path, targets: Sequence[Any] | None = 
     names = list(class_names) if class_names is not None else None
     for i in range(n):
         arr = images[i].detach().clamp(0, 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        im = Image.fromarray(arr).resize((ws, hs), Image.NEAREST)
+        im = Image.fromarray(arr).resize((ws, hs), Image.Resampling.NEAREST)
         draw = ImageDraw.Draw(im)
         size = torch.tensor([ws, hs, ws, hs], dtype=torch.float32)
         if targets is not None:

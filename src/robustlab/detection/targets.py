@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from robustlab.errors import DataError
 from robustlab.detection.boxes import check_boxes, match
+from robustlab.errors import DataError
 
 FIELDS = 6
 

@@ -14,8 +14,6 @@ from typing import Any
 from robustlab.errors import ConfigError
 
 
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     name: str = "run"

@@ -8,8 +8,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from robustlab.errors import DataError
 from robustlab.data.corruptions import CORRUPTIONS
+from robustlab.errors import DataError
 
 
 def corruption_accuracy(models: Mapping[str, nn.Module], root: str | Path, *, corruptions=None,

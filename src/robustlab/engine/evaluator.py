@@ -88,8 +88,9 @@ def _batches(x: Tensor | None, y: Tensor | None, loader: Iterable | None, batch_
                                      "pairs")
             yield item[0], item[1]
         return
-    for i in range(0, x.shape[0], batch_size):  # type: ignore[union-attr]
-        yield x[i:i + batch_size], y[i:i + batch_size]  # type: ignore[index]
+    assert x is not None and y is not None  # evaluate passes tensors or a loader
+    for i in range(0, x.shape[0], batch_size):
+        yield x[i:i + batch_size], y[i:i + batch_size]
 
 
 def evaluate(
@@ -147,11 +148,12 @@ def evaluate(
     names = _unique_names(built)
     was_training = model.training
 
-    labels, clean_pred = [], []
-    robust = {n: [] for n in names}
-    adv_pred = {n: [] for n in names}
-    norms = {n: [] for n in names}
-    l2 = {n: [] for n in names}
+    labels: list[Tensor] = []
+    clean_pred: list[Tensor] = []
+    robust: dict[str, list[Tensor]] = {n: [] for n in names}
+    adv_pred: dict[str, list[Tensor]] = {n: [] for n in names}
+    norms: dict[str, list[Tensor]] = {n: [] for n in names}
+    l2: dict[str, list[Tensor]] = {n: [] for n in names}
     xnorm: list[Tensor] = []
     passes = {n: [0, 0] for n in names}
     clean_passes = 0
@@ -187,13 +189,18 @@ def evaluate(
             xnorm.append(torch.stack([per_sample_norm(xb, "l2"), per_sample_norm(xb - 0.5, "l2")], 1).cpu())
             idx = correct.nonzero().squeeze(1)
             for name, atk in zip(names, built):
+                bar.set_postfix(attack=name)
+                atk.report_progress = lambda msg, name=name: bar.set_postfix(attack=f"{name} ({msg})")
                 rob = torch.zeros_like(correct)
                 ap = pred.clone()
                 nrm = torch.zeros(xb.shape[0], device=device)
                 r2 = torch.zeros(xb.shape[0], device=device)
                 if idx.numel():
                     xs, ys = xb[idx], yb[idx]
-                    out = atk.run(xs, ys, with_success=False)
+                    try:
+                        out = atk.run(xs, ys, with_success=False)
+                    finally:
+                        atk.report_progress = None
                     passes[name][0] += out.forward
                     passes[name][1] += out.backward
                     _check_threat(atk, out, xs, name)

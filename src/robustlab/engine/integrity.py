@@ -138,7 +138,8 @@ def check_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tu
                         from robustlab.attacks.square import Square
 
                         sq = Square(model, norm=norm, eps=eps, n_queries=BLACK_BOX_QUERIES, seed=seed)
-                        broken = int(sq.run(xp[cand], yp[cand]).success.sum())
+                        fooled = sq.run(xp[cand], yp[cand]).success
+                        broken = int(fooled.sum()) if fooled is not None else 0
                     entry["black_box"] = {"attack": f"square ({BLACK_BOX_QUERIES} queries)", "after": white,
                                           "candidates": int(cand.numel()), "broken": broken}
                     if broken > max(2, BLACK_BOX_FLAG * probe.numel()):

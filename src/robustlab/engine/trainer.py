@@ -19,15 +19,14 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.data import ImageData, load_dataset, select_classes
-from robustlab.engine.checkpoint import (atomic_write_bytes, atomic_write_text, save_model, tensors_sha256,
-                                         verify_sha256)
+from robustlab.engine.checkpoint import atomic_write_bytes, atomic_write_text, save_model, tensors_sha256, verify_sha256
 from robustlab.engine.config import TrainConfig, validation_count
 from robustlab.errors import CheckpointError, ConfigError, DataError, ResumeError, RunExistsError
 from robustlab.methods import Batch, LossOut, StepContext, create_method
@@ -35,6 +34,9 @@ from robustlab.models import create_model
 from robustlab.registry import MODELS
 from robustlab.utils import mix_seed, progress_bar
 from robustlab.validation import check_device
+
+if TYPE_CHECKING:
+    from robustlab.detection.models import Detector
 
 log = logging.getLogger("robustlab.train")
 STATE_FORMAT = "robustlab-train-state-v1"
@@ -130,6 +132,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: Any = None, run_dir: str | Path | None = None) -> None:
         self.cfg = cfg
+        self.data: Any  # ImageData or detection's DetData (the task interface will type it)
         check_device(cfg.device)
         self.ddp = _DDP(cfg.device)
         dev = cfg.device
@@ -170,8 +173,9 @@ class Trainer:
         self._initialise(self.model)
         self.model = self.model.to(self.device)
         if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lag
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer: torch.optim.Optimizer
         if cfg.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                              weight_decay=cfg.weight_decay)
@@ -194,7 +198,7 @@ class Trainer:
         self._train_fwd_images = 0
         self.model.register_forward_pre_hook(self._count_forward)
 
-    def _data_shape(self) -> tuple[int, ...]:
+    def _data_shape(self) -> tuple[int | None, ...]:
         kw = self.data.model_kwargs()
         return (kw.get("in_channels"), kw.get("input_size"), kw.get("input_size"))
 
@@ -204,7 +208,7 @@ class Trainer:
         if self.cfg.init_backbone:
             from robustlab.detection.models import load_imagenet_backbone
 
-            load_imagenet_backbone(model, self.cfg.init_backbone)
+            load_imagenet_backbone(cast("Detector", model), self.cfg.init_backbone)
         if self.cfg.init_from:
             from robustlab.engine.checkpoint import read_checkpoint
 
@@ -426,15 +430,15 @@ class Trainer:
             stats = torch.stack([correct.float(), torch.tensor(float(seen), device=self.device)]
                                 + [sums[k] for k in sorted(sums)]
                                 + [torch.tensor(float(p), device=self.device) for p in passes])
-            stats = self.ddp.all_reduce_sum(stats).tolist()  # one sync per epoch
-            n_seen = stats[1]
+            totals = self.ddp.all_reduce_sum(stats).tolist()  # one sync per epoch
+            n_seen = totals[1]
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "seconds": time.perf_counter() - t0}
             if has_accuracy:
-                row["train_accuracy"] = stats[0] / n_seen
+                row["train_accuracy"] = totals[0] / n_seen
             for i, k in enumerate(sorted(sums)):
-                row[f"train_{k}"] = stats[2 + i] / n_seen
-            row["forward_per_image"] = stats[-2] / n_seen
-            row["backward_per_image"] = stats[-1] / n_seen
+                row[f"train_{k}"] = totals[2 + i] / n_seen
+            row["forward_per_image"] = totals[-2] / n_seen
+            row["backward_per_image"] = totals[-1] / n_seen
             self.epoch = epoch + 1
             if self.ddp.main and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
                 row.update(self.evaluate())
@@ -500,7 +504,8 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            warnings.warn("tensorboard is not installed (pip install tensorboard); TensorBoard logs are off")
+            warnings.warn("tensorboard is not installed (pip install tensorboard); TensorBoard logs are off",
+                          stacklevel=2)
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 

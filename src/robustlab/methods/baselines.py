@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustlab.errors import InputError
-from robustlab.attacks.base import PassCounter, attack_mode
+from robustlab.attacks.base import BNMode, PassCounter, attack_mode
 from robustlab.attacks.pgd import pgd
+from robustlab.errors import InputError
 from robustlab.losses import ce_loss
 from robustlab.methods.base import LossOut, Method, PersistentDelta, StepContext
 from robustlab.registry import METHODS
@@ -48,7 +48,9 @@ class _Adversarial(Method):
     """Shared by the PGD-family methods. eps_ramp_epochs > 0 grows eps (and the step) linearly from 0 over
     that many epochs, the usual remedy for MNIST PGD-AT at eps 0.3 stalling at chance accuracy."""
 
-    attack_bn_mode = "eval"  # BatchNorm mode of the inner attack (MNG-AC's baselines attack in train mode)
+    attack_bn_mode: BNMode = "eval"  # BatchNorm mode of the inner attack (MNG-AC's baselines attack in train mode)
+    norm: str
+    eps: float
 
     def __init__(self, norm: str = "linf", eps: float = 8 / 255, steps: int = 10, step_size: float | None = None,
                  random_start: bool = True, eps_ramp_epochs: float = 0.0) -> None:
@@ -190,7 +192,8 @@ class FreeAT(PersistentDelta, _Adversarial):
                 new = self.threat.project(x + delta + self.eps * delta.grad.sign(), x) - x
                 self.delta[: x.shape[0]] = new
             out = LossOut(loss.detach(), {"ce_adv": loss.detach()}, logits.detach(), stepped=True)
-        return out  # type: ignore[return-value]
+        assert out is not None  # replays >= 1
+        return out
 
 
 @METHODS.register("trades")
@@ -264,6 +267,8 @@ class VAT(Method):
     """Virtual adversarial training (Miyato et al.): CE(x) + alpha * KL(p(x) || p(x + r_vadv)), l2 eps 2.0."""
 
     name = "vat"
+    norm: str
+    eps: float
 
     def __init__(self, eps: float = 2.0, xi: float = 1e-6, power_iterations: int = 1, alpha: float = 1.0) -> None:
         check_eps(eps)

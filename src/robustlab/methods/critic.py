@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.errors import InputError
 from robustlab.attacks.base import PassCounter
 from robustlab.attacks.critic import closest_boundary_targets, high_confidence_attack, logit_jacobian, random_targets
+from robustlab.errors import InputError
 from robustlab.methods.base import LossOut, Method, StepContext, load_optimizer_state, optimizer_state_tensors
 from robustlab.registry import METHODS
 from robustlab.validation import check_choice, check_positive, check_positive_int
@@ -123,7 +123,7 @@ def _bce(logit: Tensor, real: bool) -> Tensor:
 def penalised_weights(model: nn.Module) -> list[Tensor]:
     """Weight matrices (dim >= 2) of the model, the output layer (the last one) excluded: the pretraining
     l2 penalty's parameters (critic.md 7)."""
-    ws = [p for p in model.parameters() if p.dim() >= 2]
+    ws: list[Tensor] = [p for p in model.parameters() if p.dim() >= 2]
     return ws[:-1]
 
 
@@ -178,7 +178,8 @@ class AdversaryCritic(Method):
     def _build(self, in_features: int, num_classes: int, device: torch.device) -> None:
         self.critic = Critic(in_features, num_classes, self.critic_hidden, self.critic_input_noise,
                              self.critic_hidden_noise).to(device)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.critic_lr, betas=self.critic_betas)
+        b1, b2 = self.critic_betas
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.critic_lr, betas=(b1, b2))
 
     def _ensure(self, x: Tensor, num_classes: int) -> None:
         if self.confidence is None:

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from robustlab.errors import InputError
-from robustlab.attacks.base import PassCounter, attack_mode, restored_buffers
+from robustlab.attacks.base import PassCounter, attack_mode, check_bn_mode, restored_buffers
 from robustlab.attacks.pgd import pgd
+from robustlab.errors import InputError
 from robustlab.losses import ce_loss
 from robustlab.methods.base import LossOut, Method, StepContext, load_optimizer_state, optimizer_state_tensors
 from robustlab.methods.baselines import PGDAT, TRADES, _attack_passes
@@ -29,8 +29,7 @@ from robustlab.registry import METHODS
 from robustlab.threat import LpBall, make_threat
 from robustlab.threat.lp import NORMS, l1_threshold
 from robustlab.utils import mix_seed
-from robustlab.validation import (check_choice, check_eps, check_positive, check_positive_int,
-                                  reject_inapplicable)
+from robustlab.validation import check_choice, check_eps, check_positive, check_positive_int, reject_inapplicable
 
 # (eps, steps, step size) of the training attacks, CIFAR-10 / SVHN (mng_ac.md 1.8)
 TRAIN_SETTINGS = {"linf": (8 / 255, 10, 1 / 255), "l2": (128 / 255, 10, 30 / 255), "l1": (2000 / 255, 20, 1.0)}
@@ -61,7 +60,7 @@ class MultiNormAttacks:
         self.norms = check_norms(norms)
         check_positive(eps_ramp_epochs, "eps_ramp_epochs", allow_zero=True)
         self.eps_ramp_epochs, self.q = float(eps_ramp_epochs), q
-        check_choice(attack_bn_mode, "attack_bn_mode", ("train", "eval"))
+        bn_mode = check_bn_mode(attack_bn_mode, "attack_bn_mode")
         eps = {"linf": eps_linf, "l2": eps_l2, "l1": eps_l1}
         steps = {"linf": steps_linf, "l2": steps_l2, "l1": steps_l1}
         sizes = {"linf": step_size_linf, "l2": step_size_l2, "l1": step_size_l1}
@@ -84,7 +83,7 @@ class MultiNormAttacks:
         self.step_size = {n: float(sizes[n]) for n in self.norms}
         self.threats: dict[str, LpBall] = {n: make_threat(n, eps[n], **({"q": q} if n == "l1" else {}))
                                            for n in self.norms}
-        self.random_start, self.attack_bn_mode = random_start, attack_bn_mode
+        self.random_start, self.attack_bn_mode = random_start, bn_mode
 
     def describe(self) -> dict[str, Any]:
         return {"norms": list(self.norms), "eps": self.eps, "steps": self.steps, "step_size": self.step_size,
@@ -141,10 +140,9 @@ class _SingleNorm(PGDAT):
         d_eps, d_steps, d_step = TRAIN_SETTINGS[self.single_norm]
         super().__init__(self.single_norm, d_eps if eps is None else eps, d_steps if steps is None else steps,
                          d_step if step_size is None else step_size, random_start, eps_ramp_epochs)
-        check_choice(attack_bn_mode, "attack_bn_mode", ("train", "eval"))
         if self.single_norm != "l1":
             reject_inapplicable({"q": (q, 0.99)}, "SLIDE's q applies to adv-l1 only")
-        self.attack_bn_mode, self.q = attack_bn_mode, q
+        self.attack_bn_mode, self.q = check_bn_mode(attack_bn_mode, "attack_bn_mode"), q
         if self.single_norm == "l1":
             self.threat = make_threat("l1", self.eps, q=q)
 
@@ -303,8 +301,10 @@ def js_divergence(*logits: Tensor) -> Tensor:
     M = clamp(mean_k p_k, 1e-7, 1); KL summed over classes, averaged over the batch. Nothing is detached."""
     logps = [F.log_softmax(lg, 1) for lg in logits]
     ps = [lp.exp() for lp in logps]
-    log_m = (sum(ps) / len(ps)).clamp(1e-7, 1.0).log()
-    return sum((p * (lp - log_m)).sum(1).mean() for p, lp in zip(ps, logps)) / len(ps)
+    total: Tensor = sum(ps)  # type: ignore[assignment]  # sum() of tensors is a tensor
+    log_m = (total / len(ps)).clamp(1e-7, 1.0).log()
+    kl: Tensor = sum((p * (lp - log_m)).sum(1).mean() for p, lp in zip(ps, logps))  # type: ignore[assignment]
+    return kl / len(ps)
 
 
 def fit_noise(x: Tensor, v: Tensor, norm: str, eps: float) -> Tensor:
@@ -377,7 +377,8 @@ class NoiseGenerator(nn.Module):
             if isinstance(m, nn.Conv2d):
                 k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
                 nn.init.normal_(m.weight, 0.0, (2.0 / k) ** 0.5)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         n, c, h, w = x.shape
@@ -571,9 +572,10 @@ class MNGAC(SATAC):
         meta = F.cross_entropy(functional_call(net, ({**lookahead, **_cloned_buffers(net)},), (x_adv,)), y)
         phi = list(self.generator.parameters())
         g_phi = torch.autograd.grad(meta, phi, allow_unused=True)
-        for p, g in zip(phi, g_phi):
-            p.grad = torch.zeros_like(p) if g is None else g
-        return meta.detach(), torch.cat([p.grad.flatten() for p in phi])
+        phi_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(phi, g_phi)]
+        for p, g in zip(phi, phi_grads):
+            p.grad = g
+        return meta.detach(), torch.cat([g.flatten() for g in phi_grads])
 
     def train_step(self, model, batch, optimizer, ctx: StepContext, backward_and_step):
         if isinstance(model, nn.parallel.DistributedDataParallel):

@@ -22,13 +22,21 @@ from typing import Any
 from torch import Tensor, nn
 
 from robustlab.attacks.cam import CAM_METHODS
-from robustlab.attacks.pixel_ag import (MASK_MODES, PIXEL_AG_STARTS, UPSAMPLE, check_budgets, default_cam_layer,
-                                        part_budget, uniform_eps_start)
+from robustlab.attacks.pixel_ag import (
+    MASK_MODES,
+    PIXEL_AG_STARTS,
+    UPSAMPLE,
+    check_budgets,
+    default_cam_layer,
+    part_budget,
+    uniform_eps_start,
+)
 from robustlab.methods.base import StepContext
 from robustlab.methods.baselines import MART, PGDAT, TRADES
 from robustlab.registry import METHODS
 from robustlab.threat import LinfBall
 from robustlab.validation import check_choice, check_positive_int
+
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A detached snapshot of `model` in eval mode with frozen parameters and without the original's hooks

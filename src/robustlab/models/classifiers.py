@@ -18,6 +18,9 @@ from robustlab.registry import MODELS
 class Normalize(nn.Module):
     """(x - mean) / std with per-channel buffers (saved in checkpoints, never trained)."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
@@ -261,3 +264,9 @@ def wrn(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, depth
 def create_model(name: str, **kwargs: Any) -> Classifier:
     """Build a registered model; unknown names list the valid ones, unknown options raise TypeError."""
     return MODELS.create(name, **kwargs)
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """How a robustlab model was built (name, in_channels, num_classes, input_size, ...); {} for other models."""
+    config = getattr(model, "config", None)
+    return config if isinstance(config, dict) else {}

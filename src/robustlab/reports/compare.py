@@ -13,18 +13,20 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from robustlab.engine.checkpoint import atomic_write_text
 from robustlab.errors import InputError
 
 
 def compare_models(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, specs: list[str], *,
-                   batch_size: int = 500, progress: bool | None = False) -> dict[str, Any]:
-    """{label: evaluate(...) result} for every model on the same images and attack specs."""
+                   batch_size: int = 500, progress: bool | None = False, integrity: bool = True) -> dict[str, Any]:
+    """{label: evaluate(...) result} for every model on the same images and attack specs, with the integrity
+    checks of each evaluation (robustlab.engine.integrity) unless integrity=False."""
     from robustlab import evaluate
 
     if not models:
         raise InputError("compare needs at least one model")
-    return {label: evaluate(m, x, y, specs, batch_size=batch_size, checks=False, progress=progress,
-                            keep_records=True)
+    return {label: evaluate(m, x, y, specs, batch_size=batch_size, checks=False, integrity=integrity,
+                            progress=progress, keep_records=True)
             for label, m in models.items()}
 
 
@@ -53,6 +55,9 @@ def compare_table(results: Mapping[str, dict[str, Any]]) -> str:
     timed = all("train_seconds" in r for r in results.values())
     if timed:
         head.append("train time (min)")
+    checked = all("integrity" in r for r in results.values())
+    if checked:
+        head.append("integrity")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in results.items():
         cells = [label, f"{100 * (1 - r['clean_accuracy']):.2f}"] + [_cell(r["attacks"][n]) for n in names]
@@ -64,8 +69,15 @@ def compare_table(results: Mapping[str, dict[str, Any]]) -> str:
             cells.append(f"{100 * r['norm_average_accuracy']:.1f}")
         if timed:
             cells.append(f"{r['train_seconds'] / 60:.1f}")
+        if checked:
+            cells.append("ok" if r["integrity"]["ok"] else f"FLAGGED ({len(r['integrity']['flags'])})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def integrity_notes(results: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Every integrity flag raised, per model (empty when all evaluations look sound)."""
+    return [f"- {label}: {flag}" for label, r in results.items() for flag in (r.get("integrity") or {}).get("flags", [])]
 
 
 def write_compare(out_dir: str | Path, results: Mapping[str, dict[str, Any]], *, specs: list[str],
@@ -80,16 +92,20 @@ def write_compare(out_dir: str | Path, results: Mapping[str, dict[str, Any]], *,
           "rho = mean ||r||_2 / ||x||_2 over all evaluated images (misclassified ones count 0; failed attacks "
           "excluded and counted); accuracies count a sample only if its clean prediction is correct.", "",
           table, "", "Attacks:"] + [f"- `{s}`" for s in specs]
+    notes = integrity_notes(results)
+    if notes:
+        md += ["", "Integrity warnings (do not trust these rows' numbers):"] + notes
     if command:
         md += ["", f"Reproduce: `{command}`"]
     path = out / "compare.md"
-    path.write_text("\n".join(md) + "\n")
+    atomic_write_text(path, "\n".join(md) + "\n")
     rows = [line.strip("|").split("|") for line in table.splitlines() if not set(line) <= set("|-")]
     cells = "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>"
                                      for c in row) + "</tr>" for i, row in enumerate(rows))
-    (out / "compare.html").write_text(f"<!doctype html><meta charset='utf-8'><title>robustlab compare</title>"
-                                      f"<table border='1' cellpadding='4'>{cells}</table>"
-                                      f"<p>{html.escape(command)}</p>\n")
+    atomic_write_text(out / "compare.html", f"<!doctype html><meta charset='utf-8'><title>robustlab compare</title>"
+                                            f"<table border='1' cellpadding='4'>{cells}</table>"
+                                            + "".join(f"<p>{html.escape(n[2:])}</p>" for n in notes)
+                                            + f"<p>{html.escape(command)}</p>\n")
     write_json(out / "compare.json", {"specs": specs, "n_samples": n_samples, "command": command,
                                       "machine": machine, "results": dict(results)})
     return path

@@ -39,7 +39,7 @@ def _save_png(arr: np.ndarray, path: Path, scale: int = 1) -> None:
 
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     img.save(path)
 
 
@@ -71,6 +71,7 @@ def export_adversarials(model: nn.Module, x: Tensor, y: Tensor, out_dir: str | P
         with torch.no_grad():
             p = F.softmax(model(res.x_adv), 1)
         pred = p.argmax(1)
+        assert res.success is not None  # AttackOut.run fills it (with_success=True)
         ok = res.success
         _save_png(_grid(res.x_adv, 10), out / f"{kind}.png", scale)
         summary[f"mean_confidence_{kind}"] = p.amax(1)[ok].mean().item() if bool(ok.any()) else None

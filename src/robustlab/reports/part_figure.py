@@ -20,11 +20,12 @@ def part_figure(part_model: nn.Module, at_model: nn.Module, x: Tensor, y: Tensor
     at_model.eval()
     layer = layer or default_cam_layer(part_model)
     cam = class_activation_maps(part_model, x, layer, cam_method)
-    mask = importance_mask(cam, tuple(x.shape[1:]), mask_mode)
+    c, h, w = x.shape[1:]
+    mask = importance_mask(cam, (c, h, w), mask_mode)
     budget = budget_map(mask, eps, eps_low).to(x)
     at_adv = create_attack("pgd", at_model, norm="linf", eps=eps, steps=steps, step_size=step_size)(x, y)
     part_adv = PixelAG(part_model, budget=budget, steps=steps, step_size=step_size)(x, y)
-    up = upsample_maps(cam, tuple(x.shape[2:])).clamp(0, 1)
+    up = upsample_maps(cam, (h, w)).clamp(0, 1)
     plt = _plt()
     cols = ["image", f"CAM ({cam_method})", "mask (important)", f"budget ({eps_low:.3g} / {eps:.3g})",
             "AT: PGD perturbation", "PART: Pixel-AG perturbation"]

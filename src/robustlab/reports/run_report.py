@@ -76,7 +76,7 @@ def write_report(run_dir: Path, summary: dict[str, Any], figures: dict[str, str]
         md += ["## Training events", ""] + [f"- {e}" for e in summary["events"]] + [""]
     md_path = run_dir / "report.md"
     atomic_write_text(md_path, "\n".join(md))
-    rows = []
+    rows: list[str] = []
     for line in table.splitlines():
         if set(line) <= set("|-"):
             continue
