@@ -1,15 +1,46 @@
 #!/usr/bin/env bash
-# Installs robustlab and its test dependencies on a fresh machine (used by the README and by CI).
+# Installs robustlab into the active Python environment (make and activate a virtual environment first, see the
+# README). Used by the README and, with --test, by CI.
+#
+#   bash scripts/setup.sh            robustlab and its runtime dependencies
+#   bash scripts/setup.sh --test     + the test tools, linters, the docs builder and the independent reference
+#                                      implementations the tests cross-check against (pyautoattack, torchattacks,
+#                                      foolbox: test-only, never imported by robustlab itself)
+#   bash scripts/setup.sh --cpu      take PyTorch's CPU-only build (no CUDA packages) when torch must be installed
+#
+# torch: a torch 2.13.0 wheel in /opt/wheels is used when present (offline machines); otherwise the registry's
+# torch==2.13.0, which on Linux is the CUDA build (what GPU users want, several GB) unless --cpu is given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# torch first, pinned: an unpinned torch pulls several GB of CUDA packages. Use the local CPU wheel when
-# the machine has one, else the registry's build of the same version.
+test_extra=0
+cpu_only=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) test_extra=1 ;;
+    --cpu) cpu_only=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (valid: --test, --cpu, --help)" >&2; exit 2 ;;
+  esac
+done
+
+# torch first, pinned: an unpinned torch, or one pulled in by a dependency, can be a different (CUDA) build.
 if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
   wheel=$(ls /opt/wheels/torch-2.13.0*.whl 2>/dev/null | head -n1 || true)
-  if [ -n "$wheel" ]; then pip install -q "$wheel"; else pip install -q torch==2.13.0; fi
+  if [ -n "$wheel" ]; then
+    pip install -q "$wheel"
+  elif [ "$cpu_only" = 1 ]; then
+    pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  else
+    pip install -q torch==2.13.0
+  fi
 fi
-pip install -q -e ".[test]"
-# Test-only reference implementations (never runtime dependencies); --no-deps keeps torchvision out.
-pip install -q --no-deps torchattacks==3.5.1 pyautoattack==0.2.0 \
-    foolbox==3.3.4 eagerpy==0.30.0 GitPython==3.1.45 gitdb==4.0.12 smmap==5.0.2
+
+if [ "$test_extra" = 1 ]; then
+  pip install -q -e ".[test]"
+  # Test-only reference implementations; --no-deps keeps torchvision (and a second torch) out.
+  pip install -q --no-deps torchattacks==3.5.1 pyautoattack==0.2.0 \
+      foolbox==3.3.4 eagerpy==0.30.0 GitPython==3.1.45 gitdb==4.0.12 smmap==5.0.2
+else
+  pip install -q -e .
+fi
