@@ -28,6 +28,39 @@ def test_help_on_every_command(cmd, capsys):
     assert e.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
+def test_help_shows_defaults_and_no_literal_percent(capsys):
+    for cmd, want in ((["eval"], "(default: 500)"), (["run"], "(default: mnist5k-pgd-at)"),
+                      (["compare"], "(default: cpu)"), (["train"], "(default: classification)")):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--help"])
+        out = capsys.readouterr().out
+        assert want in " ".join(out.split()), (cmd, out)
+        assert "%%" not in out
+
+
+def test_list_panels_and_whole_descriptions(capsys):
+    assert main(["list", "panels"]) == 0
+    out = capsys.readouterr().out
+    for name in ("critic-rho", "part", "multi-norm", "table1", "table3"):
+        assert name in out
+    assert "default expansion: deepfool:steps=500" in out
+    assert main(["list", "attacks"]) == 0
+    out = capsys.readouterr().out
+    assert "mask_saturated" in out  # PGD's docstring beyond its first line
+
+
+def test_overrides_may_appear_anywhere_among_the_options(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: t\ndataset: digits\nmodel: mlp\nmodel_kwargs: {hidden: 8, depth: 1}\neval_samples: 16\n"
+                   "eval_attack: 'fgsm:eps=0.1'\n")
+    r = _run("train", "epochs=1", "--config", str(cfg), "seed=3", "--out-dir", str(tmp_path), "batch_size=256")
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert saved["epochs"] == 1 and saved["seed"] == 3 and saved["batch_size"] == 256
+    r = _run("train", "--config", str(cfg), "--bogus-flag")
+    assert r.returncode == 2 and "--bogus-flag" in r.stderr
+
+
 def test_the_module_entry_point_runs():
     r = _run("--help")
     assert r.returncode == 0 and "usage:" in r.stdout
