@@ -16,6 +16,10 @@ class InputError(RobustlabError):
     """An argument has an invalid value: images outside [0, 1], labels out of range, a negative budget, ..."""
 
 
+class MissingFileError(InputError, FileNotFoundError):
+    """A file the user named does not exist (also a FileNotFoundError, as `open` would raise)."""
+
+
 class InputTypeError(InputError, TypeError):
     """An argument has the wrong type (also a TypeError, as Python's own checks raise)."""
 
@@ -76,6 +80,6 @@ class IntegrityWarning(RuntimeWarning):
     """An evaluation result shows a sign of gradient masking or a broken attack: the number may be too high."""
 
 
-__all__ = ["RobustlabError", "InputError", "InputTypeError", "ConfigError", "DataError", "CheckpointError",
-           "AttackSpecError", "OptionError", "DeviceError", "RunExistsError", "ResumeError", "OutputError",
+__all__ = ["RobustlabError", "InputError", "InputTypeError", "MissingFileError", "ConfigError", "DataError",
+           "CheckpointError", "AttackSpecError", "OptionError", "DeviceError", "RunExistsError", "ResumeError", "OutputError",
            "MissingDependencyError", "MetricError", "UnknownNameError", "IntegrityWarning"]

@@ -205,7 +205,10 @@ def test_ctrl_c_during_training_says_where_the_checkpoint_is(tmp_path):
                    "progress: false\n")
     proc = subprocess.Popen([sys.executable, "-m", "robustlab.cli.main", "train", "--config", str(cfg), "--out-dir",
                              str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # a shell without job control starts background jobs with SIGINT ignored, and Python then
+                            # keeps ignoring it: give the child the default disposition, as a terminal would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = tmp_path / "long" / "train_state.safetensors"
     deadline = time.time() + 300
     while not state.exists() and time.time() < deadline and proc.poll() is None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.detection.boxes import SSD300_COCO, SSD300_VOC, TINYSSD_96, make_priors
-from robustlab.errors import InputError
+from robustlab.errors import InputError, MissingFileError
 from robustlab.registry import MODELS
 
 VOC_MEAN_RGB = (123.0, 117.0, 104.0)
@@ -289,7 +289,7 @@ def load_imagenet_backbone(model: Detector, path: str | Path) -> list[str]:
     because torchvision weights expect (x/255 - m)/s while robustlab feeds x - 255*m. Returns the loaded keys."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"backbone weights {path} do not exist")
+        raise MissingFileError(f"backbone weights {path} do not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
