@@ -2,10 +2,12 @@
 
 `check_writable` creates the folder a result will go to and writes a probe file into it (permission bits say
 little when running as root or on a read-only mount; a real write says everything). `save_result` writes a
-result atomically and, if that still fails at the end of a long job, saves it in a fallback place and says where.
+result atomically (`atomic_write_bytes`: a temporary file and os.replace) and, if that still fails at the end of
+a long job, saves it in a fallback place and says where.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -52,4 +54,35 @@ def save_result(path: str | Path, write: Callable[[Path], None], *, what: str = 
     raise OutputError(f"cannot write the {what} to {path} ({reason}), nor to the current or temporary folder")
 
 
-__all__ = ["check_writable", "save_result"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and os.replace: readers see the old
+    file or the new one, never a part. The file gets 0666 minus the umask, like any other new file (mkstemp's
+    temporary file would otherwise leave it 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "check_writable", "save_result"]

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from robustlab.analysis import (
+from robustlab.analysis.label_metric import cifar10_wordnet, uniform_metric
+from robustlab.analysis.wpgd import (
     accuracy_gap,
     adversarial_confusion,
     confusion,
@@ -18,7 +19,6 @@ from robustlab.analysis import (
 )
 from robustlab.cli.main import main
 from robustlab.engine.checkpoint import save_model
-from robustlab.label_metric import cifar10_wordnet, uniform_metric
 
 
 class _ReadOut(nn.Module):
@@ -130,7 +130,7 @@ def test_analyze_cli(tmp_path, digits_mlp, capsys):
 
 
 def test_two_class_balanced_and_unbalanced_runs(tmp_path):
-    from robustlab.analysis import two_class
+    from robustlab.analysis.wpgd import two_class
 
     r = two_class(tmp_path / "tc.png", dataset="digits", pairs=[(3, 8)], ratio=0.3, eps=0.1, steps=2, epochs=2,
                   model="mlp", model_kwargs={"input_size": 8, "hidden": 32, "depth": 1}, out_dir=str(tmp_path / "runs"))
@@ -140,7 +140,7 @@ def test_two_class_balanced_and_unbalanced_runs(tmp_path):
 
 
 def test_toy_test_set_is_the_same_mixture():
-    from robustlab.analysis import toy_data
+    from robustlab.analysis.wpgd import toy_data
 
     xa, ya = toy_data(5)
     xb, yb = toy_data(5, sample_seed=99)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
@@ -26,7 +26,8 @@ class AttackOut:
     norms: per-sample perturbation norm in the attack's norm (minimal-perturbation attacks fill it,
     inf where the attack failed). forward/backward: image-passes spent (a batch of B counts B).
     threat: the threat model used for this batch when it depends on the batch (Pixel-AG's per-element budget
-    map); the evaluator checks x_adv against it instead of the attack's envelope.
+    map); the evaluator checks x_adv against it instead of the attack's envelope. stats: attack-specific
+    numbers for reports (DAG's fooled fraction, MDA's choices).
     """
 
     x_adv: Tensor
@@ -35,6 +36,7 @@ class AttackOut:
     forward: int = 0
     backward: int = 0
     threat: LpBall | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class PassCounter:
@@ -64,14 +66,16 @@ class PassCounter:
         self.backward += x.shape[0]
         return g
 
-    def loss_and_grad(self, x: Tensor, loss_fn, y: Tensor, target: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """logits, per-sample loss and its input gradient at x (one forward, one backward)."""
+    def loss_and_grad(self, x: Tensor, loss_fn, y: Tensor, target: Tensor | None = None) -> tuple[Any, Tensor, Tensor]:
+        """The model's output (logits; a detector's (loc, conf)), the per-sample loss and its input gradient at x
+        (one forward, one backward)."""
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = self.logits(x)
-            loss = loss_fn(logits, y, target)
+            out = self.logits(x)
+            loss = loss_fn(out, y, target)
             g = self.grad(loss.sum(), x)
-        return logits.detach(), loss.detach(), g.detach()
+        out = out.detach() if isinstance(out, Tensor) else tuple(o.detach() for o in out)
+        return out, loss.detach(), g.detach()
 
 
 BNMode = Literal["eval", "train"]
@@ -125,10 +129,13 @@ class Attack(ABC):
     """Base class. Subclasses set `name`, implement `_run(counter, x, y, generator) -> AttackOut`.
 
     Call as `attack(x, y) -> x_adv`, or `attack.run(x, y) -> AttackOut` for success flags, norms and passes.
-    Targeted attacks take `attack(x, y, target=t)`.
+    Targeted attacks take `attack(x, y, target=t)`. Classifier attacks take images in [0, 1] and int labels;
+    detection attacks (robustlab.detection.attacks) override `prepare`, `make_counter` and `success` for
+    pixel-scale images and box targets, and share everything else: the model state, the generator, the pass counting, the threat models.
     """
 
     name: ClassVar[str] = ""
+    task: ClassVar[str] = "classification"  # or "detection": what the attacked model is
     minimal: ClassVar[bool] = False  # minimal-perturbation attack: reports norms, eps optional
     supports_targeted: ClassVar[bool] = False
     # options every attack accepts that this one cannot use, with the reason (tests/unit/test_options.py)
@@ -163,6 +170,23 @@ class Attack(ABC):
 
     def run(self, x: Tensor, y: Tensor, target: Tensor | None = None, *, with_success: bool = True) -> AttackOut:
         """Run the attack. with_success=False skips the extra forward some attacks need for success flags."""
+        y, target = self.prepare(x, y, target)
+        x = x.detach()
+        # an attack object never changes the model it attacks: train-mode BatchNorm (bn_mode="train") would move
+        # the running statistics, so they are put back
+        keep = restored_buffers(self.model) if self.bn_mode == "train" else contextlib.nullcontext()
+        with keep, attack_mode(self.model, self.bn_mode):
+            counter = self.make_counter(y)
+            gen = make_generator(x.device, self.seed)
+            out = self._run(counter, x, y, target, gen)
+            if out.success is None and with_success:
+                out.success = self.success(counter, out.x_adv, y, target)
+        out.x_adv = out.x_adv.detach()
+        out.forward, out.backward = counter.forward, counter.backward
+        return out
+
+    def prepare(self, x: Tensor, y: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Check a call's inputs before any work; returns (y, target) as the attack uses them."""
         check_images(x)
         check_labels(y, x.shape[0])
         check_fits_model(self.model, x)
@@ -172,23 +196,17 @@ class Attack(ABC):
             check_labels(target, x.shape[0], name="target")
             if (target == y).any():
                 raise InputError("target equals the true label for some samples; a targeted attack needs target != y")
-        y = y.long()
-        target = target.long() if target is not None else None
-        x = x.detach()
-        # an attack object never changes the model it attacks: train-mode BatchNorm (bn_mode="train") would move
-        # the running statistics, so they are put back
-        keep = restored_buffers(self.model) if self.bn_mode == "train" else contextlib.nullcontext()
-        with keep, attack_mode(self.model, self.bn_mode):
-            counter = PassCounter(self.model, y_for_check=y)
-            gen = make_generator(x.device, self.seed)
-            out = self._run(counter, x, y, target, gen)
-            if out.success is None and with_success:
-                with torch.no_grad():
-                    pred = counter.logits(out.x_adv).argmax(1)
-                out.success = pred == target if target is not None else pred != y
-        out.x_adv = out.x_adv.detach()
-        out.forward, out.backward = counter.forward, counter.backward
-        return out
+        return y.long(), (target.long() if target is not None else None)
+
+    def make_counter(self, y: Tensor) -> PassCounter:
+        """The pass counter of one call; a classifier's first forward also checks the logits against the labels."""
+        return PassCounter(self.model, y_for_check=y)
+
+    def success(self, counter: PassCounter, x_adv: Tensor, y: Tensor, target: Tensor | None) -> Tensor | None:
+        """Per-sample success when `_run` left it open: fooled (untargeted) or the target reached (one forward)."""
+        with torch.no_grad():
+            pred = counter.logits(x_adv).argmax(1)
+        return pred == target if target is not None else pred != y
 
     @abstractmethod
     def _run(self, counter: PassCounter, x: Tensor, y: Tensor, target: Tensor | None, gen: torch.Generator) -> AttackOut:

@@ -4,6 +4,9 @@ Reference class = the clean prediction; candidates = the `num_classes` largest c
 iteration linearises all candidate boundaries (one backward per candidate) and steps to the closest,
 with overshoot 0.02; iterates are clipped to [0, 1]. Only samples not yet fooled are processed.
 
+Targeted (`attack.run(x, y, target=t)`): the reference class is y and the only candidate is t; a sample is done
+when the model predicts t (the visual label metric of WPGD, wpgd.md 1.1, is its mean distance per class pair).
+
 The adversary-critic paper's variant (critic.md 8.1) is `deepfool:steps=500,max_step=0.1,project=true`:
 each step's length is capped at max_step and the accumulated perturbation itself is projected so that
 x + (1 + overshoot) r stays in the box (instead of only clipping the iterate).
@@ -29,6 +32,7 @@ class DeepFool(Attack):
     name = "deepfool"
     no_op_options = {"seed": "deterministic: draws nothing at random (every attack takes a seed)"}
     minimal = True
+    supports_targeted = True
 
     def __init__(self, model: nn.Module, *, norm: str = "l2", steps: int = 50, overshoot: float = 0.02,
                  num_classes: int = 10, eps: float | None = None, max_step: float | None = None, project: bool = False,
@@ -57,12 +61,17 @@ class DeepFool(Attack):
     def _run(self, counter, x, y, target, gen):
         with torch.no_grad():
             clean = counter.logits(x)
-        k = min(self.num_classes, clean.shape[1])
-        cands = clean.topk(k, dim=1)[1]  # column 0 is the clean prediction l0
+        if target is None:
+            k = min(self.num_classes, clean.shape[1])
+            cands = clean.topk(k, dim=1)[1]  # column 0 is the clean prediction l0
+            active = clean.argmax(1) == y  # misclassified points keep r = 0
+        else:
+            k = 2
+            cands = torch.stack([y, target], 1)  # linearise z_t - z_y
+            active = clean.argmax(1) != target
         l0 = cands[:, 0]
         r_tot = torch.zeros_like(x)
         x_adv = x.clone()
-        active = clean.argmax(1) == y  # misclassified points keep r = 0
         for _ in range(self.steps):
             idx = active.nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -70,8 +79,8 @@ class DeepFool(Attack):
             xi = x_adv[idx].detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = counter.logits(xi)
-                lab = l0[idx]
-                still = logits.argmax(1) == lab
+                # still on the reference side (untargeted) or not yet at the target (targeted)
+                still = logits.argmax(1) == l0[idx] if target is None else logits.argmax(1) != target[idx]
                 z = logits.gather(1, cands[idx])  # (m, k)
                 f = z[:, 1:] - z[:, :1]
                 grads = [counter.grad(f[:, j].sum(), xi, retain_graph=j < k - 2) for j in range(k - 1)]
@@ -97,7 +106,7 @@ class DeepFool(Attack):
             active[idx] = still
         with torch.no_grad():
             pred = counter.logits(x_adv).argmax(1)
-        success = pred != y
+        success = pred != y if target is None else pred == target
         norms = per_sample_norm(x_adv - x, self._norm)
         if self.eps_value is not None:
             success &= norms <= self.eps_value

@@ -36,9 +36,13 @@ def pgd(
     generator: torch.Generator | None = None,
     init: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
 ) -> AttackOut:
-    """Pure PGD core: no mode handling, no validation. Loss gradients are of the per-sample sum.
+    """The one PGD loop of robustlab: no mode handling, no validation. Loss gradients are of the per-sample sum.
 
-    random_start draws x_0 with `threat.random_init`, or with `init(x, generator)` when given (Pixel-AG's start)."""
+    `loss_fn(output, y, target)` is the per-sample objective: y is what it compares against (labels; TRADES' clean
+    logits; a detector's padded targets) and the model's output may be anything loss_fn reads (a detector's
+    (loc, conf)). random_start draws x_0 with `threat.random_init`, or with `init(x, generator)` when given
+    (Pixel-AG's start, TRADES' small Gaussian). With restarts > 1 the output must be logits (success is a
+    misclassification)."""
     best_x = x.clone()
     best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
     best_success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)

@@ -19,7 +19,8 @@ def _data(args, extra):
 def _metric(spec: str, num_classes: int, models=None, x=None, y=None):
     """'uniform' | 'cifar10-wordnet' | a .npy/.csv file | 'visual' (from the first model, targeted DeepFool) |
     'visual-linear' (exact, for a one-Linear-layer model)."""
-    from robustlab.label_metric import get_metric, visual_metric
+    from robustlab.analysis.label_metric import get_metric
+    from robustlab.analysis.visual_metric import visual_metric
 
     if spec in ("visual", "visual-linear"):
         model = next(iter(models.values()))
@@ -44,7 +45,7 @@ def _num_classes(models) -> int:
 
 
 def cmd_gap(args) -> int:
-    from robustlab.analysis import accuracy_gap
+    from robustlab.analysis.wpgd import accuracy_gap
 
     if len(args.model) != 2:
         raise InputError("analyze gap takes exactly two models: --model CE=... --model PGD=...")
@@ -62,7 +63,7 @@ def cmd_gap(args) -> int:
 
 
 def cmd_entropy(args) -> int:
-    from robustlab.analysis import entropy_histograms
+    from robustlab.analysis.wpgd import entropy_histograms
 
     models, x, y = _setup(args)
     r = entropy_histograms(models, x, y, args.out, class_index=None if args.class_index < 0 else args.class_index)
@@ -71,7 +72,7 @@ def cmd_entropy(args) -> int:
 
 
 def cmd_tsne(args) -> int:
-    from robustlab.analysis import tsne_features
+    from robustlab.analysis.wpgd import tsne_features
 
     models, x, y = _setup(args)
     r = tsne_features(models, x, y, args.out, n_per_class=args.per_class, seed=args.seed)
@@ -80,7 +81,7 @@ def cmd_tsne(args) -> int:
 
 
 def cmd_toy(args) -> int:
-    from robustlab.analysis import toy3
+    from robustlab.analysis.wpgd import toy3
     from robustlab.utils import set_threads
 
     set_threads(args.threads)
@@ -92,7 +93,7 @@ def cmd_toy(args) -> int:
 
 
 def cmd_two_class(args) -> int:
-    from robustlab.analysis import two_class
+    from robustlab.analysis.wpgd import two_class
     from robustlab.attacks.spec import parse_spec
     from robustlab.registry import DATASETS
     from robustlab.utils import set_threads
@@ -112,7 +113,7 @@ def cmd_two_class(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from robustlab.analysis import weighted_score
+    from robustlab.analysis.wpgd import weighted_score
 
     models, x, y = _setup(args)
     metric = _metric(args.metric, _num_classes(models), models, x, y)
@@ -126,7 +127,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_directional(args) -> int:
-    from robustlab.analysis import directional
+    from robustlab.analysis.wpgd import directional
 
     models, x, y = _setup(args)
     directional(models, x, y, args.out, eps=args.eps, steps=args.steps)
@@ -137,7 +138,7 @@ def cmd_directional(args) -> int:
 def cmd_metric_wordnet(args) -> int:
     import numpy as np
 
-    from robustlab.label_metric import wordnet_metric
+    from robustlab.analysis.label_metric import wordnet_metric
 
     if not args.classes.exists():
         raise InputError(f"class list {args.classes} does not exist (one class per line)")
@@ -152,9 +153,9 @@ def cmd_metric_wordnet(args) -> int:
 def cmd_metric_visual(args) -> int:
     import numpy as np
 
+    from robustlab.analysis.visual_metric import visual_metric
     from robustlab.cli.common import load_eval_data
     from robustlab.engine.checkpoint import load_model
-    from robustlab.label_metric import visual_metric
     from robustlab.models import model_config
 
     model, extra = load_model(args.model, map_location="cpu")

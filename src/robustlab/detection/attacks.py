@@ -11,14 +11,13 @@ is touched. Calling an attack returns x_adv; `run` also returns pass counts and 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import attack_mode
+from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.attacks.pgd import pgd
 from robustlab.detection.boxes import box_iou, center_to_corner
 from robustlab.detection.evaluate import check_detection_images
 from robustlab.detection.loss import decompose
@@ -26,6 +25,7 @@ from robustlab.detection.objectives import Objective
 from robustlab.detection.targets import check_targets, match_targets
 from robustlab.errors import InputError
 from robustlab.registry import ATTACKS
+from robustlab.threat import LinfBall
 from robustlab.validation import check_positive, check_positive_int
 
 if TYPE_CHECKING:
@@ -34,16 +34,10 @@ if TYPE_CHECKING:
 PIXEL_MAX = 255.0
 
 
-@dataclass
-class DetAttackOut:
-    x_adv: Tensor
-    forward: int = 0  # image-passes
-    backward: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-class DetectionAttack(ABC):
-    """Base: validation, model state, and `__call__(x, targets) -> x_adv` in the classification attacks' style."""
+class DetectionAttack(Attack):
+    """Base of the detection attacks: an `Attack` on a robustlab detector, with pixel-scale images, padded box
+    targets in place of labels (`attack(x, targets) -> x_adv`) and an l_inf ball in [0, 255] as its threat model.
+    `run` returns an AttackOut without success flags (a detector is not "fooled" as a whole) but with `stats`."""
 
     task = "detection"
     name = ""
@@ -53,25 +47,24 @@ class DetectionAttack(ABC):
             raise InputError(f"{self.name} attacks detectors (robustlab SSD models); got {type(model).__name__}")
         if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
             raise InputError(f"eps must be a finite number >= 0 in pixel units (0-255 scale), got {eps!r}")
-        self.model = cast("Detector", model)  # checked above: a robustlab detector
-        self.eps = float(eps)
-        self.seed = seed
+        super().__init__(model, seed=seed)
+        self.detector = cast("Detector", model)  # checked above: a robustlab detector
+        self.threat = LinfBall(float(eps), box=(0.0, PIXEL_MAX))
 
-    def __call__(self, x: Tensor, targets: Tensor) -> Tensor:
-        return self.run(x, targets).x_adv
-
-    def run(self, x: Tensor, targets: Tensor) -> DetAttackOut:
+    def prepare(self, x: Tensor, y: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:
         check_detection_images(x)
-        check_targets(targets, self.model.num_classes)
-        if targets.shape[0] != x.shape[0]:
-            raise InputError(f"{x.shape[0]} images but {targets.shape[0]} target rows")
-        with attack_mode(self.model, "eval"):
-            out = self._run(x.detach(), targets.to(x.device))
-        return out
+        check_targets(y, self.detector.num_classes)
+        if y.shape[0] != x.shape[0]:
+            raise InputError(f"{x.shape[0]} images but {y.shape[0]} target rows")
+        if target is not None:
+            raise InputError(f"attack {self.name!r} has no targeted mode (detection attacks take box targets as y)")
+        return y.to(x.device), None
 
-    @abstractmethod
-    def _run(self, x: Tensor, targets: Tensor) -> DetAttackOut:
-        """The attack on validated inputs, with the model in eval mode and frozen parameters."""
+    def make_counter(self, y: Tensor) -> PassCounter:
+        return PassCounter(self.model)
+
+    def success(self, counter: PassCounter, x_adv: Tensor, y: Tensor, target: Tensor | None) -> Tensor | None:
+        return None
 
 
 def _detection_factory(f):
@@ -80,32 +73,21 @@ def _detection_factory(f):
     return f
 
 
-def _project(x: Tensor, delta: Tensor, eps: float) -> Tensor:
-    delta = delta.clamp(-eps, eps)
-    return (x + delta).clamp(0, PIXEL_MAX) - x
-
-
-def ascend(model: Detector, x: Tensor, targets: Tensor, objective: Objective, eps: float, alpha: float, steps: int,
-           random_start: bool = False, generator: torch.Generator | None = None,
-           matched: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, int]:
-    """Signed-gradient ascent of sum_b J_b within the L_inf ball of radius eps and [0, 255] (spec cwat.md 3.1).
-    Returns (x_adv, backward passes in images). The caller puts the model in eval mode."""
+def ascend(counter: PassCounter, x: Tensor, targets: Tensor, objective: Objective, threat: LinfBall, alpha: float,
+           steps: int, random_start: bool = False, generator: torch.Generator | None = None,
+           matched: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """Signed-gradient ascent of sum_b J_b within the threat's l_inf ball and [0, 255] box (spec cwat.md 3.1), on
+    the shared PGD loop. The caller puts the model (`counter.model`, a robustlab detector) in eval mode."""
+    model = cast("Detector", counter.model)
     matched = matched if matched is not None else match_targets(targets, model.priors)
-    k = model.num_classes
-    m = targets.shape[1]
-    if random_start:
-        delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
-        delta = _project(x, delta, eps)
-    else:
-        delta = torch.zeros_like(x)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        with torch.enable_grad():
-            loc, conf = model(x + delta)
-            j = objective(decompose(loc, conf, targets, model.priors, matched), k, m).sum()
-            (g,) = torch.autograd.grad(j, delta)
-        delta = _project(x, delta.detach() + alpha * g.sign(), eps)  # sign(0) = 0: zero-gradient pixels stay
-    return (x + delta).detach(), steps * x.shape[0]
+    k, m = model.num_classes, targets.shape[1]
+
+    def objective_of(out: tuple[Tensor, Tensor], t: Tensor, _target: Tensor | None) -> Tensor:
+        return objective(decompose(out[0], out[1], t, model.priors, matched), k, m)
+
+    # sign(0) = 0 in the l_inf step: zero-gradient pixels stay
+    return pgd(counter, x, targets, threat=threat, loss_fn=objective_of, steps=steps, step_size=alpha,
+               random_start=random_start, generator=generator).x_adv.detach()
 
 
 class DetPGD(DetectionAttack):
@@ -119,24 +101,29 @@ class DetPGD(DetectionAttack):
                  cwa_scope: str = "image", seed: int = 0) -> None:
         super().__init__(model, eps, seed)
         check_positive_int(steps, "steps")
-        self.alpha = self.eps / 4 if alpha is None else float(alpha)  # spec DECISION: eps/4 (= 2 at eps 8)
+        self.alpha = float(eps) / 4 if alpha is None else float(alpha)  # spec DECISION: eps/4 (= 2 at eps 8)
         check_positive(self.alpha, "alpha", allow_zero=True)
         self.steps = steps
         self.random_start = random_start
         self.objective = Objective(objective, float(beta_cls), float(beta_reg), float(beta_o), granularity,
                                    attack_negatives, cwa_scope)
 
-    def _run(self, x: Tensor, targets: Tensor) -> DetAttackOut:
-        gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        x_adv, bwd = ascend(self.model, x, targets, self.objective, self.eps, self.alpha, self.steps,
-                            self.random_start, gen)
-        return DetAttackOut(x_adv, forward=bwd, backward=bwd, stats={"max_abs_delta": float((x_adv - x).abs().max())})
+    def _run(self, counter, x, y, target, gen):
+        x_adv = ascend(counter, x, y, self.objective, cast(LinfBall, self.threat), self.alpha, self.steps,
+                       self.random_start, gen)
+        return AttackOut(x_adv, None, stats={"max_abs_delta": float((x_adv - x).abs().max())})
 
 
-def _variant(model: nn.Module, name: str, **kwargs: Any) -> DetPGD:
-    a = DetPGD(model, **kwargs)
-    a.name = name
-    return a
+class DetFGSM(DetPGD):
+    name = "det-fgsm"
+
+
+class OWA(DetPGD):
+    name = "owa"
+
+
+class CWA(DetPGD):
+    name = "cwa"
 
 
 @ATTACKS.register("det-pgd")
@@ -150,21 +137,21 @@ def det_pgd(model: nn.Module, **kwargs: Any) -> DetPGD:
 @_detection_factory
 def det_fgsm(model: nn.Module, objective: str = "cls", eps: float = 8.0, **kwargs: Any) -> DetPGD:
     """Detector FGSM (Goodfellow et al. 2015): one signed step of size eps on an objective (cls = A_cls, ...)."""
-    return _variant(model, "det-fgsm", objective=objective, eps=eps, alpha=eps, steps=1, **kwargs)
+    return DetFGSM(model, objective=objective, eps=eps, alpha=eps, steps=1, **kwargs)
 
 
 @ATTACKS.register("owa")
 @_detection_factory
 def owa(model: nn.Module, beta_o: float = 6.0, steps: int = 10, **kwargs: Any) -> DetPGD:
     """Object-wise attack (Chen et al., CVPR 2021, eq. 10-11): PGD on per-object losses clipped at beta_o."""
-    return _variant(model, "owa", objective="owa", beta_o=beta_o, steps=steps, **kwargs)
+    return OWA(model, objective="owa", beta_o=beta_o, steps=steps, **kwargs)
 
 
 @ATTACKS.register("cwa")
 @_detection_factory
 def cwa(model: nn.Module, beta_o: float = 6.0, steps: int = 10, **kwargs: Any) -> DetPGD:
     """Class-wise attack (Chen et al., CVPR 2021, eq. 12): clipped object losses averaged per class, then over classes."""
-    return _variant(model, "cwa", objective="cwa", beta_o=beta_o, steps=steps, **kwargs)
+    return CWA(model, objective="cwa", beta_o=beta_o, steps=steps, **kwargs)
 
 
 class MDA(DetectionAttack):
@@ -177,21 +164,19 @@ class MDA(DetectionAttack):
                  random_start: bool = False, seed: int = 0) -> None:
         super().__init__(model, eps, seed)
         check_positive_int(steps, "steps")
-        self.alpha = self.eps / 4 if alpha is None else float(alpha)
+        self.alpha = float(eps) / 4 if alpha is None else float(alpha)
         self.steps = steps
         self.random_start = random_start
 
-    def _run(self, x: Tensor, targets: Tensor) -> DetAttackOut:
-        gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        matched = match_targets(targets, self.model.priors)
-        args = (self.eps, self.alpha, self.steps, self.random_start, gen, matched)
-        x_cls, b1 = ascend(self.model, x, targets, Objective("cls"), *args)
-        x_reg, b2 = ascend(self.model, x, targets, Objective("reg"), *args)
-        pick_cls, _ = select_by_total_loss(self.model, x_cls, x_reg, targets, matched)
+    def _run(self, counter, x, y, target, gen):
+        matched = match_targets(y, self.detector.priors)
+        args = (cast(LinfBall, self.threat), self.alpha, self.steps, self.random_start, gen, matched)
+        x_cls = ascend(counter, x, y, Objective("cls"), *args)
+        x_reg = ascend(counter, x, y, Objective("reg"), *args)
+        pick_cls, _ = select_by_total_loss(self.detector, x_cls, x_reg, y, matched)
+        counter.forward += 2 * x.shape[0]
         x_adv = torch.where(pick_cls[:, None, None, None], x_cls, x_reg)
-        n = x.shape[0]
-        return DetAttackOut(x_adv, forward=b1 + b2 + 2 * n, backward=b1 + b2,
-                            stats={"chose_cls": float(pick_cls.float().mean())})
+        return AttackOut(x_adv, None, stats={"chose_cls": float(pick_cls.float().mean())})
 
 
 @torch.no_grad()
@@ -247,9 +232,9 @@ class DAG(DetectionAttack):
                     out[i, c] = others[int(torch.randint(len(others), (), generator=gen))]
         return out
 
-    def _run(self, x: Tensor, targets: Tensor) -> DetAttackOut:
-        model = self.model
-        gen = torch.Generator().manual_seed(self.seed)
+    def _run(self, counter, x, y, target, _gen):
+        model, targets, eps = self.detector, y, float(cast(LinfBall, self.threat).eps)
+        gen = torch.Generator().manual_seed(self.seed)  # the class map is drawn on the host
         b, p = x.shape[0], model.priors.shape[0]
         valid = (targets[..., 4] >= 0) & (targets[..., 5] <= 0)
         iou = box_iou(targets[..., :4], center_to_corner(model.priors)[None].expand(b, p, 4))  # (B, M, P)
@@ -289,18 +274,20 @@ class DAG(DetectionAttack):
             scale = g.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
             step = torch.where(done.view(-1, 1, 1, 1), torch.zeros_like(g), self.gamma * g / scale)
             r = r + step
-            if self.eps > 0:
-                r = r.clamp(-self.eps, self.eps)
+            if eps > 0:
+                r = r.clamp(-eps, eps)
             iters += (~done).long()
         x_adv = (x + r).clamp(0, PIXEL_MAX).detach()
         with torch.no_grad():
             true_after = (is_target & (model(x_adv)[1].argmax(-1) == true)).sum() / n_targets
-        return DetAttackOut(x_adv, forward=fwd + b, backward=bwd,
-                            stats={"targets_per_image": float(is_target.sum(1).float().mean()),
-                                   "targets_true_before": float(true_before), "targets_true_after": float(true_after),
-                                   "fooled_fraction": float(done.float().mean()),
-                                   "mean_iterations": float(iters.float().mean()),
-                                   "max_abs_delta": float((x_adv - x).abs().max())})
+        counter.forward += fwd + b
+        counter.backward += bwd
+        return AttackOut(x_adv, None, stats={"targets_per_image": float(is_target.sum(1).float().mean()),
+                                             "targets_true_before": float(true_before),
+                                             "targets_true_after": float(true_after),
+                                             "fooled_fraction": float(done.float().mean()),
+                                             "mean_iterations": float(iters.float().mean()),
+                                             "max_abs_delta": float((x_adv - x).abs().max())})
 
 
 @ATTACKS.register("dag")

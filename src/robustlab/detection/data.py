@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from robustlab.detection.folders import VOC_CLASSES, Record, read_coco, read_voc
 from robustlab.detection.mnistdet import MnistDetConfig
 from robustlab.detection.targets import pad_targets
 from robustlab.errors import DataError
@@ -74,19 +74,6 @@ class SubsetSource(DetSource):
 
     def original_size(self, i: int) -> tuple[int, int]:
         return self.source.original_size(int(self.indices[i]))
-
-
-@dataclass
-class Record:
-    """One annotated image file: boxes in original pixels (corner form), labels 0..K-1, difficult flags."""
-
-    path: Path
-    width: int
-    height: int
-    boxes: np.ndarray
-    labels: np.ndarray
-    difficult: np.ndarray
-    image_id: Any = None
 
 
 class FileSource(DetSource):
@@ -197,8 +184,6 @@ def mnist_det(preset: str = "voc", n_train: int = 2000, n_test: int = 500, image
 
 mnist_det.forwards_options_to = (MnistDetConfig,)  # type: ignore[attr-defined]  # generator settings
 
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 VOC_MEAN = (123.0, 117.0, 104.0)
 
 
@@ -206,8 +191,6 @@ VOC_MEAN = (123.0, 117.0, 104.0)
 def voc(root: str | None = None, train_sets: Sequence[str] = ("2007/trainval", "2012/trainval"),
         test_set: str = "2007/test", image_size: int = 300) -> DetData:
     """PASCAL VOC from a local copy: root/VOC2007, root/VOC2012 (07+12 trainval -> 07 test by default)."""
-    from robustlab.detection.folders import read_voc
-
     if root is None:
         raise DataError("the voc dataset needs root=<folder holding VOC2007/ and VOC2012/> (dataset_kwargs.root)")
     train = [r for s in train_sets for r in read_voc(root, s, keep_difficult=False)]
@@ -220,8 +203,6 @@ def voc(root: str | None = None, train_sets: Sequence[str] = ("2007/trainval", "
 def coco(root: str | None = None, train_split: str = "train2017", test_split: str = "val2017",
          image_size: int = 300) -> DetData:
     """MS-COCO from a local copy: root/{train2017,val2017}/ and root/annotations/instances_*.json."""
-    from robustlab.detection.folders import read_coco
-
     if root is None:
         raise DataError("the coco dataset needs root=<folder holding train2017/, val2017/, annotations/>")
     train, names, ids = read_coco(root, train_split, training=True)

@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from robustlab.data.files import DataError
-from robustlab.detection.data import VOC_CLASSES, Record
+from robustlab.errors import DataError
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+@dataclass
+class Record:
+    """One annotated image file: boxes in original pixels (corner form), labels 0..K-1, difficult flags."""
+
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    difficult: np.ndarray
+    image_id: Any = None
 
 
 def _voc_object(obj: ET.Element, xml_path: Path, width: int, height: int):

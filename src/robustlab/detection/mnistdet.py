@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from robustlab.engine.checkpoint import atomic_write_bytes
 from robustlab.errors import DataError
+from robustlab.outputs import atomic_write_bytes
 
 GENERATOR_VERSION = 1
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,39 +16,9 @@ import torch
 from torch import nn
 
 from robustlab.errors import CheckpointError, InputError
+from robustlab.outputs import atomic_write_bytes
 
 FORMAT = "robustlab-model-v1"
-
-
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace: readers see the old
-    file or the new one, never a part. The file gets 0666 minus the umask, like any other new file (mkstemp's
-    temporary file would otherwise leave it 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.data import ImageData, load_dataset, select_classes
-from robustlab.engine.checkpoint import atomic_write_bytes, atomic_write_text, save_model, tensors_sha256, verify_sha256
+from robustlab.engine.checkpoint import save_model, tensors_sha256, verify_sha256
 from robustlab.engine.config import TrainConfig, validation_count
 from robustlab.errors import CheckpointError, ConfigError, DataError, ResumeError, RunExistsError
 from robustlab.methods import Batch, LossOut, StepContext, create_method
 from robustlab.models import create_model
+from robustlab.outputs import atomic_write_bytes, atomic_write_text
 from robustlab.registry import MODELS
 from robustlab.utils import mix_seed, progress_bar
 from robustlab.validation import check_device
@@ -322,7 +323,7 @@ class Trainer:
             if spec:
                 row.update(eval_robust=r["attacks"][spec]["map"], eval_attack=spec)
             return row
-        from robustlab import evaluate
+        from robustlab.engine.evaluator import evaluate
 
         spec = self.cfg.eval_attack or self.default_eval_attack()
         x, y = self.validation if self.validation is not None else (self.data.x_test, self.data.y_test)

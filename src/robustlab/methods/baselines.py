@@ -212,21 +212,22 @@ class TRADES(_Adversarial):
         return {**super().describe(), "beta": self.beta}
 
     def _inner(self, model, x, ctx, loss_of_logits):
+        """The shared PGD loop on loss_of_logits(logits, clean logits), started at x + N(0, 0.001^2) as the TRADES and
+        MART codes (then clipped: the reference codes do not clip here; [0, 1] is robustlab's domain)."""
         model = ctx.attacked(model)
         threat, f = self.batch_threat(model, x, ctx)
+
+        def start(x: Tensor, gen: torch.Generator | None) -> Tensor:
+            return threat.clip(x + 0.001 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype))
+
         with attack_mode(model):
             counter = PassCounter(model)
             with torch.no_grad():
-                target = counter.logits(x)
-            noise = 0.001 * torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
-            x_adv = (x + noise).clamp(0, 1)  # the reference does not clip here; [0,1] is robustlab's domain
-            for _ in range(self.steps):
-                xg = x_adv.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    g = counter.grad(loss_of_logits(counter.logits(xg), target).sum(), xg)
-                x_adv = threat.step(x_adv, g, f * self.step_size, x)
+                clean = counter.logits(x)
+            out = pgd(counter, x, clean, threat=threat, loss_fn=lambda logits, t, _target: loss_of_logits(logits, t),
+                      steps=self.steps, step_size=f * self.step_size, generator=ctx.generator, init=start)
         _attack_passes(ctx, counter)
-        return x_adv.detach()
+        return out.x_adv.detach()
 
     def loss(self, model, batch, ctx):
         x_adv = self._inner(model, batch.x, ctx, lambda logits, t: _kl_sum(t, logits))

@@ -15,14 +15,15 @@ import math
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import attack_mode
-from robustlab.detection.attacks import ascend, select_by_total_loss
+from robustlab.attacks.base import PassCounter, attack_mode
+from robustlab.detection.attacks import PIXEL_MAX, ascend, select_by_total_loss
 from robustlab.detection.loss import decompose, multibox_loss
 from robustlab.detection.objectives import Objective
 from robustlab.detection.targets import match_targets
 from robustlab.errors import InputError
 from robustlab.methods.base import LossOut, Method, PersistentDelta
 from robustlab.registry import METHODS
+from robustlab.threat import LinfBall
 from robustlab.validation import check_positive, check_positive_int
 
 
@@ -59,6 +60,7 @@ class _DetPGDMethod(Method):
                  beta_o: float = 6.0, granularity: str = "anchor", attack_negatives: str = "none",
                  cwa_scope: str = "image") -> None:
         self.eps = _check_eps(eps)
+        self.threat = LinfBall(self.eps, box=(0.0, PIXEL_MAX))
         self.alpha = self.eps / 4 if alpha is None else float(alpha)
         check_positive(self.alpha, "alpha", allow_zero=True)
         check_positive_int(steps, "steps")
@@ -74,9 +76,10 @@ class _DetPGDMethod(Method):
     def adversarial(self, model, x: Tensor, targets: Tensor, ctx) -> tuple[Tensor, dict]:
         net = ctx.attacked(model)
         with attack_mode(net, "eval"):
-            x_adv, bwd = ascend(net, x, targets, self.objective, self.eps, self.alpha, self.steps, self.random_start,
-                                ctx.generator)
-        ctx.passes[1] += bwd
+            counter = PassCounter(net)
+            x_adv = ascend(counter, x, targets, self.objective, self.threat, self.alpha, self.steps, self.random_start,
+                           ctx.generator)
+        ctx.passes[1] += counter.backward
         return x_adv, {}
 
     def loss(self, model, batch, ctx):
@@ -148,12 +151,13 @@ class MTD(_DetPGDMethod):
     def adversarial(self, model, x, targets, ctx):
         net = ctx.attacked(model)
         with attack_mode(net, "eval"):
+            counter = PassCounter(net)
             matched = match_targets(targets, net.priors)
-            args = (self.eps, self.alpha, self.steps, self.random_start, ctx.generator, matched)
-            x_cls, b1 = ascend(net, x, targets, Objective("cls"), *args)
-            x_reg, b2 = ascend(net, x, targets, Objective("reg"), *args)
+            args = (self.threat, self.alpha, self.steps, self.random_start, ctx.generator, matched)
+            x_cls = ascend(counter, x, targets, Objective("cls"), *args)
+            x_reg = ascend(counter, x, targets, Objective("reg"), *args)
             pick_cls, _ = select_by_total_loss(net, x_cls, x_reg, targets, matched)
-        ctx.passes[1] += b1 + b2
+        ctx.passes[1] += counter.backward
         return torch.where(pick_cls[:, None, None, None], x_cls, x_reg), {"chose_cls": pick_cls.float().mean()}
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.label_metric import get_metric, metric_power
+from robustlab.analysis.label_metric import get_metric, metric_power
 from robustlab.losses.wasserstein import WassersteinAttackLoss
 from robustlab.methods.base import LossOut
 from robustlab.methods.baselines import _Adversarial

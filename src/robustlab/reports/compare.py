@@ -13,8 +13,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from robustlab.engine.checkpoint import atomic_write_text
 from robustlab.errors import InputError
+from robustlab.outputs import atomic_write_text
 
 
 def compare_models(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, specs: list[str], *,

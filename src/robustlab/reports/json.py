@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from robustlab.engine.checkpoint import atomic_write_bytes
+from robustlab.outputs import atomic_write_bytes
 
 
 def _clean(obj: Any) -> Any:

@@ -5,7 +5,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from robustlab.engine.checkpoint import atomic_write_text
+from robustlab.outputs import atomic_write_text
 
 
 def comparison_table(results: dict[str, dict[str, Any]]) -> str:

@@ -1,12 +1,14 @@
-"""l_inf, l_2 and l_1 balls intersected with the [0, 1] box (spec mng_ac.md section 1, baselines.md section 1).
+"""l_inf, l_2 and l_1 balls intersected with the input box (spec mng_ac.md section 1, baselines.md section 1).
 
 A threat model owns everything norm-specific: random init inside the set, the steepest-ascent step,
 the projection, membership and the distance. Attacks are optimisers written against this interface,
 so there is no `if norm == ...` in attack code.
 
-All methods work in input space: `x` is the clean batch (N, C, H, W) in [0, 1], `x_adv` a candidate.
+All methods work in input space: `x` is the clean batch (N, C, H, W) in the box, `x_adv` a candidate.
 Budgets are tensors broadcastable to the input: a scalar, per sample (N,) or (N, 1, 1, 1), or (l_inf
-only) per pixel (N, C, H, W) or (C, H, W).
+only) per pixel (N, C, H, W) or (C, H, W). The box is [0, 1] (classifiers' inputs) unless given: detectors
+take pixel-scale [0, 255] inputs (`LinfBall(8.0, box=(0, 255))`), and an unbounded box (-inf, inf) serves
+inputs that are not images (the WPGD toy problem in the plane).
 """
 from __future__ import annotations
 
@@ -44,14 +46,18 @@ def _view(t: Tensor, x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class LpBall(ABC):
-    """Base class: an l_p ball of radius `eps` around x, intersected with [0, 1]^d."""
+    """Base class: an l_p ball of radius `eps` around x, intersected with the box [lo, hi]^d (default [0, 1])."""
 
     eps: float | Tensor
+    box: tuple[float, float] = (0.0, 1.0)
     norm: ClassVar[str] = ""
     per_pixel_ok: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_eps(self.eps)
+        lo, hi = self.box
+        if not lo < hi:
+            raise InputError(f"the input box must have lo < hi, got {self.box}")
         if isinstance(self.eps, Tensor) and self.eps.dim() == 4 and self.eps.shape[1:].numel() > 1 and not self.per_pixel_ok:
             raise InputError(f"{self.norm} budgets are per sample; got a per-pixel eps of shape {tuple(self.eps.shape)}")
 
@@ -93,8 +99,9 @@ class LpBall(ABC):
         return per_sample_norm(x_adv - x, self.norm)
 
     def contains(self, x_adv: Tensor, x: Tensor, tol: float = 1e-5) -> Tensor:
-        """Per-sample bool: inside the ball (relative+absolute tolerance) and inside [0, 1]."""
-        in_box = (x_adv.flatten(1).amin(1) >= -tol) & (x_adv.flatten(1).amax(1) <= 1 + tol)
+        """Per-sample bool: inside the ball (relative+absolute tolerance) and inside the box."""
+        lo, hi = self.box
+        in_box = (x_adv.flatten(1).amin(1) >= lo - tol) & (x_adv.flatten(1).amax(1) <= hi + tol)
         if self.norm == "linf" and isinstance(self.eps, Tensor) and self.eps_like(x).dim() and self.eps_like(x).numel() > x.shape[0]:
             eps = self.eps_like(x)
             in_ball = ((x_adv - x).abs() <= eps * (1 + tol) + tol).flatten(1).all(1)
@@ -119,8 +126,9 @@ class LpBall(ABC):
         """One projected steepest-ascent step: Proj(x_adv + step_size * direction(grad))."""
         return self.project(x_adv + step_size * self.ascent_direction(grad, x_adv, x), x)
 
-    def _box(self, x_adv: Tensor) -> Tensor:
-        return x_adv.clamp(0.0, 1.0)
+    def clip(self, x_adv: Tensor) -> Tensor:
+        """x_adv clamped to the box."""
+        return x_adv.clamp(*self.box)
 
 
 @dataclass(frozen=True)
@@ -133,7 +141,7 @@ class LinfBall(LpBall):
     def __post_init__(self) -> None:
         super().__post_init__()
         largest = float(self.eps.max()) if isinstance(self.eps, Tensor) and self.eps.numel() else self.eps
-        if isinstance(largest, (int, float)) and largest > 1:
+        if isinstance(largest, (int, float)) and largest > 1 and self.box == (0.0, 1.0):
             # inputs live in [0, 1]: an l_inf budget above 1 is almost always a pixel-unit budget (8 for 8/255)
             raise InputError(f"l_inf eps {largest:g} is larger than the [0, 1] input range; budgets are in the "
                              f"input's unit, so eps={largest:g} is probably meant as {largest:g}/255 "
@@ -142,11 +150,11 @@ class LinfBall(LpBall):
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         eps = self.eps_like(x)
         delta = torch.clamp(x_adv - x, min=-eps, max=eps)
-        return torch.clamp(x + delta, 0.0, 1.0)
+        return self.clip(x + delta)
 
     def random_init(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return torch.clamp(x + (2 * u - 1) * self.eps_like(x), 0.0, 1.0)
+        return self.clip(x + (2 * u - 1) * self.eps_like(x))
 
     def ascent_direction(self, grad: Tensor, x_adv: Tensor | None = None, x: Tensor | None = None) -> Tensor:
         return grad.sign()
@@ -167,24 +175,25 @@ class L2Ball(LpBall):
         eps = self.eps_like(x)
         delta = x_adv - x
         if self.l2_proj == "exact":
-            return x + _exact_l2_box_projection(delta, x, eps)
+            return x + _exact_l2_box_projection(delta, x, eps, self.box)
         norm = _view(delta.flatten(1).norm(dim=1), x)
         factor = torch.clamp(eps / norm.clamp_min(_TINY), max=1.0)
-        return torch.clamp(x + delta * factor, 0.0, 1.0)
+        return self.clip(x + delta * factor)
 
     def random_init(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         n = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         n = n / _view(n.flatten(1).norm(dim=1).clamp_min(_TINY), x)
         r = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
-        return torch.clamp(x + n * _view(r, x) * self.eps_like(x), 0.0, 1.0)
+        return self.clip(x + n * _view(r, x) * self.eps_like(x))
 
     def ascent_direction(self, grad: Tensor, x_adv: Tensor | None = None, x: Tensor | None = None) -> Tensor:
         return grad / _view(grad.flatten(1).norm(dim=1).clamp_min(_TINY), grad)
 
 
-def _exact_l2_box_projection(v: Tensor, x: Tensor, eps: Tensor, iters: int = 40) -> Tensor:
-    """argmin ||d - v||_2 s.t. ||d||_2 <= eps, 0 <= x + d <= 1: d = clamp(v/(1+lam), -x, 1-x), bisection on lam."""
-    lo_box, hi_box = -x, 1 - x
+def _exact_l2_box_projection(v: Tensor, x: Tensor, eps: Tensor, box: tuple[float, float] = (0.0, 1.0),
+                              iters: int = 40) -> Tensor:
+    """argmin ||d - v||_2 s.t. ||d||_2 <= eps, lo <= x + d <= hi: d = clamp(v/(1+lam), lo-x, hi-x), bisection on lam."""
+    lo_box, hi_box = box[0] - x, box[1] - x
     clipped = torch.maximum(torch.minimum(v, hi_box), lo_box)
     eps_s = eps.expand(x.shape[0], *([1] * (x.dim() - 1))) if eps.dim() else eps
     inside = _view(clipped.flatten(1).norm(dim=1), x) <= eps_s
@@ -253,7 +262,7 @@ class L1Ball(LpBall):
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         eps = self.eps_like(x)
         eps = eps.flatten() if eps.dim() else eps
-        return torch.clamp(x + project_l1_ball(x_adv - x, eps), 0.0, 1.0)
+        return self.clip(x + project_l1_ball(x_adv - x, eps))
 
     def random_init(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         # Laplace direction (inverse-CDF sampling so the generator is honoured), scaled to radius r*eps.
@@ -261,12 +270,13 @@ class L1Ball(LpBall):
         lap = -u.sign() * torch.log1p(-2 * u.abs().clamp(max=0.5 - 1e-7))
         lap = lap / _view(lap.flatten(1).abs().sum(1).clamp_min(_TINY), x)
         r = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
-        return torch.clamp(x + lap * _view(r, x) * self.eps_like(x), 0.0, 1.0)
+        return self.clip(x + lap * _view(r, x) * self.eps_like(x))
 
     def ascent_direction(self, grad: Tensor, x_adv: Tensor | None = None, x: Tensor | None = None) -> Tensor:
         g = grad
         if self.mask_saturated and x_adv is not None:
-            g = torch.where(((x_adv <= 0) & (g < 0)) | ((x_adv >= 1) & (g > 0)), torch.zeros_like(g), g)
+            lo, hi = self.box
+            g = torch.where(((x_adv <= lo) & (g < 0)) | ((x_adv >= hi) & (g > 0)), torch.zeros_like(g), g)
         flat = g.flatten(1)
         a = flat.abs()
         t = _quantile_linear(a, self.q)

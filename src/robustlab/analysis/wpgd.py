@@ -23,8 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab.analysis.label_metric import check_metric
+from robustlab.attacks.base import PassCounter, attack_mode
+from robustlab.attacks.pgd import pgd
 from robustlab.errors import InputError
-from robustlab.label_metric import check_metric
+from robustlab.threat import L2Ball
 
 
 def _write(path: str | Path, fig, data: dict[str, Any]) -> Path:
@@ -188,24 +191,18 @@ def toy_data(seed: int = 0, n_per_class: int = 300, sigma: float = 0.3, sample_s
 
 
 def _toy_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, loss_fn, steps: int = 10) -> Tensor:
-    """l_2 PGD in the plane (no box: the toy inputs are unbounded), gradient normalised, projection on the ball."""
+    """l_2 PGD in the plane (no box: the toy inputs are unbounded) from x, step 2.5 eps / steps, on the shared loop."""
     if eps == 0:
         return x
-    delta = torch.zeros_like(x)
-    alpha = 2.5 * eps / steps
-    for _ in range(steps):
-        d = delta.clone().requires_grad_(True)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(loss_fn(model(x + d), y).sum(), d)
-        delta = delta + alpha * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        delta = delta * (eps / delta.norm(dim=1, keepdim=True).clamp_min(eps))
-    return (x + delta).detach()
+    threat = L2Ball(eps, box=(-math.inf, math.inf))
+    return pgd(PassCounter(model), x, y, threat=threat, loss_fn=lambda logits, y, _t: loss_fn(logits, y), steps=steps,
+               step_size=2.5 * eps / steps, random_start=False).x_adv.detach()
 
 
 def train_toy(kind: str, eps: float, x: Tensor, y: Tensor, seed: int = 0, epochs: int = 2000, p: float = 1.0,
               lr: float = 1e-3) -> nn.Module:
     """MLP 2-64-64-3 (ReLU), Adam, full batch; kind: ce | pgd (CE inner loss) | wpgd (Wasserstein inner loss)."""
-    from robustlab.label_metric import metric_power
+    from robustlab.analysis.label_metric import metric_power
     from robustlab.losses import ce_loss
     from robustlab.losses.wasserstein import WassersteinAttackLoss
 
@@ -309,8 +306,6 @@ def adversarial_confusion(model: nn.Module, x: Tensor, y: Tensor, *, eps: float,
                           cost: Tensor | None = None, seed: int = 0, batch_size: int = 500) -> Tensor:
     """Row-normalised confusion matrix on adversarial test images: l_inf PGD (uniform start, step 2.5 eps/steps)
     maximising the Wasserstein loss under `cost` (the attacker knows the metric), or CE when cost is None."""
-    from robustlab.attacks.base import PassCounter, attack_mode
-    from robustlab.attacks.pgd import pgd
     from robustlab.losses import ce_loss
     from robustlab.losses.wasserstein import WassersteinAttackLoss
     from robustlab.threat import make_threat
@@ -335,7 +330,7 @@ def weighted_score(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, metric
                    class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """S = sum_ij C_ij M_ij per model (M: adversarial confusion under the Wasserstein attack with C ** attack_p),
     reported relative to `reference` (default: the first model). Lower S: the mistakes land on nearer classes."""
-    from robustlab.label_metric import metric_power
+    from robustlab.analysis.label_metric import metric_power
     from robustlab.reports.plots import _plt
 
     k = metric.shape[0]
