@@ -12,7 +12,10 @@ from robustlab.attacks.base import PassCounter
 from robustlab.engine.config import TrainConfig
 from robustlab.engine.trainer import lr_factor
 from robustlab.methods import Batch, StepContext, create_method
-from robustlab.methods.multi_norm import MultiNormAttacks, NoiseGenerator, fit_noise, js_divergence, msd_attack
+from robustlab.methods.mng_ac import NoiseGenerator
+from robustlab.methods.msd import msd_attack
+from robustlab.methods.multi_norm import MultiNormAttacks
+from robustlab.methods.sat import fit_noise, js_divergence
 from robustlab.threat import make_threat, per_sample_norm
 from robustlab.threat.lp import l1_threshold, project_l1_ball
 from tests.conftest import TinyCNN

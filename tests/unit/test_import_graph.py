@@ -13,8 +13,9 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 # Lowest first. A module belongs to the longest prefix listed; imports may go to the same or a lower layer.
 LAYERS: list[tuple[str, ...]] = [
     ("robustlab.errors",),
-    ("robustlab.utils", "robustlab.validation", "robustlab.registry", "robustlab.outputs", "robustlab.types"),
+    ("robustlab.utils", "robustlab.validation", "robustlab.registry", "robustlab.outputs"),
     ("robustlab.threat",),
+    ("robustlab.types",),  # the records passed between parts (AttackOut names its threat model)
     ("robustlab.losses", "robustlab.data", "robustlab.models", "robustlab.analysis.label_metric"),
     ("robustlab.attacks",),
     ("robustlab.analysis.visual_metric",),  # a label metric measured with targeted DeepFool

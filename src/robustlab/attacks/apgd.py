@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.attacks.base import Attack, PassCounter
 from robustlab.errors import InputError
 from robustlab.losses import ce_loss, dlr_loss, dlr_targeted_loss
 from robustlab.registry import ATTACKS
 from robustlab.threat import LpBall, make_threat
+from robustlab.types import AttackOut
 from robustlab.validation import check_positive_int
 
 _TINY = 1e-12

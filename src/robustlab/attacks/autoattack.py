@@ -14,12 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from robustlab.attacks.apgd import APGD, APGDT
-from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.attacks.base import Attack, PassCounter
 from robustlab.attacks.fab import FAB
 from robustlab.attacks.square import Square
 from robustlab.errors import InputError, MissingDependencyError
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat
+from robustlab.types import AttackOut
 from robustlab.validation import check_choice
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
@@ -16,27 +15,8 @@ from torch import Tensor, nn
 
 from robustlab.errors import InputError, InputTypeError
 from robustlab.threat import LpBall
+from robustlab.types import AttackOut
 from robustlab.validation import check_fits_model, check_images, check_labels, check_logits
-
-
-@dataclass
-class AttackOut:
-    """x_adv (N, C, H, W) in [0, 1]; success: model fooled (untargeted) or target reached (targeted).
-
-    norms: per-sample perturbation norm in the attack's norm (minimal-perturbation attacks fill it,
-    inf where the attack failed). forward/backward: image-passes spent (a batch of B counts B).
-    threat: the threat model used for this batch when it depends on the batch (Pixel-AG's per-element budget
-    map); the evaluator checks x_adv against it instead of the attack's envelope. stats: attack-specific
-    numbers for reports (DAG's fooled fraction, MDA's choices).
-    """
-
-    x_adv: Tensor
-    success: Tensor | None
-    norms: Tensor | None = None
-    forward: int = 0
-    backward: int = 0
-    threat: LpBall | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class PassCounter:

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.attacks.base import Attack, PassCounter
 from robustlab.errors import InputError
 from robustlab.registry import ATTACKS
 from robustlab.threat import per_sample_norm
+from robustlab.types import AttackOut
 from robustlab.validation import check_positive, check_positive_int
 
 

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustlab.attacks.base import Attack, AttackOut
+from robustlab.attacks.base import Attack
 from robustlab.registry import ATTACKS
+from robustlab.types import AttackOut
 from robustlab.validation import check_positive, check_positive_int
 
 

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustlab.attacks.base import Attack, AttackOut
+from robustlab.attacks.base import Attack
 from robustlab.errors import InputError
 from robustlab.registry import ATTACKS
 from robustlab.threat import per_sample_norm
+from robustlab.types import AttackOut
 from robustlab.validation import check_positive, check_positive_int
 
 

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.attacks.base import Attack, PassCounter
 from robustlab.errors import InputError
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat, per_sample_norm
+from robustlab.types import AttackOut
 from robustlab.validation import check_eps, check_positive_int
 
 

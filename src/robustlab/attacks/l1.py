@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.attacks.base import Attack, PassCounter
 from robustlab.registry import ATTACKS
 from robustlab.threat import per_sample_norm
+from robustlab.types import AttackOut
 from robustlab.validation import check_eps, check_positive, check_positive_int
 
 

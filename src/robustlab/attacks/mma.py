@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, AttackOut
+from robustlab.attacks.base import Attack
 from robustlab.losses import cw_margin_loss
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat
+from robustlab.types import AttackOut
 from robustlab.validation import check_choice, check_positive, check_positive_int
 
 

@@ -11,13 +11,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.attacks.base import Attack, PassCounter
 from robustlab.errors import InputError
 from robustlab.losses import get_loss
 from robustlab.losses.classification import margin
 from robustlab.registry import ATTACKS
 from robustlab.threat import LpBall, make_threat
 from robustlab.threat.lp import normalise_norm
+from robustlab.types import AttackOut
 from robustlab.validation import check_positive, check_positive_int, reject_inapplicable
 
 

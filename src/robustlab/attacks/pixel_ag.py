@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, AttackOut
+from robustlab.attacks.base import Attack
 from robustlab.attacks.cam import CAM_METHODS, class_activation_maps
 from robustlab.attacks.pgd import pgd
 from robustlab.errors import InputError, InputTypeError
 from robustlab.losses import ce_loss
 from robustlab.registry import ATTACKS
 from robustlab.threat import LinfBall
+from robustlab.types import AttackOut
 from robustlab.validation import check_choice, check_eps, check_positive, check_positive_int
 
 MASK_MODES = ("zscore", "official_jet")

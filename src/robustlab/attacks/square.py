@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, AttackOut
+from robustlab.attacks.base import Attack
 from robustlab.errors import InputError
 from robustlab.losses.classification import margin
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat
+from robustlab.types import AttackOut
 from robustlab.validation import check_positive, check_positive_int
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, AttackOut, PassCounter
+from robustlab.attacks.base import Attack, PassCounter
 from robustlab.attacks.pgd import pgd
 from robustlab.detection.boxes import box_iou, center_to_corner
 from robustlab.detection.evaluate import check_detection_images
@@ -26,6 +26,7 @@ from robustlab.detection.targets import check_targets, match_targets
 from robustlab.errors import InputError
 from robustlab.registry import ATTACKS
 from robustlab.threat import LinfBall
+from robustlab.types import AttackOut
 from robustlab.validation import check_positive, check_positive_int
 
 if TYPE_CHECKING:

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, AttackOut, attack_mode
+from robustlab.attacks.base import Attack, attack_mode
 from robustlab.attacks.spec import create_attack
 from robustlab.engine.integrity import check_integrity
 from robustlab.errors import InputError, InputTypeError
 from robustlab.threat import make_threat, per_sample_norm
+from robustlab.types import AttackOut
 from robustlab.utils import progress_bar
 from robustlab.validation import check_fits_model, check_images, check_labels, check_logits, check_positive_int
 

@@ -29,10 +29,11 @@ from robustlab.data import ImageData, load_dataset, select_classes
 from robustlab.engine.checkpoint import save_model, tensors_sha256, verify_sha256
 from robustlab.engine.config import TrainConfig, validation_count
 from robustlab.errors import CheckpointError, ConfigError, DataError, ResumeError, RunExistsError
-from robustlab.methods import Batch, LossOut, StepContext, create_method
+from robustlab.methods import create_method
 from robustlab.models import create_model
 from robustlab.outputs import atomic_write_bytes, atomic_write_text
 from robustlab.registry import MODELS
+from robustlab.types import Batch, LossOut, StepContext
 from robustlab.utils import mix_seed, progress_bar
 from robustlab.validation import check_device
 

@@ -1,57 +1,32 @@
-"""The training-method interface shared by every defense.
+"""The training-method interface shared by every defense: two kinds of method.
 
-A method maps (model, batch, ctx) to a `LossOut`. The Trainer owns the loop: zero_grad, backward,
-clipping, optimiser and scheduler steps, logging and checkpoints. A method that needs several
-optimiser steps per batch overrides `train_step` (the one documented hook) and returns the LossOut
-of its last step; a method with its own trainable modules or persistent tensors lists them in
-`state_tensors`/`load_state_tensors` so checkpoints include them. A method with an optimiser of its
-own (the adversary critic's) steps it inside `train_step` and scales its lr by `ctx.lr_factor`, so
-both optimisers follow the configured schedule; `optimizer_state_tensors` / `load_optimizer_state`
-put that optimiser's state into the same checkpoint.
-"""
+- A `LossMethod` maps (model, batch, ctx) to a `LossOut`; the Trainer owns the step around it (zero_grad,
+  backward, clipping, optimiser and scheduler steps). PGD-AT, TRADES, SAT, PART, WPGD, CWAT, ... are loss methods.
+- A `StepMethod` needs several optimiser steps per batch, or an optimiser of its own, and implements `train_step`
+  (Free-AT's replays, the adversary critic, MNG-AC's meta step, fast CWAT). It returns the LossOut of its last
+  step and steps its own optimisers with lr scaled by `ctx.lr_factor`, so every optimiser follows the schedule.
+
+A method with its own trainable modules or persistent tensors lists them in `state_tensors` /
+`load_state_tensors` so checkpoints include them; `optimizer_state_tensors` / `load_optimizer_state` put an own
+optimiser's state into the same checkpoint."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from robustlab.registry import METHODS
+from robustlab.types import Batch, LossOut, StepContext
 
-
-@dataclass
-class Batch:
-    x: Tensor  # (N, C, H, W): in [0, 1] for classifiers, pixel scale [0, 255] for detectors
-    y: Tensor  # (N,) int64 labels, or (N, M, 6) padded detection targets (robustlab.detection.targets)
-
-
-@dataclass
-class LossOut:
-    loss: Tensor
-    logs: dict[str, Tensor | float] = field(default_factory=dict)  # detached scalars; averaged per epoch
-    logits: Tensor | None = None  # logits the loss was computed on (for training accuracy)
-    stepped: bool = False  # True when train_step already ran backward + optimiser step itself
-
-
-@dataclass
-class StepContext:
-    epoch: int
-    step: int
-    generator: torch.Generator  # seeded from (seed, epoch, step): resumable and order-independent
-    passes: list[int] = field(default_factory=lambda: [0, 0])  # forward, backward image-passes (engine-filled)
-    attack_model: nn.Module | None = None  # the unwrapped model (no DDP/compile wrapper) for inner attacks
-    progress: float = 0.0  # training progress in epochs (epoch + fraction), for eps ramps
-    lr_factor: float = 1.0  # the lr schedule's factor at this step, for a method's own optimisers (a critic's)
-    seed: int = 0  # the run's seed, for draws that are per epoch rather than per step
-
-    def attacked(self, model: nn.Module) -> nn.Module:
-        return self.attack_model if self.attack_model is not None else model
+BackwardAndStep = Callable[[Tensor], None]  # the Trainer's zero_grad + backward + clip + optimiser step
 
 
 class Method(ABC):
-    """Base class; subclasses set `name`, `norm`/`eps` (the threat model they defend) and implement `loss`."""
+    """What every method has: `name`, `task`, the threat model it defends (`norm`/`eps`), `train_step`, the
+    number of optimiser steps per batch, its checkpointed state and a description. Subclass `LossMethod` or
+    `StepMethod`, not this."""
 
     name: ClassVar[str] = ""
     task: ClassVar[str] = "classification"  # or "detection": the data and models it trains
@@ -61,16 +36,9 @@ class Method(ABC):
     eps: float | None = None
 
     @abstractmethod
-    def loss(self, model: nn.Module, batch: Batch, ctx: StepContext) -> LossOut:
-        """The training loss on one batch (the model is in train mode; inner attacks switch modes themselves)."""
-
     def train_step(self, model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
-                   ctx: StepContext, backward_and_step) -> LossOut:
-        """Default: one loss, one backward, one optimiser step (done by the Trainer's `backward_and_step`)."""
-        out = self.loss(model, batch, ctx)
-        backward_and_step(out.loss)
-        out.stepped = True
-        return out
+                   ctx: StepContext, backward_and_step: BackwardAndStep) -> LossOut:
+        """One batch of training (the model is in train mode; inner attacks switch modes themselves)."""
 
     def steps_per_batch(self) -> int:
         return 1
@@ -83,6 +51,25 @@ class Method(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+class LossMethod(Method):
+    """A method defined by its loss on a batch; the Trainer takes one optimiser step on it."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch, ctx: StepContext) -> LossOut:
+        """The training loss on one batch (the model is in train mode; inner attacks switch modes themselves)."""
+
+    def train_step(self, model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
+                   ctx: StepContext, backward_and_step: BackwardAndStep) -> LossOut:
+        out = self.loss(model, batch, ctx)
+        backward_and_step(out.loss)
+        out.stepped = True
+        return out
+
+
+class StepMethod(Method):
+    """A method that runs its own optimiser steps on a batch (`train_step`); it has no single loss."""
 
 
 class PersistentDelta:

@@ -13,8 +13,7 @@ critic, like real images of the adversarial target class. Each iteration:
 
 The first `pretrain_epochs` epochs are plain cross-entropy (with the paper's small l2 penalty) that
 only feed the running mean. Defaults follow the spec, which takes the official code's side where it
-differs from the paper; each such choice is a switch (see the class docstring).
-"""
+differs from the paper; each such choice is a switch (see the class docstring)."""
 from __future__ import annotations
 
 from typing import Any
@@ -26,8 +25,9 @@ from torch import Tensor, nn
 from robustlab.attacks.base import PassCounter
 from robustlab.attacks.critic import closest_boundary_targets, high_confidence_attack, logit_jacobian, random_targets
 from robustlab.errors import InputError
-from robustlab.methods.base import LossOut, Method, StepContext, load_optimizer_state, optimizer_state_tensors
+from robustlab.methods.base import StepMethod, load_optimizer_state, optimizer_state_tensors
 from robustlab.registry import METHODS
+from robustlab.types import LossOut, StepContext
 from robustlab.validation import check_choice, check_positive, check_positive_int
 
 
@@ -128,7 +128,7 @@ def penalised_weights(model: nn.Module) -> list[Tensor]:
 
 
 @METHODS.register("critic")
-class AdversaryCritic(Method):
+class AdversaryCritic(StepMethod):
     """Adversary critic (Matyasko & Chau 2018): lambda 0.5 (MLP; 0.1 LeNet-5), lambda_rec 0.01, lambda_grad 10.
 
     Switches for where the official code and the paper differ (critic.md 12; defaults = the spec's choice):
@@ -214,10 +214,6 @@ class AdversaryCritic(Method):
         return d
 
     # -- the step ------------------------------------------------------------------------------
-    def loss(self, model, batch, ctx):  # reporting only; training goes through train_step
-        logits = model(batch.x)
-        return LossOut(F.cross_entropy(logits, batch.y), {}, logits)
-
     def _attack(self, model, x, target, conf, ctx, counter):
         return high_confidence_attack(model, x, target, conf, steps=self.attack_steps, overshoot=self.overshoot,
                                       create_graph=True, backprop_through_points=self.backprop_through_points,

@@ -6,8 +6,7 @@ eval mode with frozen parameters; the fast methods (cwat-fast, mtd-fast) follow 
 per replay shared by the perturbation's gradient and the parameters' update, with a perturbation that persists
 across minibatches. Budgets are pixel units (0-255). Cost per minibatch (K attack steps, m replays):
 STD 1 backward; cls/reg/toat/owat/cwat K + 1; mtd 2K + 1 (+ 2 no-grad forwards); cwat-fast 2m; mtd-fast 3m
-(+ 2m no-grad forwards). The Trainer counts them.
-"""
+(+ 2m no-grad forwards). The Trainer counts them."""
 from __future__ import annotations
 
 import math
@@ -21,9 +20,10 @@ from robustlab.detection.loss import decompose, multibox_loss
 from robustlab.detection.objectives import Objective
 from robustlab.detection.targets import match_targets
 from robustlab.errors import InputError
-from robustlab.methods.base import LossOut, Method, PersistentDelta
+from robustlab.methods.base import LossMethod, PersistentDelta, StepMethod
 from robustlab.registry import METHODS
 from robustlab.threat import LinfBall
+from robustlab.types import LossOut
 from robustlab.validation import check_positive, check_positive_int
 
 
@@ -34,7 +34,7 @@ def _check_eps(eps: float) -> float:
 
 
 @METHODS.register("det-std")
-class DetStandard(Method):
+class DetStandard(LossMethod):
     """Standard (clean) detector training: the multibox loss with OHEM on natural images."""
 
     name = "det-std"
@@ -47,7 +47,7 @@ class DetStandard(Method):
         return LossOut(loss, {"loss_cls": lcls.detach(), "loss_reg": lreg.detach()})
 
 
-class _DetPGDMethod(Method):
+class _DetPGDMethod(LossMethod):
     """PGD-K adversarial fine-tuning on one objective (eps 8, alpha eps/4 = 2, K = 10, no random start)."""
 
     eps: float
@@ -161,7 +161,7 @@ class MTD(_DetPGDMethod):
         return torch.where(pick_cls[:, None, None, None], x_cls, x_reg), {"chose_cls": pick_cls.float().mean()}
 
 
-class _FastMethod(PersistentDelta, Method):
+class _FastMethod(PersistentDelta, StepMethod):
     """Free-AT skeleton (spec cwat.md 4.4-4.5; Shafahi et al. 2019): each minibatch is replayed m times; the
     perturbation (step eps) persists across minibatches and epochs. `epochs` in the config counts data epochs,
     so N_ep update epochs need ceil(N_ep / m) of them; the lr schedule, stepped per optimiser update, lands at the
@@ -177,10 +177,6 @@ class _FastMethod(PersistentDelta, Method):
 
     def steps_per_batch(self) -> int:
         return self.replays
-
-    def loss(self, model, batch, ctx):  # reporting only; training goes through train_step
-        loc, conf = model(batch.x)
-        return LossOut(multibox_loss(loc, conf, batch.y, ctx.attacked(model).priors)[0])
 
 
 @METHODS.register("cwat-fast")

@@ -12,8 +12,7 @@ each batch's own (augmented) images. That per-batch alignment fixes the official
 
 Pipeline (part.md 3): CAM (B, h, w) in [0, 1] -> bicubic upsampling to H x W -> square -> mask
 (`zscore`: v > mean + std per image, the same for every channel; `official_jet`: the official code's
-route through matplotlib's jet colormap, per channel) -> budget map E = where(mask, eps, eps_low).
-"""
+route through matplotlib's jet colormap, per channel) -> budget map E = where(mask, eps, eps_low)."""
 from __future__ import annotations
 
 import copy
@@ -31,10 +30,12 @@ from robustlab.attacks.pixel_ag import (
     part_budget,
     uniform_eps_start,
 )
-from robustlab.methods.base import StepContext
-from robustlab.methods.baselines import MART, PGDAT, TRADES
+from robustlab.methods.mart import MART
+from robustlab.methods.pgd_at import PGDAT
+from robustlab.methods.trades import TRADES
 from robustlab.registry import METHODS
 from robustlab.threat import LinfBall
+from robustlab.types import StepContext
 from robustlab.validation import check_choice, check_positive_int
 
 

@@ -1,8 +1,7 @@
 """WPGD (Terzi, Susto, Chaudhari: directional adversarial training for cost-sensitive classification;
 spec wpgd.md section 3): PGD adversarial training whose inner maximisation uses the Wasserstein loss on the
 label space under a cost C ** p, so the attacker spends its budget towards distant (costly) classes and leaves
-the boundaries between similar classes alone; the outer loss stays cross-entropy on the adversarial batch.
-"""
+the boundaries between similar classes alone; the outer loss stays cross-entropy on the adversarial batch."""
 from __future__ import annotations
 
 from typing import Any
@@ -13,14 +12,15 @@ from torch import Tensor, nn
 
 from robustlab.analysis.label_metric import get_metric, metric_power
 from robustlab.losses.wasserstein import WassersteinAttackLoss
-from robustlab.methods.base import LossOut
-from robustlab.methods.baselines import _Adversarial
+from robustlab.methods.adversarial import AdversarialMethod
+from robustlab.methods.base import LossMethod
 from robustlab.registry import METHODS
+from robustlab.types import LossOut
 from robustlab.validation import check_positive
 
 
 @METHODS.register("wpgd")
-class WPGD(_Adversarial):
+class WPGD(AdversarialMethod, LossMethod):
     """WPGD (Terzi, Susto, Chaudhari): l_inf PGD on the Wasserstein loss with ground cost metric ** p, then CE on x*.
 
     The inner loss is in log form (wpgd.md 2.3). Defaults: eps 4/255, 8 steps of 2.5 eps / 8, uniform random start,
