@@ -3,9 +3,10 @@ catastrophic-overfitting detection, config validation."""
 import pytest
 import torch
 
+from robustlab.data.augment import augment
 from robustlab.engine.checkpoint import CheckpointError, load_model
 from robustlab.engine.config import ConfigError, TrainConfig, config_from_dict, load_config
-from robustlab.engine.trainer import Trainer, augment, lr_factor
+from robustlab.engine.trainer import Trainer, lr_factor
 
 
 def _cfg(tmp_path, **kw):

@@ -167,6 +167,7 @@ CLI = [
     ("eval-detection-data-for-classifier", ["eval", "--model", "{ckpt}", "--data", "mnist-det:n_train=4,n_test=4"],
      "detection dataset"),
     ("eval-threads-zero", ["eval", "--model", "{ckpt}", "--threads", "0"], "--threads"),
+    ("eval-ap-mode-for-classifier", ["eval", "--model", "{ckpt}", "--ap-mode", "coco"], "ap_mode 'coco'"),
     ("train-config-missing", ["train", "--config", "/nonexistent/c.yaml"], "/nonexistent/c.yaml"),
     ("train-config-unknown-key", ["train", "--config", "{yaml}"], "'epochz'"),
     ("train-override-bad", ["train", "epochs=-1"], "'epochs'"),

@@ -21,8 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("robustlab.analysis.visual_metric",),  # a label metric measured with targeted DeepFool
     ("robustlab.detection",),
     ("robustlab.methods",),
-    ("robustlab.tasks",),
-    ("robustlab.engine",),
+    ("robustlab.engine", "robustlab.reports.markdown"),  # the Markdown tables of results depend on nothing
     ("robustlab",),  # the package root: the public names (`robustlab.evaluate`, ...)
     ("robustlab.analysis", "robustlab.reports"),
     ("robustlab.pipelines",),

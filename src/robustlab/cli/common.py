@@ -50,15 +50,6 @@ def report_written(path: Path, problem: str | None) -> int:
 
 def load_eval_data(spec: str | None, split: str, extra: dict):
     """(x, y) of a classification dataset: `spec` (NAME[:key=value,...]) or the one a checkpoint was trained on."""
-    from robustlab.attacks.spec import parse_spec
-    from robustlab.registry import DATASETS
+    from robustlab.engine.tasks import Classification
 
-    if spec is None:  # the data the checkpoint was trained on, else mnist5k
-        cfg = extra.get("config") or {}
-        data = DATASETS.create(cfg.get("dataset", "mnist5k"), **(cfg.get("dataset_kwargs") or {}))
-    else:
-        name, kwargs = parse_spec(spec, DATASETS)
-        data = DATASETS.create(name, **kwargs)
-    if getattr(data, "task", "classification") != "classification":
-        raise InputError(f"dataset {spec!r} is a detection dataset; a classifier needs classification data")
-    return (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
+    return Classification().eval_data(spec, split, extra)[0]

@@ -1,5 +1,5 @@
-"""Detection commands: `robustlab data mnist-det` (generate, statistics, preview) and the detector branch of
-`robustlab eval` (mAP and per-class AP, JSON and a report with example images)."""
+"""Detection commands: `robustlab data mnist-det` (generate, statistics, preview) and `robustlab det-report`
+(detectors compared under the CWAT seed's panels). `robustlab eval` serves detectors through their task."""
 from __future__ import annotations
 
 import argparse
@@ -8,16 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from robustlab.cli.common import command_line, load_labelled_models
-from robustlab.errors import InputError
-
-# `robustlab train --task detection` starts from these keys (a --config and KEY=VALUE overrides replace them):
-# the clean TinySSD-96 recipe of spec cwat.md 1.8 on MNIST-Det `voc`.
-DETECTION_DEFAULTS: dict[str, Any] = {
-    "name": "det-std", "dataset": "mnist-det", "dataset_kwargs": {"preset": "voc"}, "model": "tinyssd-96",
-    "method": "det-std", "epochs": 30, "batch_size": 32, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
-    "weight_decay": 5e-4, "schedule": "multistep", "milestones": (0.6667, 0.8333), "warmup_epochs": 3.2,
-    "eval_every": 5, "eval_samples": 500, "ap_mode": "11pt",
-}
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -47,68 +37,17 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_from_spec(spec: str | None, extra: dict[str, Any]):
-    from robustlab.attacks.spec import parse_spec
-    from robustlab.registry import DATASETS
-
-    if spec is None:  # the data the checkpoint was trained on
-        cfg = extra.get("config") or {}
-        if "dataset" not in cfg:
-            raise InputError("the checkpoint does not record its dataset; pass --data NAME[:key=value,...]")
-        name, kwargs = cfg["dataset"], dict(cfg.get("dataset_kwargs") or {})
-    else:
-        name, kwargs = parse_spec(spec, DATASETS)
-    return DATASETS.create(name, **kwargs), name, kwargs
-
-
-def eval_detector(args: argparse.Namespace, model, extra: dict[str, Any]) -> int:
-    from robustlab.detection.data import DetData
-    from robustlab.detection.evaluate import evaluate_detector
-    from robustlab.detection.report import ap_table, write_detection_report
-
-    data, name, kwargs = _data_from_spec(args.data, extra)
-    if not isinstance(data, DetData):
-        raise InputError(f"dataset {name!r} is not a detection dataset; a detector needs mnist-det, voc or coco")
-    if data.num_classes != model.num_classes:
-        raise InputError(f"the model detects {model.num_classes} classes but dataset {name!r} has {data.num_classes}")
-    from robustlab.detection.attacks import detection_attacks
-
-    attacks = detection_attacks(args.attack, model) if args.attack else None
-    source = data.test if args.split == "test" else data.train
-    result = evaluate_detector(model, source, args.n_samples, batch_size=min(args.batch_size, 64), ap_mode=args.ap_mode,
-                               attacks=attacks, keep_examples=16 if args.report else 0,
-                               progress=None if not args.quiet else False)
-    print(ap_table(result))
-    result.update({"model": str(args.model), "data": {"name": name, "kwargs": kwargs, "split": args.split}})
-    if args.report:
-        from robustlab.utils import machine_description
-
-        path = write_detection_report(args.report, result, f"Detection evaluation: {Path(args.model).name}",
-                                      command_line(), machine_description())
-        print(f"wrote {path}")
-    result.pop("examples", None)
-    if args.json:
-        from robustlab.cli.common import report_written
-        from robustlab.outputs import save_result
-        from robustlab.reports.json import write_json
-
-        return report_written(*save_result(args.json, lambda p: write_json(p, result), what="result JSON"))
-    return 0
-
-
 def cmd_det_report(args: argparse.Namespace) -> int:
     from robustlab.detection.compare import compare_detectors, write_comparison
-    from robustlab.detection.data import DetData
+    from robustlab.engine.tasks import Detection
     from robustlab.utils import machine_description, set_threads
 
     set_threads(args.threads)
     models, extra = load_labelled_models(args.model, args.device, "detection")
-    data, _, _ = _data_from_spec(args.data, extra)
-    if not isinstance(data, DetData):
-        raise InputError("det-report needs a detection dataset (mnist-det, voc, coco)")
+    test, _ = Detection(args.ap_mode).eval_data(args.data, "test", extra, next(iter(models.values())))
     ints = lambda s: [int(v) for v in s.split(",")] if s else []  # noqa: E731
     floats = lambda s: [float(v) for v in s.split(",")] if s else []  # noqa: E731
-    result = compare_detectors(models, data.test, args.n_samples, args.panel or ["table1", "table3"], args.ap_mode,
+    result = compare_detectors(models, test, args.n_samples, args.panel or ["table1", "table3"], args.ap_mode,
                                ints(args.steps), floats(args.eps), examples=8, progress=None if not args.quiet else False)
     path = write_comparison(args.out, result, command_line(), machine_description())
     print(path.read_text().split("## mAP vs")[0])
@@ -158,4 +97,4 @@ def add_commands(sub) -> None:
     pd.set_defaults(func=cmd_data)
 
 
-__all__ = ["add_commands", "eval_detector", "DETECTION_DEFAULTS"]
+__all__ = ["add_commands"]

@@ -60,14 +60,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from robustlab import evaluate
-    from robustlab.attacks import create_attack
-    from robustlab.cli.common import load_eval_data, report_written
+    from robustlab.cli.common import command_line, report_written
     from robustlab.engine.checkpoint import load_model
+    from robustlab.engine.tasks import task_of
     from robustlab.outputs import check_writable, save_result
     from robustlab.reports.json import write_json
-    from robustlab.reports.markdown import eval_table
-    from robustlab.utils import set_threads
+    from robustlab.utils import machine_description, set_threads
     from robustlab.validation import check_device, check_positive_int
 
     # everything the user typed is checked before the model, the data or an attack costs anything
@@ -81,28 +79,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_writable(args.report, folder=True, what="--report folder")
     set_threads(args.threads)
     model, extra = load_model(args.model, map_location=args.device)
-    if getattr(model, "task", "classification") == "detection":
-        from robustlab.cli.detection import eval_detector
-
-        return eval_detector(args, model, extra)
-    x, y = load_eval_data(args.data, args.split, extra)
-    from robustlab.attacks.spec import expand_panels
-
-    specs = expand_panels(args.attack or ["pgd:norm=linf,eps=0.3,steps=40"])
-    attacks = [create_attack(s, model) for s in specs]
-    if args.n_samples is not None:
-        x, y = x[: args.n_samples], y[: args.n_samples]
-    result = evaluate(model, x.to(args.device), y.to(args.device), attacks, batch_size=args.batch_size,
-                      progress=None if not args.quiet else False)
-    result["model"] = str(args.model)
-    result["data"] = {"name": args.data, "split": args.split}
-    result["attack_specs"] = specs
-    result["device"] = str(torch.device(args.device))
-    print(eval_table(result))
+    task = task_of(model, args)  # classification or detection: data, metric, attacks and report follow from it
+    split, data = task.eval_data(args.data, args.split, extra, model)
+    specs = task.expand_specs(args.attack) if args.attack else list(task.default_specs)
+    result = task.evaluate(model, split, specs, args.n_samples, batch_size=args.batch_size,
+                           examples=task.report_examples if args.report else 0,
+                           progress=None if not args.quiet else False)
+    result.update({"model": str(args.model), "data": data, "attack_specs": specs,
+                   "device": str(torch.device(args.device))})
+    print(task.table(result))
+    if args.report:
+        title = f"{task.name.capitalize()} evaluation: {Path(args.model).name}"
+        print(f"wrote {task.write_report(args.report, result, title, command_line(), machine_description())}")
+    result.pop("examples", None)
     if args.json:
         return report_written(*save_result(args.json, lambda p: write_json(p, result), what="result JSON"))
     return 0
-
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -152,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--quiet", action="store_true", help="no progress bar")
     pe.add_argument("--ap-mode", default="11pt", choices=("11pt", "area", "coco"),
                     help="detectors: VOC07 11-point AP, all-point (area) AP, or COCO-rules AP50")
-    pe.add_argument("--report", type=Path, help="detectors: write report.md with per-class AP and example images here")
+    pe.add_argument("--report", type=Path, help="write report.md with the results table here (detectors: with per-class "
+                                                "AP and example images)")
     pe.set_defaults(func=cmd_eval)
 
     from robustlab.cli import analyze, compare, corruptions, detection, training

@@ -10,6 +10,7 @@ from robustlab.cli.common import command_line
 
 def cmd_train(args: argparse.Namespace) -> int:
     from robustlab.engine.config import load_config
+    from robustlab.engine.tasks import task_named
     from robustlab.engine.trainer import Trainer
     from robustlab.utils import set_threads
 
@@ -17,12 +18,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.out_dir:
         overrides.append(f"out_dir={args.out_dir}")
-    defaults = {}
-    if args.task == "detection":
-        from robustlab.cli.detection import DETECTION_DEFAULTS
-
-        defaults = DETECTION_DEFAULTS
-    cfg = load_config(args.config, overrides, defaults=defaults)
+    cfg = load_config(args.config, overrides, defaults=dict(task_named(args.task).recipe))
     trainer = Trainer(cfg)
     try:
         result = trainer.fit(resume=args.resume, overwrite=args.overwrite)

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.data import ImageData, load_dataset, select_classes
+from robustlab.data import ImageData, load_dataset
 from robustlab.engine.checkpoint import save_model, tensors_sha256, verify_sha256
 from robustlab.engine.config import TrainConfig, validation_count
+from robustlab.engine.tasks import Task, task_of
 from robustlab.errors import CheckpointError, ConfigError, DataError, ResumeError, RunExistsError
 from robustlab.methods import create_method
 from robustlab.models import create_model
@@ -72,30 +72,6 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     return cfg.gamma ** sum(t >= m for m in marks)
 
 
-def augment(x: Tensor, kind: str, gen: torch.Generator) -> Tensor:
-    """Random crop with 4-pixel zero padding (+ horizontal flip), batched, on tensors."""
-    if kind == "none":
-        return x
-    n, c, h, w = x.shape
-    pad = 4
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
-    out = _crop(padded, dy, dx, h, w)
-    if kind == "crop-flip":
-        flip = torch.rand(n, generator=gen, device=x.device) < 0.5
-        out = torch.where(flip[:, None, None, None], out.flip(3), out)
-    return out
-
-
-def _crop(padded: Tensor, dy: Tensor, dx: Tensor, h: int, w: int) -> Tensor:
-    n, c, hp, wp = padded.shape
-    iy = (dy[:, None] + torch.arange(h, device=padded.device)[None])  # (n, h)
-    ix = (dx[:, None] + torch.arange(w, device=padded.device)[None])  # (n, w)
-    rows = padded.gather(2, iy[:, None, :, None].expand(n, c, h, wp))
-    return rows.gather(3, ix[:, None, None, :].expand(n, c, h, w))
-
-
 class _DDP:
     """torchrun environment: rank, world size, process group (gloo on CPU, NCCL on GPU)."""
 
@@ -134,7 +110,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: Any = None, run_dir: str | Path | None = None) -> None:
         self.cfg = cfg
-        self.data: Any  # ImageData or detection's DetData (the task interface will type it)
+        self.data: Any  # the task's data: ImageData (classification) or DetData (detection)
         check_device(cfg.device)
         self.ddp = _DDP(cfg.device)
         dev = cfg.device
@@ -146,20 +122,17 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.manual_seed(cfg.seed)
         self.data = data if data is not None else load_dataset(cfg.dataset, **cfg.dataset_kwargs)
-        self.task = getattr(self.data, "task", "classification")  # ImageData or detection DetData
+        self.task: Task = task_of(self.data, cfg)  # what differs between classification and detection
         if cfg.classes is not None or cfg.imbalance:
-            if self.task != "classification":
-                raise ConfigError("config keys 'classes' and 'imbalance' apply to classification data only "
-                                  "(MNIST-Det sets its class imbalance with dataset_kwargs.alpha)")
             imbalance = {int(k): float(v) for k, v in (cfg.imbalance or {}).items()}
-            self.data = select_classes(self.data, cfg.classes, imbalance, seed=cfg.seed)
+            self.data = self.task.restrict_classes(self.data, cfg.classes, imbalance, cfg.seed)
         # the validation split: per-epoch evaluation and checkpoint selection never see the test images
         self.n_validation = validation_count(cfg, self.data.n_train)
         self.validation: Any = None
         if self.n_validation:
             self.data, self.validation = self.data.hold_out(self.n_validation, cfg.validation_seed)
         self.method = create_method(cfg.method, **cfg.method_kwargs)
-        tasks = {"dataset": self.task, "model": getattr(MODELS.get(cfg.model), "task", "classification"),
+        tasks = {"dataset": self.task.name, "model": getattr(MODELS.get(cfg.model), "task", "classification"),
                  "method": self.method.task}
         if len(set(tasks.values())) > 1:
             raise ConfigError("dataset, model and method must be for the same task, got "
@@ -269,13 +242,7 @@ class Trainer:
         return step
 
     def _train_batch(self, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        if self.task == "detection":  # pixel-scale images, padded targets; augmentation belongs to the source
-            x, y = self.data.train.batch(idx, gen, train=True)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        else:
-            x = self.data.x_train[idx].to(self.device, non_blocking=True)
-            y = self.data.y_train[idx].to(self.device, non_blocking=True)
-            x = augment(x, self.cfg.augment, gen)
+        x, y = self.task.train_batch(self.data, idx, gen, self.device, self.cfg.augment)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
@@ -290,10 +257,9 @@ class Trainer:
 
     def selection_rule(self) -> dict[str, Any]:
         """How best.safetensors is chosen: the metric, the split it is measured on, and why (for reports)."""
-        detection = self.task == "detection"
-        robust = self.method.robustness_goal and (not detection or self.cfg.eval_attack)
-        attack = self.cfg.eval_attack or ("" if detection else self.default_eval_attack())
-        what = "mAP" if detection else "accuracy"
+        attack = self.eval_attack()
+        robust = self.method.robustness_goal and bool(attack)
+        what = {"map": "mAP"}.get(self.task.metric, self.task.metric)
         metric = f"robust {what} under {attack}" if robust else f"clean {what}"
         if self.n_validation:
             split = f"validation ({self.n_validation} training images held out, seed {self.cfg.validation_seed})"
@@ -301,51 +267,19 @@ class Trainer:
             split = "none (validation: 0): the last epoch is kept; per-epoch evaluation on the test split is monitoring only"
         why = ("the method trains for robustness" if robust else
                "the method has no robustness goal" if not self.method.robustness_goal else "no eval_attack is set")
-        return {"metric": ("robust_" if robust else "clean_") + ("map" if detection else "accuracy"),
+        return {"metric": ("robust_" if robust else "clean_") + self.task.metric,
                 "metric_description": metric, "split": split, "why": why, "select_best": self.cfg.select_best}
 
-    def default_eval_attack(self) -> str:
-        norm = self.method.norm or "linf"
-        eps = self.method.eps if self.method.eps is not None else 0.3
-        return f"pgd:norm={norm},eps={eps},steps=20"
+    def eval_attack(self) -> str:
+        """The attack that selects checkpoints: the config's, else the task's default for this method."""
+        return self.cfg.eval_attack or self.task.default_eval_attack(self.method)
 
     def evaluate(self) -> dict[str, Any]:
-        if self.task == "detection":
-            from robustlab.detection.attacks import detection_attacks
-            from robustlab.detection.evaluate import evaluate_detector
-
-            # detectors: clean mAP, and mAP under eval_attack (e.g. "cwa") when set; the latter picks the best epoch
-            spec = self.cfg.eval_attack
-            attacks = detection_attacks([spec], self.model) if spec else None
-            source = self.validation if self.validation is not None else self.data.test
-            r = evaluate_detector(self.model, source, self.cfg.eval_samples, ap_mode=self.cfg.ap_mode,
-                                  attacks=attacks)
-            row = {"eval_clean": r["clean"]["map"], "eval_map": r["clean"]["map"], "eval_split": self._eval_split()}
-            if spec:
-                row.update(eval_robust=r["attacks"][spec]["map"], eval_attack=spec)
-            return row
-        from robustlab.engine.evaluator import evaluate
-
-        spec = self.cfg.eval_attack or self.default_eval_attack()
-        x, y = self.validation if self.validation is not None else (self.data.x_test, self.data.y_test)
-        n = min(self.cfg.eval_samples, x.shape[0])
-        x, y = x[:n].to(self.device), y[:n].to(self.device)
-        # FGSM beside the PGD evaluation (about 1/20 of its cost): a model that resists the single-step attack
-        # but not PGD has overfitted catastrophically (or masks gradients).
-        from robustlab.attacks.spec import parse_attack_spec
-
-        _, opts = parse_attack_spec(spec)
-        panel = [spec]
-        if "eps" in opts and str(opts.get("norm", "linf")).lower() in ("linf", "l2"):  # FGSM exists for these
-            panel.append(f"fgsm:norm={opts.get('norm', 'linf')},eps={opts['eps']}")
-        with torch.autocast(self.device.type, enabled=False):
-            r = evaluate(self.model, x, y, panel, checks=False, progress=False)
-        accs = [a["robust_accuracy"] for a in r["attacks"].values()]
-        row = {"eval_clean": r["clean_accuracy"], "eval_robust": accs[0], "eval_attack": spec,
-               "eval_split": self._eval_split()}
-        if len(accs) > 1:
-            row["eval_fgsm"] = accs[1]
-        return row
+        """The per-epoch evaluation on the validation split (the test split when none is held out)."""
+        panel = self.task.eval_panel(self.eval_attack())
+        split = self.validation if self.validation is not None else self.task.test_split(self.data)
+        result = self.task.evaluate(self.model, split, panel, self.cfg.eval_samples, checks=False)
+        return {**self.task.epoch_row(result, panel), "eval_split": self._eval_split()}
 
     def _eval_split(self) -> str:
         return "validation" if self.validation is not None else "test"
@@ -444,7 +378,7 @@ class Trainer:
             self.epoch = epoch + 1
             if self.ddp.main and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
                 row.update(self.evaluate())
-                if self.task == "classification":  # the FGSM/PGD rules are about classifier accuracy
+                if self.task.watches_overfitting:  # the FGSM/PGD rules are about classifier accuracy
                     self._check_overfitting(row)
                 # select_best: keep the best evaluated weights on the validation split (robust accuracy against
                 # robust overfitting; clean accuracy for a method with no robustness goal), ties to the more

@@ -1,0 +1,279 @@
+"""What differs between the tasks robustlab trains and evaluates, in one place: a `Task` says how a training batch
+is fetched and moved to the device, the model's input box, the evaluation metric and its per-epoch panel, how a
+split is evaluated under attacks, and the table that reports it. The Trainer and the `eval` command call the task
+of their data or model and hold no `if task == ...`.
+
+- `classification`: images in [0, 1] held as tensors (augmented on the device), robust accuracy by
+  `robustlab.evaluate`, checkpoints chosen by PGD accuracy (clean accuracy without a robustness goal), FGSM beside
+  PGD to spot catastrophic overfitting.
+- `detection`: pixel-scale images in [0, 255] with padded box targets from a detection source (its augmentation
+  belongs to the source), mAP clean and under a detection attack (`detection.evaluate`).
+
+A new task is a `Task` subclass registered with `@TASKS.register("name")`; data and models name their task with a
+`task` attribute.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.attacks.spec import expand_panels, parse_attack_spec, parse_spec
+from robustlab.data import select_classes
+from robustlab.data.augment import augment
+from robustlab.detection.attacks import detection_attacks
+from robustlab.detection.evaluate import evaluate_detector
+from robustlab.detection.report import ap_table, write_detection_report
+from robustlab.engine.evaluator import evaluate
+from robustlab.errors import ConfigError, InputError
+from robustlab.methods.base import Method
+from robustlab.outputs import atomic_write_text
+from robustlab.registry import DATASETS, TASKS
+from robustlab.reports.markdown import eval_table
+
+
+class Task(ABC):
+    """The task-specific parts of training and evaluation (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    box: ClassVar[tuple[float, float]] = (0.0, 1.0)  # the model's input range
+    metric: ClassVar[str] = ""  # "accuracy" | "map": the selection metric's name
+    watches_overfitting: ClassVar[bool] = False  # the FGSM/PGD catastrophic-overfitting rules apply
+    recipe: ClassVar[dict[str, Any]] = {}  # the config keys `robustlab train --task NAME` starts from
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Task":
+        """The task with the settings a training config gives it (the config keys it reads)."""
+        return cls()
+
+    def restrict_classes(self, data: Any, classes: list[int] | None, imbalance: dict[int, float], seed: int) -> Any:
+        """The data restricted to `classes` with per-class keep fractions (classification only)."""
+        raise ConfigError(f"config keys 'classes' and 'imbalance' apply to classification data only, not {self.name}")
+
+    @abstractmethod
+    def train_batch(self, data: Any, idx: Tensor, generator: torch.Generator, device: torch.device,
+                    augmentation: str) -> tuple[Tensor, Tensor]:
+        """The training batch of `idx` on `device` (augmented with the step's generator)."""
+
+    @abstractmethod
+    def test_split(self, data: Any) -> Any:
+        """The split per-epoch evaluation reads when no validation split is held out."""
+
+    @abstractmethod
+    def default_eval_attack(self, method: Method) -> str:
+        """The attack that selects checkpoints when the config sets none ("" = clean metric only)."""
+
+    def eval_panel(self, spec: str) -> list[str]:
+        """The attacks of one per-epoch evaluation: the selection attack, and what else the task watches."""
+        return [spec] if spec else []
+
+    default_specs: ClassVar[tuple[str, ...]] = ()  # what `robustlab eval` runs when no --attack is given
+
+    def eval_data(self, spec: str | None, split: str, extra: dict[str, Any],
+                  model: nn.Module | None = None) -> tuple[Any, dict]:
+        """The split `robustlab eval` reads: the dataset `spec` (NAME[:key=value,...]) or, without one, the dataset
+        the checkpoint was trained on. Returns (split, {"name", "kwargs", "split"}); refuses another task's data."""
+        cfg = extra.get("config") or {}
+        if spec is None:
+            name, kwargs = cfg.get("dataset", self.fallback_dataset), dict(cfg.get("dataset_kwargs") or {})
+            if not name:
+                raise InputError("the checkpoint does not record its dataset; pass --data NAME[:key=value,...]")
+        else:
+            name, kwargs = parse_spec(spec, DATASETS)
+        data = DATASETS.create(name, **kwargs)
+        if getattr(data, "task", "classification") != self.name:
+            raise InputError(f"dataset {name!r} is a {getattr(data, 'task', 'classification')} dataset, not a "
+                             f"{self.name} dataset; a {self.name} model needs {self.name} data")
+        if model is not None:
+            self.check_fits(model, data, name)
+        return self.split_of(data, split), {"name": name, "kwargs": kwargs, "split": split}
+
+    fallback_dataset: ClassVar[str] = ""  # the dataset `eval` reads when the checkpoint names none
+    report_examples: ClassVar[int] = 0  # images with their predictions a report shows
+
+    def check_fits(self, model: nn.Module, data: Any, name: str) -> None:
+        """Refuse data the model cannot read, before any work (classifiers: `evaluate` checks the shapes)."""
+        return None
+
+    @abstractmethod
+    def split_of(self, data: Any, split: str) -> Any:
+        """The "train" or "test" split of a dataset, in the form `evaluate` reads."""
+
+    def expand_specs(self, specs: list[str]) -> list[str]:
+        """Attack specs with the task's named panels expanded."""
+        return list(specs)
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, split: Any, specs: list[str], n: int | None, *, batch_size: int = 32,
+                 checks: bool = True, examples: int = 0, progress: bool | None = False) -> dict[str, Any]:
+        """The task's metric on the first n items of `split`, clean and under each attack spec. checks: the
+        task's integrity checks of the setup and the result (classification); examples: keep the first images
+        with their predictions for a report (detection)."""
+
+    @abstractmethod
+    def epoch_row(self, result: dict[str, Any], panel: list[str]) -> dict[str, Any]:
+        """The per-epoch log entries of an `evaluate` result: eval_clean, eval_robust, eval_attack, ..."""
+
+    @abstractmethod
+    def table(self, result: dict[str, Any]) -> str:
+        """The printed report of an `evaluate` result."""
+
+    def write_report(self, folder: str | Path, result: dict[str, Any], title: str, command: str = "",
+                     machine: str = "") -> Path:
+        """report.md in `folder`: the title, the table, the command and the machine."""
+        path = Path(folder) / "report.md"
+        lines = [f"# {title}", ""]
+        lines += ["Reproduce:", "", "```", command, "```", ""] if command else []
+        lines += [f"Machine: {machine}", ""] if machine else []
+        lines += [self.table(result), ""]
+        atomic_write_text(path, "\n".join(lines))
+        return path
+
+
+@TASKS.register("classification")
+class Classification(Task):
+    name = "classification"
+    box = (0.0, 1.0)
+    metric = "accuracy"
+    watches_overfitting = True
+
+    def restrict_classes(self, data, classes, imbalance, seed):
+        return select_classes(data, classes, imbalance, seed=seed)
+
+    def train_batch(self, data, idx, generator, device, augmentation):
+        x = data.x_train[idx].to(device, non_blocking=True)
+        y = data.y_train[idx].to(device, non_blocking=True)
+        return augment(x, augmentation, generator), y
+
+    def test_split(self, data):
+        return data.x_test, data.y_test
+
+    default_specs = ("pgd:norm=linf,eps=0.3,steps=40",)
+    fallback_dataset = "mnist5k"
+
+    @classmethod
+    def from_config(cls, cfg):
+        if getattr(cfg, "ap_mode", "11pt") != "11pt":
+            raise ConfigError(f"ap_mode {cfg.ap_mode!r} applies to detectors (mAP); a classifier is scored by accuracy")
+        return cls()
+
+    def split_of(self, data, split):
+        return (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
+
+    def expand_specs(self, specs):
+        return expand_panels(specs)
+
+    def default_eval_attack(self, method):
+        norm = method.norm or "linf"
+        eps = method.eps if method.eps is not None else 0.3
+        return f"pgd:norm={norm},eps={eps},steps=20"
+
+    def eval_panel(self, spec):
+        # FGSM beside the PGD evaluation (about 1/20 of its cost): a model that resists the single-step attack
+        # but not PGD has overfitted catastrophically (or masks gradients).
+        _, opts = parse_attack_spec(spec)
+        panel = [spec]
+        if "eps" in opts and str(opts.get("norm", "linf")).lower() in ("linf", "l2"):  # FGSM exists for these
+            panel.append(f"fgsm:norm={opts.get('norm', 'linf')},eps={opts['eps']}")
+        return panel
+
+    def evaluate(self, model, split, specs, n, *, batch_size=500, checks=True, examples=0, progress=False):
+        if examples:
+            raise InputError("classification evaluation keeps no example images (examples applies to detection)")
+        x, y = split
+        n = x.shape[0] if n is None else min(n, x.shape[0])
+        device = next(model.parameters()).device
+        with torch.autocast(device.type, enabled=False):
+            return evaluate(model, x[:n].to(device), y[:n].to(device), specs, batch_size=batch_size, checks=checks,
+                            progress=progress)
+
+    def epoch_row(self, result, panel):
+        accs = [a["robust_accuracy"] for a in result["attacks"].values()]
+        row = {"eval_clean": result["clean_accuracy"], "eval_robust": accs[0], "eval_attack": panel[0]}
+        if len(accs) > 1:
+            row["eval_fgsm"] = accs[1]
+        return row
+
+    def table(self, result):
+        return eval_table(result)
+
+
+@TASKS.register("detection")
+class Detection(Task):
+    name = "detection"
+    box = (0.0, 255.0)
+    metric = "map"
+    report_examples = 16
+    # the clean TinySSD-96 recipe of spec cwat.md 1.8 on MNIST-Det `voc` (a --config and KEY=VALUE overrides replace
+    # its keys)
+    recipe = {
+        "name": "det-std", "dataset": "mnist-det", "dataset_kwargs": {"preset": "voc"}, "model": "tinyssd-96",
+        "method": "det-std", "epochs": 30, "batch_size": 32, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
+        "weight_decay": 5e-4, "schedule": "multistep", "milestones": (0.6667, 0.8333), "warmup_epochs": 3.2,
+        "eval_every": 5, "eval_samples": 500, "ap_mode": "11pt",
+    }
+
+    def __init__(self, ap_mode: str = "11pt") -> None:
+        self.ap_mode = ap_mode  # 11pt (VOC07) | area | coco
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(ap_mode=cfg.ap_mode)
+
+    def restrict_classes(self, data, classes, imbalance, seed):
+        raise ConfigError("config keys 'classes' and 'imbalance' apply to classification data only "
+                          "(MNIST-Det sets its class imbalance with dataset_kwargs.alpha)")
+
+    def train_batch(self, data, idx, generator, device, augmentation):
+        # pixel-scale images, padded targets; augmentation belongs to the source
+        x, y = data.train.batch(idx, generator, train=True)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def test_split(self, data):
+        return data.test
+
+    def split_of(self, data, split):
+        return data.test if split == "test" else data.train
+
+    def check_fits(self, model, data, name):
+        if data.num_classes != model.num_classes:
+            raise InputError(f"the model detects {model.num_classes} classes but dataset {name!r} has {data.num_classes}")
+
+    def default_eval_attack(self, method):
+        return ""  # clean mAP selects detectors unless eval_attack (e.g. "cwa") is set
+
+    def evaluate(self, model, split, specs, n, *, batch_size=32, checks=True, examples=0, progress=False):
+        # detection has no integrity checks yet (`checks` has nothing to switch); batches of at most 64 images
+        attacks = detection_attacks(specs, model) if specs else None
+        return evaluate_detector(model, split, n, batch_size=min(batch_size, 64), ap_mode=self.ap_mode,
+                                 attacks=attacks, keep_examples=examples, progress=progress)
+
+    def epoch_row(self, result, panel):
+        row = {"eval_clean": result["clean"]["map"], "eval_map": result["clean"]["map"]}
+        if panel:
+            row.update(eval_robust=result["attacks"][panel[0]]["map"], eval_attack=panel[0])
+        return row
+
+    def table(self, result):
+        return ap_table(result)
+
+    def write_report(self, folder, result, title, command="", machine=""):
+        return write_detection_report(folder, result, title, command, machine)
+
+
+def task_of(thing: Any, cfg: Any = None) -> Task:
+    """The task of a dataset or a model (its `task` attribute; classification when it has none), set up from a
+    training config when one is given."""
+    cls = task_named(getattr(thing, "task", "classification"))
+    return cls.from_config(cfg) if cfg is not None else cls()
+
+
+def task_named(name: str) -> type[Task]:
+    """The registered Task class of that name (UnknownNameError listing the tasks otherwise)."""
+    return cast("type[Task]", TASKS.get(name))
+
+
+__all__ = ["Task", "Classification", "Detection", "task_of", "task_named"]
