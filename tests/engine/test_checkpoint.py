@@ -89,3 +89,19 @@ def test_weights_for_another_architecture_refused(tmp_path):
     save_file(state, str(path), metadata=meta)
     with pytest.raises(CheckpointError, match="does not match"):
         load_model(path)
+
+
+def test_a_safetensors_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """safetensors files open with their header length (little-endian); 0x80 as its first byte is a pickle's
+    first byte too: the reader must look at the whole header, not one byte (a flaky misdetection before)."""
+    from robustlab.engine.checkpoint import read_checkpoint, save_model
+    from robustlab.models import create_model
+
+    model = create_model("mlp", hidden=8, depth=1)
+    for pad in range(512):
+        path = save_model(tmp_path / "m.safetensors", model, extra={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    state, config, extra = read_checkpoint(path)
+    assert config["name"] == "mlp" and extra["pad"] == "x" * pad

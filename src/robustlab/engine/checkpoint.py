@@ -65,7 +65,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     data = path.read_bytes()
-    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # torch.save's zip archive, or a bare pickle
+    # safetensors opens with an 8-byte header length (whose first byte may be 0x80) and a JSON header: only a file
+    # that is not one is looked at as torch.save's zip archive or a bare pickle (protocol 2-5)
+    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    is_safetensors = 0 < header_len <= len(data) - 8 and data[8:9] == b"{"
+    if not is_safetensors and (data[:4] == b"PK\x03\x04" or data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04",
+                                                                       b"\x80\x05")):
         raise CheckpointError(f"{path} is a PyTorch file written by torch.save (a pickled state dict or model), not a "
                               "robustlab checkpoint (safetensors). robustlab never unpickles it for you: build your "
                               "model, model.load_state_dict(torch.load(path, weights_only=True)), then evaluate it "
