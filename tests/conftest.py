@@ -144,11 +144,20 @@ _XDIST_GROUPS = {"trained_std_detector": "det-std", "standard": "train-robust", 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marker into the node id
 def pytest_collection_modifyitems(config, items):
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
     for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
         for fixture, group in _XDIST_GROUPS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))
                 break
+
+
+def pytest_report_header(config):
+    if torch.cuda.is_available():
+        return f"cuda tests: run on {torch.cuda.get_device_name()}"
+    return "cuda tests: skipped, no CUDA device (they run where torch.cuda.is_available(); see docs/benchmarks.md)"
 
 
 @pytest.hookimpl(trylast=True)

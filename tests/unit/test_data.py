@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from robustlab.data import DataError, load_dataset, select_classes
+from robustlab.data.embedded import as_float_images
 
 
 def _idx(arr: np.ndarray) -> bytes:
@@ -26,7 +27,8 @@ def test_mnist_idx(tmp_path, compress):
         (tmp_path / (stem + (".gz" if compress else ""))).write_bytes(gzip.compress(data) if compress else data)
     d = load_dataset("mnist", root=tmp_path)
     assert d.x_train.shape == (7, 1, 28, 28) and d.x_test.shape == (3, 1, 28, 28)
-    assert torch.allclose(d.x_train[:, 0] * 255, torch.tensor(xtr, dtype=torch.float32))
+    assert d.x_train.dtype == torch.uint8  # training images stay uint8 (a quarter of the memory)
+    assert torch.equal(d.x_train[:, 0], torch.tensor(xtr, dtype=torch.uint8))
     assert d.y_test.tolist() == yte.tolist()
 
 
@@ -51,7 +53,9 @@ def test_cifar10_pickles(tmp_path):
     d = load_dataset("cifar10", root=tmp_path)
     assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (3, 3, 32, 32)
     first = batches[0][b"data"][0].reshape(3, 32, 32)
-    assert torch.allclose(d.x_train[0] * 255, torch.tensor(first, dtype=torch.float32))
+    assert torch.equal(d.x_train[0], torch.tensor(first, dtype=torch.uint8))
+    assert d.x_test.dtype == torch.float32  # test images: float in [0, 1]
+    assert torch.allclose(d.x_test[0] * 255, torch.tensor(test[b"data"][0].reshape(3, 32, 32), dtype=torch.float32))
     assert d.y_test.tolist() == [int(v) for v in test[b"labels"]]
 
 
@@ -102,7 +106,7 @@ def test_image_folder(tmp_path):
     d = load_dataset("image-folder", root=tmp_path)
     assert d.x_train.shape == (4, 3, 8, 8) and d.num_classes == 2 and d.classes == ["cat", "dog"]
     assert d.y_train.tolist() == [0, 0, 1, 1]
-    assert d.x_train[2].max().item() == pytest.approx(100 / 255)
+    assert d.x_train[2].max().item() == 100 and as_float_images(d.x_train)[2].max().item() == pytest.approx(100 / 255)
 
 
 def test_image_folder_errors(tmp_path):

@@ -13,13 +13,13 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 # Lowest first. A module belongs to the longest prefix listed; imports may go to the same or a lower layer.
 LAYERS: list[tuple[str, ...]] = [
     ("robustlab.errors",),
-    ("robustlab.utils", "robustlab.validation", "robustlab.registry", "robustlab.outputs"),
+    ("robustlab.utils", "robustlab.validation", "robustlab.registry", "robustlab.outputs", "robustlab.rng"),
     ("robustlab.threat",),
     ("robustlab.types",),  # the records passed between parts (AttackOut names its threat model)
     ("robustlab.losses", "robustlab.data", "robustlab.models", "robustlab.analysis.label_metric"),
     ("robustlab.attacks",),
     ("robustlab.analysis.visual_metric",),  # a label metric measured with targeted DeepFool
-    ("robustlab.detection",),
+    ("robustlab.detection", "robustlab.data.standins"),  # stand-ins write classification and detection formats
     ("robustlab.methods",),
     ("robustlab.engine", "robustlab.reports.markdown"),  # the Markdown tables of results depend on nothing
     ("robustlab",),  # the package root: the public names (`robustlab.evaluate`, ...)

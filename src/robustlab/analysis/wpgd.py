@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab import rng
 from robustlab.analysis.label_metric import check_metric
 from robustlab.attacks.base import PassCounter, attack_mode
 from robustlab.attacks.pgd import pgd
@@ -31,13 +32,13 @@ from robustlab.threat import L2Ball
 
 
 def _write(path: str | Path, fig, data: dict[str, Any]) -> Path:
-    from robustlab.reports.plots import _plt
+    from robustlab.reports.plots import pyplot
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    _plt().close(fig)
+    pyplot().close(fig)
     path.with_suffix(".json").write_text(json.dumps(data, indent=1))
     return path
 
@@ -91,9 +92,9 @@ def accuracy_gap(ce_model: nn.Module, robust_model: nn.Module, x: Tensor, y: Ten
     gap = (c_pgd - c_ce).abs()
     corr = correlation(gap, metric.double(), include_diagonal)
     names = list(class_names or [str(i) for i in range(k)])
-    from robustlab.reports.plots import _plt
+    from robustlab.reports.plots import pyplot
 
-    fig, axes = _plt().subplots(1, 2, figsize=(9, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 4))
     fig.colorbar(_heat(axes[0], gap, "accuracy gap |C_pgd - C_ce|", names), ax=axes[0])
     fig.colorbar(_heat(axes[1], metric, "label metric", names), ax=axes[1])
     fig.suptitle(f"Pearson {corr['pearson']:.2f}, Spearman {corr['spearman']:.2f} (off-diagonal pairs)", fontsize=9)
@@ -110,9 +111,9 @@ def entropy_histograms(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, pa
     xs = x if class_index is None else x[y == class_index]
     if xs.shape[0] == 0:
         raise InputError(f"no test images of class {class_index}")
-    from robustlab.reports.plots import _plt
+    from robustlab.reports.plots import pyplot
 
-    fig, ax = _plt().subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     out: dict[str, Any] = {"class": class_index, "n": int(xs.shape[0]), "models": {}}
     top = 0.0
     for name, m in models.items():
@@ -150,11 +151,11 @@ def tsne_features(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, path, n
     from sklearn.manifold import TSNE
     from sklearn.metrics import silhouette_score
 
-    from robustlab.reports.plots import _plt
+    from robustlab.reports.plots import pyplot
 
     idx = torch.cat([(y == c).nonzero().squeeze(1)[:n_per_class] for c in torch.unique(y)])
     xs, ys = x[idx], y[idx].cpu().numpy()
-    fig, axes = _plt().subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
     out: dict[str, Any] = {"n": int(len(idx)), "seed": seed, "models": {}}
     for ax, (name, m) in zip(axes[0], models.items()):
         f = penultimate_features(m, xs).cpu().numpy()
@@ -180,12 +181,12 @@ def toy_data(seed: int = 0, n_per_class: int = 300, sigma: float = 0.3, sample_s
     """Each class: a mixture of 3 isotropic Gaussians with means uniform in [-2, 2]^2 (curved boundaries). The means
     come from `seed`; the points from `sample_seed` (default: the same), so a test set is the same mixture."""
     g = torch.Generator().manual_seed(seed)
-    means = torch.rand(3, 3, 2, generator=g) * 4 - 2  # (class, component, xy)
+    means = rng.rand(3, 3, 2, generator=g) * 4 - 2  # (class, component, xy)
     gs = g if sample_seed is None else torch.Generator().manual_seed(sample_seed)
     xs, ys = [], []
     for c in range(3):
-        comp = torch.randint(0, 3, (n_per_class,), generator=gs)
-        xs.append(means[c][comp] + sigma * torch.randn(n_per_class, 2, generator=gs))
+        comp = rng.randint(0, 3, (n_per_class,), generator=gs)
+        xs.append(means[c][comp] + sigma * rng.randn(n_per_class, 2, generator=gs))
         ys.append(torch.full((n_per_class,), c))
     return torch.cat(xs), torch.cat(ys)
 
@@ -223,7 +224,7 @@ def toy3(path, eps_list: Sequence[float] = (0.1, 0.25, 0.5), seed: int = 0, epoc
          grid: int = 121) -> dict[str, Any]:
     """Decision regions of CE, PGD and WPGD (per eps) on the toy problem; accuracy on classes {0, 2} (the cheap
     pair, cost 0.01) and the fraction of the plane whose prediction changed from the CE model's."""
-    from robustlab.reports.plots import _plt
+    from robustlab.reports.plots import pyplot
 
     x, y = toy_data(seed)
     test_x, test_y = toy_data(seed, sample_seed=seed + 1000)  # the same mixture, fresh points
@@ -235,7 +236,7 @@ def toy3(path, eps_list: Sequence[float] = (0.1, 0.25, 0.5), seed: int = 0, epoc
     with torch.no_grad():
         ce_plane = ce(plane).argmax(1)
     rows = [("ce", 0.0, ce)] + [(k, e, train_toy(k, e, x, y, seed, epochs, p)) for e in eps_list for k in ("pgd", "wpgd")]
-    fig, axes = _plt().subplots(1, len(rows), figsize=(2.6 * len(rows), 3.1), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(rows), figsize=(2.6 * len(rows), 3.1), squeeze=False)
     out: dict[str, Any] = {"cost": TOY_COST, "p": p, "seed": seed, "epochs": epochs, "models": []}
     sel = (test_y == 0) | (test_y == 2)
     for ax, (kind, eps, m) in zip(axes[0], rows):
@@ -273,9 +274,9 @@ def two_class(path, *, dataset: str, pairs: Sequence[tuple[int, int]], ratio: fl
     b's training images; validation error after every epoch (clean error of the clean test images)."""
     from robustlab.engine.config import TrainConfig
     from robustlab.engine.trainer import Trainer
-    from robustlab.reports.plots import _plt
+    from robustlab.reports.plots import pyplot
 
-    fig, axes = _plt().subplots(len(pairs), 2, figsize=(8, 3 * len(pairs)), squeeze=False)
+    fig, axes = pyplot().subplots(len(pairs), 2, figsize=(8, 3 * len(pairs)), squeeze=False)
     out: dict[str, Any] = {"dataset": dataset, "ratio": ratio, "eps": eps, "runs": {}}
     for r, (a, b) in enumerate(pairs):
         for c, imbalance in enumerate((None, {b: ratio})):
@@ -312,7 +313,7 @@ def adversarial_confusion(model: nn.Module, x: Tensor, y: Tensor, *, eps: float,
 
     loss = ce_loss if cost is None else WassersteinAttackLoss(cost.to(x.device).float())
     preds = []
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+    gen = rng.device_generator(x.device, seed)
     with attack_mode(model):
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
@@ -331,14 +332,14 @@ def weighted_score(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, metric
     """S = sum_ij C_ij M_ij per model (M: adversarial confusion under the Wasserstein attack with C ** attack_p),
     reported relative to `reference` (default: the first model). Lower S: the mistakes land on nearer classes."""
     from robustlab.analysis.label_metric import metric_power
-    from robustlab.reports.plots import _plt
+    from robustlab.reports.plots import pyplot
 
     k = metric.shape[0]
     check_metric(metric, k)
     names = list(class_names or [str(i) for i in range(k)])
     cost = metric_power(metric.double(), attack_p)
     out: dict[str, Any] = {"eps": eps, "steps": steps, "attack_p": attack_p, "models": {}}
-    fig, axes = _plt().subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
     for ax, (name, m) in zip(axes[0], models.items()):
         mat = adversarial_confusion(m, x, y, eps=eps, steps=steps, cost=cost, seed=seed)
         s = float((metric.double() * mat).sum())
@@ -359,7 +360,7 @@ def directional(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, path, *, 
                 seed: int = 0, class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Per-pair robustness R_ij = 1 - M_ij (share of class-i images not sent to j by CE PGD) for two models and
     the difference second - first (the seed's Fig. 11: PGD vs WPGD)."""
-    from robustlab.reports.plots import _plt
+    from robustlab.reports.plots import pyplot
 
     if len(models) != 2:
         raise InputError(f"directional robustness compares two models, got {len(models)}")
@@ -369,7 +370,7 @@ def directional(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, path, *, 
     k = ra.shape[0]
     names = list(class_names or [str(i) for i in range(k)])
     off = ~torch.eye(k, dtype=torch.bool)
-    fig, axes = _plt().subplots(1, 3, figsize=(13, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 4))
     fig.colorbar(_heat(axes[0], ra, f"{na}: 1 - M", names, vmin=0.5, vmax=1), ax=axes[0])
     fig.colorbar(_heat(axes[1], rb, f"{nb}: 1 - M", names, vmin=0.5, vmax=1), ax=axes[1])
     diff = torch.where(off, rb - ra, torch.zeros_like(ra))

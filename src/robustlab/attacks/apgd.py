@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab import rng
 from robustlab.attacks.base import Attack, PassCounter
 from robustlab.errors import InputError
 from robustlab.losses import ce_loss, dlr_loss, dlr_targeted_loss
@@ -30,9 +31,9 @@ def _v(t: Tensor) -> Tensor:
 def _apgd_init(threat: LpBall, x: Tensor, gen: torch.Generator) -> Tensor:
     eps = threat.eps_like(x)
     if threat.norm == "linf":
-        t = 2 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
+        t = 2 * rng.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
         return (x + eps * t / _v(t.flatten(1).abs().amax(1))).clamp(0, 1)
-    t = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    t = rng.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     return (x + eps * t / _v(t.flatten(1).norm(dim=1) + _TINY)).clamp(0, 1)
 
 

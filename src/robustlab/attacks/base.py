@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Iterator, Literal
 import torch
 from torch import Tensor, nn
 
+from robustlab import rng
 from robustlab.errors import InputError, InputTypeError
 from robustlab.threat import LpBall
 from robustlab.types import AttackOut
@@ -100,9 +101,8 @@ def restored_buffers(model: nn.Module) -> Iterator[None]:
 
 
 def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(0 if seed is None else int(seed))
-    return gen
+    """An attack's generator, on the device of the images it perturbs."""
+    return rng.device_generator(device, 0 if seed is None else int(seed))
 
 
 class Attack(ABC):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab import rng
 from robustlab.attacks.base import Attack, PassCounter
 from robustlab.errors import InputError
 from robustlab.registry import ATTACKS
@@ -74,7 +75,7 @@ def find_targets(model: nn.Module, x: Tensor, reference: Tensor | None = None) -
 
 def random_targets(reference: Tensor, num_classes: int, gen: torch.Generator | None = None) -> Tensor:
     """Masked-uniform targets: a class drawn uniformly among the num_classes - 1 classes other than reference."""
-    shift = torch.randint(1, num_classes, reference.shape, generator=gen, device=reference.device)
+    shift = rng.randint(1, num_classes, reference.shape, generator=gen, device=reference.device)
     return (reference + shift) % num_classes
 
 

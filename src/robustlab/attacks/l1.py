@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab import rng
 from robustlab.attacks.base import Attack, PassCounter
 from robustlab.registry import ATTACKS
 from robustlab.threat import per_sample_norm
@@ -167,7 +168,7 @@ class SaltAndPepper(_MinimalL1):
         p = torch.zeros(n, device=dev, dtype=dt)
         step = torch.full((n,), 1.0 / self.steps, device=dev, dtype=dt)
         for it in range(self.steps):
-            u = torch.rand((n, 1, *x.shape[2:]), generator=gen, device=dev, dtype=dt)
+            u = rng.rand((n, 1, *x.shape[2:]), generator=gen, device=dev, dtype=dt)
             pv = _view(p, x)
             x_ = torch.where(u >= 1 - pv / 2, torch.ones_like(x), torch.where(u < pv / 2, torch.zeros_like(x), x))
             with torch.no_grad():

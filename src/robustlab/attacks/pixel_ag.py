@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab import rng
 from robustlab.attacks.base import Attack
 from robustlab.attacks.cam import CAM_METHODS, class_activation_maps
 from robustlab.attacks.pgd import pgd
@@ -119,7 +120,7 @@ def uniform_eps_start(eps: float) -> Callable[[Tensor, torch.Generator | None], 
     *scalar* eps, not the budget map, and no clipping before the first gradient (the first step projects)."""
 
     def start(x: Tensor, generator: torch.Generator | None) -> Tensor:
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = rng.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x + (2 * u - 1) * eps
     return start
 

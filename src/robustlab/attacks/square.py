@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab import rng
 from robustlab.attacks.base import Attack
 from robustlab.errors import InputError
 from robustlab.losses.classification import margin
@@ -34,11 +35,11 @@ def p_selection(p_init: float, it: int, n_queries: int, rescale: bool = False) -
 
 
 def _rand_sign(shape, gen, device, dtype) -> Tensor:
-    return torch.randint(0, 2, shape, generator=gen, device=device).to(dtype) * 2 - 1
+    return rng.randint(0, 2, shape, generator=gen, device=device).to(dtype) * 2 - 1
 
 
 def _randint(low: int, high: int, gen: torch.Generator, device) -> int:
-    return int(torch.randint(low, high, (1,), generator=gen, device=device).item())
+    return int(rng.randint(low, high, (1,), generator=gen, device=device).item())
 
 
 def _eta_rectangles(x: int, y: int, device, dtype) -> Tensor:
@@ -57,7 +58,7 @@ def _meta_pseudo_gaussian(s: int, gen, device, dtype) -> Tensor:
     delta[: s // 2] = _eta_rectangles(s // 2, s, device, dtype)
     delta[s // 2:] = -_eta_rectangles(s - s // 2, s, device, dtype)
     delta = delta / delta.pow(2).sum().sqrt()
-    if torch.rand((), generator=gen, device=device).item() > 0.5:
+    if rng.rand((), generator=gen, device=device).item() > 0.5:
         delta = delta.t()
     return delta
 

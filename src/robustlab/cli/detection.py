@@ -26,11 +26,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.preview:
         import torch
 
-        from robustlab.detection.data import _tensor_source
+        from robustlab.detection.data import tensor_source
         from robustlab.detection.report import draw_grid
         from robustlab.detection.targets import unpad
 
-        src = _tensor_source(d["train"], args.image_size)
+        src = tensor_source(d["train"], args.image_size)
         x, t = src.batch(torch.arange(min(args.preview_n, len(src))))
         path = draw_grid(x, args.preview, targets=unpad(t), ncols=8)
         print(f"wrote {path}")

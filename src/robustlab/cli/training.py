@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from robustlab.cli.common import command_line
+from robustlab.errors import ConfigError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -18,7 +19,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.out_dir:
         overrides.append(f"out_dir={args.out_dir}")
+    if args.device:
+        overrides.append(f"device={args.device}")
+    if args.workers is not None:
+        overrides.append(f"workers={args.workers}")
+    if args.smoke and (args.resume or args.overwrite):
+        raise ConfigError("--smoke trains in a temporary folder of its own (and resumes there): drop "
+                          + " and ".join(f for f, on in (("--resume", args.resume), ("--overwrite", args.overwrite)) if on))
     cfg = load_config(args.config, overrides, defaults=dict(task_named(args.task).recipe))
+    if args.smoke:
+        return _smoke(cfg)
     trainer = Trainer(cfg)
     try:
         result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
@@ -37,6 +47,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         kept = (f"best.safetensors = epoch {best['epoch']}, {best['metric_description']} {best['score']:.3f} on the "
                 f"{best['split']}" if best["select_best"] else f"best.safetensors = the last epoch ({best['epoch']})")
         print(f"trained {cfg.method} ({cfg.model}) on {cfg.dataset}: {kept}; checkpoints in {result['run_dir']}")
+    return 0
+
+
+def _smoke(cfg) -> int:
+    import tempfile
+
+    from robustlab.engine.smoke import run_smoke
+
+    with tempfile.TemporaryDirectory(prefix="robustlab-smoke-") as folder:
+        info = run_smoke(cfg, Path(folder))
+    last = info["history"][-1]
+    scores = ", ".join(f"{k} {v:.3g}" for k, v in last.items()
+                       if k.startswith(("train_", "eval_")) and isinstance(v, float))
+    memory = f"peak host memory {info['peak_host_mib']:.0f} MiB"
+    if "peak_gpu_mib" in info:
+        memory += f", peak GPU memory {info['peak_gpu_mib']:.0f} MiB"
+    smoke = info["config"]
+    print(f"smoke {cfg.name}: {cfg.method} ({cfg.model}) on a {cfg.dataset} stand-in, 2 epochs of 1 step with a resume "
+          f"between, batch {smoke.batch_size}, on {smoke.device}: {scores}; {info['seconds']:.1f} s, {memory}")
     return 0
 
 
@@ -73,11 +102,18 @@ def add_commands(sub) -> None:
                          "tinyssd-96, method det-std); the config and overrides replace any of its keys")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=3")
     pt.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint (refused if a "
-                    "setting other than epochs, eval_every, progress or tensorboard changed)")
+                    "setting other than epochs, eval_every, progress, tensorboard or workers changed)")
     pt.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder (by default "
                     "a folder that holds a run is never written over)")
     pt.add_argument("--out-dir", help="parent folder of the run folder (default: config out_dir)")
     pt.add_argument("--threads", type=int, help="torch CPU threads")
+    pt.add_argument("--device", help="cpu, cuda or cuda:N (default: the config's device)")
+    pt.add_argument("--workers", type=int, help="DataLoader worker processes for file-backed data (default: the "
+                    "config's workers, else the machine's cores less one, at most 8; results do not depend on it)")
+    pt.add_argument("--smoke", action="store_true",
+                    help="run the config end to end in seconds on a stand-in of its data written in the dataset's "
+                         "real file format: 2 optimizer steps with a checkpoint and a resume between, attack steps "
+                         "capped at 2, one evaluation batch, thinner models; prints peak memory (nothing is kept)")
     pt.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("run", help="the main job: train standard + PGD-AT on mnist5k, evaluate, write a report",

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustlab import rng
+
 
 def augment(x: Tensor, kind: str, gen: torch.Generator) -> Tensor:
     """Random crop with 4-pixel zero padding (+ horizontal flip), batched, on tensors."""
@@ -14,11 +16,11 @@ def augment(x: Tensor, kind: str, gen: torch.Generator) -> Tensor:
     n, c, h, w = x.shape
     pad = 4
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
+    dy = rng.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
+    dx = rng.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
     out = _crop(padded, dy, dx, h, w)
     if kind == "crop-flip":
-        flip = torch.rand(n, generator=gen, device=x.device) < 0.5
+        flip = rng.rand(n, generator=gen, device=x.device) < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out
 

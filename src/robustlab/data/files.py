@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robustlab.data.embedded import ImageData
+from robustlab import rng
+from robustlab.data.embedded import ImageData, as_float_images
 from robustlab.errors import DataError
 from robustlab.registry import DATASETS
 
@@ -40,14 +41,19 @@ def _find(root: Path, names: list[str], layout: str) -> Path:
 
 
 def _to_data(name: str, x_tr, y_tr, x_te, y_te, num_classes: int) -> ImageData:
+    """Training images stay uint8 (converted per batch on the device), test images become float in [0, 1]."""
+    def pixels(a):
+        return torch.from_numpy(np.array(a, copy=True))  # own, writable memory (IDX buffers are read-only)
+
     def imgs(a):
-        t = torch.from_numpy(np.array(a, copy=True))  # own, writable memory (IDX buffers are read-only)
-        return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
+        return as_float_images(pixels(a)).float()
 
     def labels(a):
         return torch.from_numpy(np.array(a, dtype=np.int64, copy=True))
 
-    return ImageData(name, imgs(x_tr), labels(y_tr), imgs(x_te), labels(y_te), num_classes)
+    x_train = pixels(x_tr)
+    return ImageData(name, x_train if x_train.dtype == torch.uint8 else x_train.float(), labels(y_tr), imgs(x_te),
+                     labels(y_te), num_classes)
 
 
 # -- MNIST IDX --------------------------------------------------------------------------------
@@ -317,7 +323,7 @@ def select_classes(data: ImageData, classes: list[int] | None = None, imbalance:
             if not 0 < frac <= 1:
                 raise DataError(f"imbalance fraction for class {c} must be in (0, 1], got {frac}")
             idx = (y_tr == c).nonzero().squeeze(1)
-            drop = idx[torch.randperm(idx.numel(), generator=g)[int(round(frac * idx.numel())):]]
+            drop = idx[rng.randperm(idx.numel(), generator=g)[int(round(frac * idx.numel())):]]
             keep[drop] = False
         x_tr, y_tr = x_tr[keep], y_tr[keep]
     if classes is not None:

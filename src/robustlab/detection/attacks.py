@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
+from robustlab import rng
 from robustlab.attacks.base import Attack, PassCounter
 from robustlab.attacks.pgd import pgd
 from robustlab.detection.boxes import box_iou, center_to_corner
@@ -224,13 +225,13 @@ class DAG(DetectionAttack):
         for i in range(b):  # per image, a handful of classes: host-side bookkeeping, not a hot loop
             pres = present[i].nonzero().flatten().tolist()
             absent = [c for c in range(1, k1) if c not in pres]
-            perm = torch.randperm(len(absent), generator=gen).tolist()
+            perm = rng.randperm(len(absent), generator=gen).tolist()
             for j, c in enumerate(pres):
                 if len(absent) >= len(pres):
                     out[i, c] = absent[perm[j]]
                 else:
                     others = [o for o in range(1, k1) if o != c]
-                    out[i, c] = others[int(torch.randint(len(others), (), generator=gen))]
+                    out[i, c] = others[int(rng.randint(len(others), (), generator=gen))]
         return out
 
     def _run(self, counter, x, y, target, _gen):

@@ -3,11 +3,11 @@
 A `DetData` holds a train and a test `DetSource`. A source returns batches as pixel-scale float images
 (B, 3, S, S) in [0, 255] and padded targets (B, M, 6) (see `targets.py`), so the Trainer and the evaluators
 handle detection batches like classification ones. MNIST-Det lives in memory as tensors; VOC and COCO read
-their image files per batch and apply the SSD augmentation pipeline to training batches.
+their image files per item (in DataLoader workers when training, see `robustlab.data.loading`) and apply the SSD
+augmentation pipeline to training items, each with its own seed.
 """
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -24,17 +24,30 @@ from robustlab.registry import DATASETS
 
 
 class DetSource(ABC):
-    """One split. `batch(idx, generator, train)` -> (images (B, 3, S, S) float in [0, 255], targets (B, M, 6))."""
+    """One split, map-style: `item(i, seed)` -> one image and its objects (augmented when a seed is given),
+    `collate(items)` -> (images (B, 3, S, S) float in [0, 255], padded targets (B, M, 6)). `batch(idx, seeds)` does
+    both in this process; `streams` says whether training reads it through DataLoader workers (files) or indexes
+    it in memory."""
 
     image_size: int
+    streams = False
 
     @abstractmethod
     def __len__(self) -> int:
         """Number of images."""
 
     @abstractmethod
-    def batch(self, idx: Tensor, generator: torch.Generator | None = None, train: bool = False) -> tuple[Tensor, Tensor]:
-        """Images and padded targets of the indexed images (augmented when train=True)."""
+    def item(self, i: int, seed: int | None = None) -> tuple[Tensor, ...]:
+        """Image i and its objects; with a seed, augmented by a CPU generator seeded with it."""
+
+    @abstractmethod
+    def collate(self, items: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, Tensor]:
+        """Images and padded targets of a list of items."""
+
+    def batch(self, idx: Tensor, seeds: Sequence[int | None] | None = None) -> tuple[Tensor, Tensor]:
+        """Images and padded targets of the indexed images (sample k augmented with seeds[k] when given)."""
+        ids = idx.tolist()
+        return self.collate([self.item(i, None if seeds is None else seeds[k]) for k, i in enumerate(ids)])
 
     def original_size(self, i: int) -> tuple[int, int]:
         """(width, height) of image i before resizing (for COCO-format results in original pixels)."""
@@ -42,7 +55,7 @@ class DetSource(ABC):
 
 
 class TensorSource(DetSource):
-    """Images already at the model's size, held in memory as uint8 (N, 3, S, S)."""
+    """Images already at the model's size, held in memory as uint8 (N, 3, S, S) (no augmentation)."""
 
     def __init__(self, images: Tensor, targets: Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
@@ -55,8 +68,20 @@ class TensorSource(DetSource):
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def batch(self, idx: Tensor, generator: torch.Generator | None = None, train: bool = False) -> tuple[Tensor, Tensor]:
+    def item(self, i: int, seed: int | None = None) -> tuple[Tensor, ...]:
+        return self.images[i], self.targets[i]
+
+    def collate(self, items: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, Tensor]:
+        images, targets = zip(*items)
+        return torch.stack(images).float(), torch.stack(targets)
+
+    def batch(self, idx: Tensor, seeds: Sequence[int | None] | None = None) -> tuple[Tensor, Tensor]:
+        idx = idx.to(self.images.device)
         return self.images[idx].float(), self.targets[idx]
+
+    def to(self, device: torch.device) -> "TensorSource":
+        """This source with its tensors on `device` (data_on_device: the whole split lives on the GPU)."""
+        return TensorSource(self.images.to(device), self.targets.to(device))
 
 
 class SubsetSource(DetSource):
@@ -65,29 +90,40 @@ class SubsetSource(DetSource):
     def __init__(self, source: DetSource, indices: Tensor) -> None:
         self.source, self.indices = source, indices.long()
         self.image_size = source.image_size
+        self.streams = source.streams
 
     def __len__(self) -> int:
         return int(self.indices.numel())
 
-    def batch(self, idx: Tensor, generator: torch.Generator | None = None, train: bool = False) -> tuple[Tensor, Tensor]:
-        return self.source.batch(self.indices[idx], generator, train)
+    def item(self, i: int, seed: int | None = None) -> tuple[Tensor, ...]:
+        return self.source.item(int(self.indices[i]), seed)
+
+    def collate(self, items: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, Tensor]:
+        return self.source.collate(items)
+
+    def batch(self, idx: Tensor, seeds: Sequence[int | None] | None = None) -> tuple[Tensor, Tensor]:
+        return self.source.batch(self.indices[idx.cpu()], seeds)
 
     def original_size(self, i: int) -> tuple[int, int]:
         return self.source.original_size(int(self.indices[i]))
 
+    def to(self, device: torch.device) -> "SubsetSource":
+        if not isinstance(self.source, TensorSource):
+            raise DataError("only in-memory detection data can live on the device (data_on_device)")
+        return SubsetSource(self.source.to(device), self.indices)
+
 
 class FileSource(DetSource):
-    """Image files with annotations; training batches go through SSD augmentation, test batches are resized.
-    Images of a batch are decoded and augmented in a thread pool (pillow and torch release the GIL); each image
-    draws from its own generator seeded from the batch's, so results do not depend on thread timing."""
+    """Image files with annotations, decoded per item (in DataLoader workers when training): training items go
+    through the SSD augmentation with a CPU generator seeded by the item's own seed, test items are resized."""
 
-    def __init__(self, records: Sequence[Record], image_size: int, mean_rgb: Sequence[float], flip: bool = True,
-                 workers: int | None = None) -> None:
+    streams = True
+
+    def __init__(self, records: Sequence[Record], image_size: int, mean_rgb: Sequence[float], flip: bool = True) -> None:
         self.records = list(records)
         self.image_size = int(image_size)
         self.mean_rgb = tuple(float(m) for m in mean_rgb)
         self.flip = flip
-        self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -96,7 +132,7 @@ class FileSource(DetSource):
         r = self.records[i]
         return (r.width, r.height)
 
-    def _load(self, i: int, seed: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def item(self, i: int, seed: int | None = None) -> tuple[Tensor, ...]:
         from robustlab.detection.transforms import read_image, resize, ssd_augment
 
         r = self.records[i]
@@ -110,18 +146,7 @@ class FileSource(DetSource):
         img, b = resize(img, b, self.image_size)
         return img, b, lab, d
 
-    def batch(self, idx: Tensor, generator: torch.Generator | None = None, train: bool = False) -> tuple[Tensor, Tensor]:
-        ids = idx.tolist()
-        seeds: list[int | None] = [None] * len(ids)
-        if train:
-            seeds = torch.randint(0, 2 ** 62, (len(ids),), generator=generator).tolist()
-        if self.workers > 1 and len(ids) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(self.workers) as pool:
-                items = list(pool.map(self._load, ids, seeds))
-        else:
-            items = [self._load(i, s) for i, s in zip(ids, seeds)]
+    def collate(self, items: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, Tensor]:
         images, boxes, labels, diffs = zip(*items)
         return torch.stack(images), pad_targets(boxes, labels, diffs)
 
@@ -160,7 +185,7 @@ class DetData:
         return rest, SubsetSource(self.train, val_idx)
 
 
-def _tensor_source(split: dict[str, np.ndarray], size: int) -> TensorSource:
+def tensor_source(split: dict[str, np.ndarray], size: int) -> TensorSource:
     images = torch.from_numpy(split["images"]).permute(0, 3, 1, 2).contiguous()
     off = split["offsets"]
     boxes = [torch.from_numpy(split["boxes"][off[i]:off[i + 1]]) / size for i in range(len(off) - 1)]
@@ -178,7 +203,7 @@ def mnist_det(preset: str = "voc", n_train: int = 2000, n_test: int = 500, image
     d = load_or_generate(cfg, regenerate=regenerate)
     from dataclasses import asdict
 
-    return DetData(f"mnist-det-{preset}", _tensor_source(d["train"], image_size), _tensor_source(d["test"], image_size),
+    return DetData(f"mnist-det-{preset}", tensor_source(d["train"], image_size), tensor_source(d["test"], image_size),
                    10, [str(i) for i in range(10)], [float(m) for m in d["mean"]["rgb"]], {"generator": asdict(cfg)})
 
 

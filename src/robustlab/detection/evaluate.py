@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, cast
 import torch
 from torch import Tensor, nn
 
+from robustlab.data.loading import EpochLoader
 from robustlab.detection.data import DetData, DetSource
 from robustlab.detection.metrics import detection_map
 from robustlab.detection.postprocess import Detections, detect
@@ -33,10 +34,11 @@ def check_detection_images(x: Tensor) -> None:
 def evaluate_detector(model: nn.Module, source: DetSource | DetData, n_images: int | None = None, batch_size: int = 32,
                       ap_mode: str = "11pt", attacks: Mapping[str, DetAttack] | None = None,
                       max_per_image: int | None = None, keep_examples: int = 0,
-                      progress: bool | None = False) -> dict[str, Any]:
+                      progress: bool | None = False, workers: int = 0) -> dict[str, Any]:
     """{"clean": {map, ap}, "attacks": {name: {map, ap}}, n_images, class_names, ...}. `keep_examples` keeps the
     first images with their detections (clean and attacked) for reports. At most `max_per_image` detections
-    per image: 100 under COCO rules (COCOeval's maxDets), else 200 (the SSD reference)."""
+    per image: 100 under COCO rules (COCOeval's maxDets), else 200 (the SSD reference). A file-backed source is
+    decoded by `workers` DataLoader processes ahead of the model."""
     detector = cast("Detector", model)  # a robustlab detector (num_classes, priors, class_names)
     if max_per_image is None:
         max_per_image = 100 if ap_mode == "coco" else 200
@@ -55,10 +57,12 @@ def evaluate_detector(model: nn.Module, source: DetSource | DetData, n_images: i
     model.eval()
     k = detector.num_classes
     try:
-        with progress_bar((n + batch_size - 1) // batch_size, "evaluate", progress) as bar:
-            for start in range(0, n, batch_size):
-                idx = torch.arange(start, min(start + batch_size, n))
-                x, t = source.batch(idx)
+        index_batches = [torch.arange(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+        batches = (EpochLoader(source, workers, persistent=False).epoch(index_batches) if source.streams and workers
+                   else map(source.batch, index_batches))
+        with progress_bar(len(index_batches), "evaluate", progress) as bar:
+            for idx, (x, t) in zip(index_batches, batches):
+                start = int(idx[0])
                 check_detection_images(x)
                 check_targets(t, k)
                 x, t = x.to(device), t.to(device)

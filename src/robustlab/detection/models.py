@@ -166,7 +166,9 @@ class _VGGBackbone(nn.Module):
     """VGG16-BN base in torchvision's `features.{i}` layout (so ImageNet weights load by key), pool5 3x3/1,
     dilated conv6 + conv7, and the SSD300 extras. Sources: L2Norm(conv4_3), conv7, conv8_2 .. conv11_2."""
 
-    def __init__(self, extras_bn: bool = True) -> None:
+    SOURCES = (512, 1024, 512, 256, 256, 256)
+
+    def __init__(self, extras_bn: bool = True, width: float = 1.0) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = 3
@@ -174,16 +176,19 @@ class _VGGBackbone(nn.Module):
             if isinstance(v, str):  # "M": max-pool, "C": max-pool with ceil mode
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=(v == "C")))
             else:
-                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-                cin = v
+                c = _scaled(v, width)
+                layers += [nn.Conv2d(cin, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+                cin = c
         self.features = nn.Sequential(*layers)  # conv4_3's ReLU is features.32, pool4 features.33
         self.split = 33
-        self.l2norm = L2Norm(512, 20.0)
-        self.fc = nn.Sequential(nn.MaxPool2d(3, 1, 1), *_cbr(512, 1024, padding=6, dilation=6, bn=extras_bn),
-                                *_cbr(1024, 1024, k=1, padding=0, bn=extras_bn))
+        self.l2norm = L2Norm(_scaled(512, width), 20.0)
+        c512, c1024 = _scaled(512, width), _scaled(1024, width)
+        self.fc = nn.Sequential(nn.MaxPool2d(3, 1, 1), *_cbr(c512, c1024, padding=6, dilation=6, bn=extras_bn),
+                                *_cbr(c1024, c1024, k=1, padding=0, bn=extras_bn))
         spec = [(1024, 256, 512, 2, 1), (512, 128, 256, 2, 1), (256, 128, 256, 1, 0), (256, 128, 256, 1, 0)]
         self.extras = nn.ModuleList(
-            nn.Sequential(*_cbr(a, b, k=1, padding=0, bn=extras_bn), *_cbr(b, c, stride=s, padding=p, bn=extras_bn))
+            nn.Sequential(*_cbr(_scaled(a, width), _scaled(b, width), k=1, padding=0, bn=extras_bn),
+                          *_cbr(_scaled(b, width), _scaled(c, width), stride=s, padding=p, bn=extras_bn))
             for a, b, c, s, p in spec)
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -197,6 +202,16 @@ class _VGGBackbone(nn.Module):
         return out
 
 
+def _scaled(channels: int, width: float) -> int:
+    """Channel count times the width multiplier (`--smoke` runs SSD300 thin on a CPU; 1.0 is the paper's)."""
+    return max(4, int(round(channels * width)))
+
+
+def _check_width(name: str, width: float) -> None:
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 1:
+        raise InputError(f"{name} width must be a multiplier in (0, 1] (1 = the paper's channels), got {width!r}")
+
+
 def _ssd300_priors(priors: str) -> dict:
     if priors not in ("voc", "coco"):
         raise InputError(f"priors must be 'voc' or 'coco', got {priors!r}")
@@ -206,13 +221,17 @@ def _ssd300_priors(priors: str) -> dict:
 @MODELS.register("ssd300-vgg16")
 @_detector_factory
 def ssd300_vgg16(num_classes: int = 20, in_channels: int = 3, input_size: int | None = 300, mean=None,
-                 class_names=None, priors: str = "voc", extras_bn: bool = True) -> Detector:
-    """SSD300 (Liu et al. 2016) with a VGG16-BN backbone, the CWAT seed's test bed (8,732 priors)."""
+                 class_names=None, priors: str = "voc", extras_bn: bool = True, width: float = 1.0) -> Detector:
+    """SSD300 (Liu et al. 2016) with a VGG16-BN backbone, the CWAT seed's test bed (8,732 priors); `width`
+    scales every channel count (1.0: the paper's network)."""
     _check_size("ssd300-vgg16", input_size, 300)
+    _check_width("ssd300-vgg16", width)
     cfg = {"name": "ssd300-vgg16", "num_classes": num_classes, "in_channels": 3, "input_size": 300,
            "mean": _mean(mean), "class_names": class_names, "priors": priors, "extras_bn": extras_bn}
-    return Detector(_VGGBackbone(extras_bn), (512, 1024, 512, 256, 256, 256), num_classes, _ssd300_priors(priors),
-                    _mean(mean), cfg)
+    if width != 1:
+        cfg["width"] = width
+    return Detector(_VGGBackbone(extras_bn, width), tuple(_scaled(c, width) for c in _VGGBackbone.SOURCES),
+                    num_classes, _ssd300_priors(priors), _mean(mean), cfg)
 
 
 # -- SSD300 with ResNet-50 -------------------------------------------------------------------------------
@@ -239,18 +258,24 @@ class _ResNet50Backbone(nn.Module):
     """ResNet-50 in torchvision's key layout (conv1, bn1, layer1..4). Sources for a 300x300 input: layer2 (38x38),
     layer3 (19x19), layer4 (10x10), then three SSD extras (5x5, 3x3, 1x1), the SSD300 prior grid."""
 
-    def __init__(self) -> None:
+    SOURCES = (512, 1024, 2048, 512, 256, 256)
+
+    def __init__(self, width: float = 1.0) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        cin = 64
-        for i, (width, n, stride) in enumerate([(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)], start=1):
+        stem = _scaled(64, width)
+        self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        cin = stem
+        for i, (planes, n, stride) in enumerate([(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)], start=1):
             blocks = []
             for j in range(n):
-                blocks.append(_Bottleneck(cin, width, stride if j == 0 else 1))
-                cin = width * 4
+                blocks.append(_Bottleneck(cin, _scaled(planes, width), stride if j == 0 else 1))
+                cin = _scaled(planes, width) * 4
             setattr(self, f"layer{i}", nn.Sequential(*blocks))  # torchvision's key names: layer1..layer4
-        spec = [(2048, 256, 512, 2, 1), (512, 128, 256, 1, 0), (256, 128, 256, 1, 0)]
+        def w(c: int) -> int:
+            return _scaled(c, width)
+
+        spec = [(cin, w(256), w(512), 2, 1), (w(512), w(128), w(256), 1, 0), (w(256), w(128), w(256), 1, 0)]
         self.extras = nn.ModuleList(
             nn.Sequential(*_cbr(a, b, k=1, padding=0), *_cbr(b, c, stride=s, padding=p)) for a, b, c, s, p in spec)
 
@@ -270,14 +295,22 @@ class _ResNet50Backbone(nn.Module):
 @MODELS.register("ssd300-resnet50")
 @_detector_factory
 def ssd300_resnet50(num_classes: int = 20, in_channels: int = 3, input_size: int | None = 300, mean=None,
-                    class_names=None, priors: str = "voc") -> Detector:
-    """SSD300 with a ResNet-50 backbone (the seed's Table 4; 8,732 priors)."""
+                    class_names=None, priors: str = "voc", width: float = 1.0) -> Detector:
+    """SSD300 with a ResNet-50 backbone (the seed's Table 4; 8,732 priors); `width` scales every channel count."""
     _check_size("ssd300-resnet50", input_size, 300)
+    _check_width("ssd300-resnet50", width)
     cfg = {"name": "ssd300-resnet50", "num_classes": num_classes, "in_channels": 3, "input_size": 300,
            "mean": _mean(mean), "class_names": class_names, "priors": priors}
-    return Detector(_ResNet50Backbone(), (512, 1024, 2048, 512, 256, 256), num_classes, _ssd300_priors(priors),
-                    _mean(mean), cfg)
+    if width != 1:
+        cfg["width"] = width
+    sources = (_scaled(128, width) * 4, _scaled(256, width) * 4, _scaled(512, width) * 4,
+               *(_scaled(c, width) for c in _ResNet50Backbone.SOURCES[3:]))
+    return Detector(_ResNet50Backbone(width), sources, num_classes, _ssd300_priors(priors), _mean(mean), cfg)
 
+
+# `robustlab train --smoke` runs SSD300 at 1/8 of its channels on a CPU (same layers, priors and input size)
+ssd300_vgg16.smoke_kwargs = {"width": 0.125}  # type: ignore[attr-defined]
+ssd300_resnet50.smoke_kwargs = {"width": 0.125}  # type: ignore[attr-defined]
 
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

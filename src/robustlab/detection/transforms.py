@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustlab import rng
 from robustlab.data.files import DataError
 from robustlab.detection.boxes import box_iou
 
@@ -39,7 +40,7 @@ def resize(img: Tensor, boxes: Tensor, size: int) -> tuple[Tensor, Tensor]:
 
 
 def _u(gen: torch.Generator | None, lo: float = 0.0, hi: float = 1.0) -> float:
-    return lo + (hi - lo) * float(torch.rand((), generator=gen))
+    return lo + (hi - lo) * float(rng.rand((), generator=gen))
 
 
 def rgb_to_hsv(img: Tensor) -> Tensor:
@@ -91,7 +92,7 @@ def photometric(img: Tensor, gen: torch.Generator | None) -> Tensor:
     if not contrast_first and _u(gen) < 0.5:
         img = img * _u(gen, 0.5, 1.5)
     if _u(gen) < 0.5:
-        img = img[torch.randperm(3, generator=gen)]
+        img = img[rng.randperm(3, generator=gen)]
     return img.clamp(0, 255)
 
 
@@ -113,7 +114,7 @@ def random_crop(img: Tensor, boxes: Tensor, labels: Tensor, difficult: Tensor, g
     whose minimum IoU with every box is >= the mode's threshold; keep the boxes whose centre lies inside."""
     _, h, w = img.shape
     for _ in range(100):  # bounded: a mode no patch can satisfy ends in the whole image, not in a hang
-        mode = modes[int(torch.randint(len(modes), (), generator=gen))]
+        mode = modes[int(rng.randint(len(modes), (), generator=gen))]
         if mode is None or boxes.shape[0] == 0:
             return img, boxes, labels, difficult
         for _ in range(50):

@@ -55,6 +55,10 @@ class TrainConfig:
     ap_mode: str = "11pt"  # detectors: 11pt (VOC07) | area | coco (AP50 by COCO's rules)
     select_best: bool = True  # keep the checkpoint with the best robust accuracy (robust overfitting)
     early_stop_co: bool = False  # stop on catastrophic overfitting (Fast-AT's PGD check)
+    # DataLoader worker processes reading file-backed data (VOC, COCO); null: the machine's cores less one, at most 8.
+    # Results do not depend on it (per-sample seeds).
+    workers: int | None = None
+    data_on_device: bool = False  # in-memory data lives on the GPU for the whole run (augmented there)
     seed: int = 0
     deterministic: bool = False
     amp: str = "none"  # none | bf16 | fp16
@@ -106,6 +110,8 @@ def _check(cfg: TrainConfig) -> None:
     if v == 0 and cfg.select_best:
         raise ConfigError("select_best needs a validation split to select on (robustlab never selects a checkpoint "
                           "on the test images it reports): set validation > 0 (e.g. 0.1) or select_best: false")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise ConfigError(f"config key 'workers' must be >= 0 or null (the machine's default), got {cfg.workers}")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise ConfigError(f"config key 'grad_clip' must be > 0 or null, got {cfg.grad_clip}")
 

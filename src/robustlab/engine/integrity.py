@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from robustlab import rng
 from robustlab.attacks.base import Attack, PassCounter, attack_mode
 from robustlab.errors import IntegrityWarning
 from robustlab.losses import ce_loss
@@ -95,7 +96,7 @@ def check_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tu
 
     if probe.numel():
         xp, yp = x[probe], y[probe]
-        gen = torch.Generator(device=x.device).manual_seed(seed)
+        gen = rng.device_generator(x.device, seed)
         norm, eps = next(iter(bounded.items())) if bounded else ("linf", 0.0)
         x0 = make_threat(norm, eps).random_init(xp, gen) if eps > 0 else xp
         with attack_mode(model):

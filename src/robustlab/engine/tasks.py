@@ -14,6 +14,7 @@ A new task is a `Task` subclass registered with `@TASKS.register("name")`; data 
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -24,6 +25,8 @@ from torch import Tensor, nn
 from robustlab.attacks.spec import expand_panels, parse_attack_spec, parse_spec
 from robustlab.data import select_classes
 from robustlab.data.augment import augment
+from robustlab.data.embedded import as_float_images
+from robustlab.data.loading import EpochLoader, IndexLoader, resolve_workers
 from robustlab.detection.attacks import detection_attacks
 from robustlab.detection.evaluate import evaluate_detector
 from robustlab.detection.report import ap_table, write_detection_report
@@ -53,10 +56,20 @@ class Task(ABC):
         """The data restricted to `classes` with per-class keep fractions (classification only)."""
         raise ConfigError(f"config keys 'classes' and 'imbalance' apply to classification data only, not {self.name}")
 
+    def train_loader(self, data: Any, seed: int, workers: int, device: torch.device) -> EpochLoader | IndexLoader:
+        """What reads the training split: DataLoader workers for a file-backed split (per-sample augmentation seeds
+        from `seed`), the index batches themselves for data in memory."""
+        return IndexLoader()
+
     @abstractmethod
-    def train_batch(self, data: Any, idx: Tensor, generator: torch.Generator, device: torch.device,
-                    augmentation: str) -> tuple[Tensor, Tensor]:
-        """The training batch of `idx` on `device` (augmented with the step's generator)."""
+    def train_batch(self, data: Any, batch: Tensor | tuple[Tensor, Tensor], generator: torch.Generator,
+                    device: torch.device, augmentation: str) -> tuple[Tensor, Tensor]:
+        """A training batch on `device` from what the train loader gave (indices, or a batch read by workers),
+        augmented on the device with the step's generator where the task augments there."""
+
+    def to_device(self, data: Any, device: torch.device) -> Any:
+        """The data with its training split held on `device` for the whole run (config data_on_device)."""
+        raise ConfigError(f"data_on_device is not available for {self.name} data")
 
     @abstractmethod
     def test_split(self, data: Any) -> Any:
@@ -143,10 +156,14 @@ class Classification(Task):
     def restrict_classes(self, data, classes, imbalance, seed):
         return select_classes(data, classes, imbalance, seed=seed)
 
-    def train_batch(self, data, idx, generator, device, augmentation):
-        x = data.x_train[idx].to(device, non_blocking=True)
+    def train_batch(self, data, batch, generator, device, augmentation):
+        idx = batch.to(data.x_train.device)
+        x = as_float_images(data.x_train[idx].to(device, non_blocking=True))  # uint8 files: converted on the device
         y = data.y_train[idx].to(device, non_blocking=True)
         return augment(x, augmentation, generator), y
+
+    def to_device(self, data, device):
+        return dataclasses.replace(data, x_train=data.x_train.to(device), y_train=data.y_train.to(device))
 
     def test_split(self, data):
         return data.x_test, data.y_test
@@ -161,7 +178,7 @@ class Classification(Task):
         return cls()
 
     def split_of(self, data, split):
-        return (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
+        return (data.x_test, data.y_test) if split == "test" else (as_float_images(data.x_train), data.y_train)
 
     def expand_specs(self, specs):
         return expand_panels(specs)
@@ -216,21 +233,34 @@ class Detection(Task):
         "eval_every": 5, "eval_samples": 500, "ap_mode": "11pt",
     }
 
-    def __init__(self, ap_mode: str = "11pt") -> None:
-        self.ap_mode = ap_mode  # 11pt (VOC07) | area | coco
-
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(ap_mode=cfg.ap_mode)
-
     def restrict_classes(self, data, classes, imbalance, seed):
         raise ConfigError("config keys 'classes' and 'imbalance' apply to classification data only "
                           "(MNIST-Det sets its class imbalance with dataset_kwargs.alpha)")
 
-    def train_batch(self, data, idx, generator, device, augmentation):
-        # pixel-scale images, padded targets; augmentation belongs to the source
-        x, y = data.train.batch(idx, generator, train=True)
+    def __init__(self, ap_mode: str = "11pt", workers: int = 0) -> None:
+        self.ap_mode = ap_mode  # 11pt (VOC07) | area | coco
+        self.workers = workers  # DataLoader workers for file-backed splits (evaluation too)
+
+    @classmethod
+    def from_config(cls, cfg):
+        # a training config, or the eval command's options (which have no workers option: the machine's default)
+        return cls(ap_mode=cfg.ap_mode, workers=resolve_workers(getattr(cfg, "workers", None)))
+
+    def train_loader(self, data, seed, workers, device):
+        if not data.train.streams:
+            return IndexLoader()
+        return EpochLoader(data.train, workers, pin_memory=device.type == "cuda", seed=seed)
+
+    def train_batch(self, data, batch, generator, device, augmentation):
+        # pixel-scale images, padded targets; augmentation belongs to the source (per-sample seeds, on the host)
+        x, y = batch if isinstance(batch, tuple) else data.train.batch(batch)
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def to_device(self, data, device):
+        if data.train.streams:
+            raise ConfigError(f"data_on_device needs data held in memory; {data.name!r} is read from files "
+                              f"(set data_on_device: false; DataLoader workers feed the device)")
+        return dataclasses.replace(data, train=data.train.to(device))
 
     def test_split(self, data):
         return data.test
@@ -249,7 +279,7 @@ class Detection(Task):
         # detection has no integrity checks yet (`checks` has nothing to switch); batches of at most 64 images
         attacks = detection_attacks(specs, model) if specs else None
         return evaluate_detector(model, split, n, batch_size=min(batch_size, 64), ap_mode=self.ap_mode,
-                                 attacks=attacks, keep_examples=examples, progress=progress)
+                                 attacks=attacks, keep_examples=examples, progress=progress, workers=self.workers)
 
     def epoch_row(self, result, panel):
         row = {"eval_clean": result["clean"]["map"], "eval_map": result["clean"]["map"]}

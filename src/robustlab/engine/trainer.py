@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 import torch
 from torch import Tensor, nn
 
+from robustlab import rng
 from robustlab.data import ImageData, load_dataset
+from robustlab.data.loading import resolve_workers
 from robustlab.engine.checkpoint import save_model, tensors_sha256, verify_sha256
 from robustlab.engine.config import TrainConfig, validation_count
 from robustlab.engine.tasks import Task, task_of
@@ -47,7 +49,7 @@ RUN_FILES = ("config.json", "train_state.safetensors", "last.safetensors", "best
              "metrics.csv", "tensorboard")
 # settings that may change when a run is resumed (extend it with more epochs, evaluate more or less often, logs);
 # anything else shapes the run and is refused
-RESUMABLE_KEYS = ("epochs", "eval_every", "progress", "tensorboard")
+RESUMABLE_KEYS = ("epochs", "eval_every", "progress", "tensorboard", "workers")
 
 
 def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
@@ -131,6 +133,10 @@ class Trainer:
         self.validation: Any = None
         if self.n_validation:
             self.data, self.validation = self.data.hold_out(self.n_validation, cfg.validation_seed)
+        if cfg.data_on_device:
+            self.data = self.task.to_device(self.data, self.device)
+        # file-backed training data is read by DataLoader workers (per-sample seeds), in-memory data indexed in place
+        self.loader = self.task.train_loader(self.data, cfg.seed, resolve_workers(cfg.workers), self.device)
         self.method = create_method(cfg.method, **cfg.method_kwargs)
         tasks = {"dataset": self.task.name, "model": getattr(MODELS.get(cfg.model), "task", "classification"),
                  "method": self.method.task}
@@ -241,8 +247,8 @@ class Trainer:
                 self.optimizer.step()
         return step
 
-    def _train_batch(self, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        x, y = self.task.train_batch(self.data, idx, gen, self.device, self.cfg.augment)
+    def _train_batch(self, batch: Tensor | tuple[Tensor, Tensor], gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        x, y = self.task.train_batch(self.data, batch, gen, self.device, self.cfg.augment)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
@@ -325,78 +331,82 @@ class Trainer:
         tb = self._tensorboard() if cfg.tensorboard and self.ddp.main else None
         n_train = self.data.n_train
         spe = self.steps_per_epoch()
-        while self.epoch < cfg.epochs:
-            epoch = self.epoch
-            torch.manual_seed(mix_seed(cfg.seed, epoch, 1))
-            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, 2)))
-            self.model.train()
-            sums: dict[str, Tensor] = {}
-            correct = torch.zeros((), device=self.device)
-            seen = 0
-            passes = [0, 0]
-            has_accuracy = False
-            t0 = time.perf_counter()
-            self._fwd_images = 0
-            with progress_bar(spe, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress if self.ddp.main else False) as bar:
-                for step in range(spe):
-                    if stop_at_step is not None and self.global_step >= stop_at_step:
-                        raise KeyboardInterrupt(f"stopped at global step {self.global_step} (as requested)")
-                    idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                    idx = idx[self.ddp.rank::self.ddp.world]
-                    gen = torch.Generator(device=self.device).manual_seed(mix_seed(cfg.seed, epoch, step, 3))
-                    x, y = self._train_batch(idx, gen)
-                    factor = self._set_lr()
-                    lr = cfg.lr * factor
-                    ctx = StepContext(epoch, step, gen, attack_model=self.model,  # attacks skip DDP hooks
-                                      progress=epoch + step / spe, lr_factor=factor, seed=cfg.seed)
-                    self._train_fwd_images = 0
-                    with self._autocast():
-                        out: LossOut = self.method.train_step(self.train_model, Batch(x, y), self.optimizer, ctx,
-                                                               self._backward_and_step(ctx))
-                    self.global_step += self.method.steps_per_batch()
-                    for k, v in out.logs.items():
-                        sums[k] = sums.get(k, torch.zeros((), device=self.device)) + torch.as_tensor(v).detach().float() * x.shape[0]
-                    if out.logits is not None:
-                        correct += (out.logits.detach().argmax(1) == y).sum()
-                        has_accuracy = True
-                    seen += x.shape[0]
-                    passes[1] += ctx.passes[1]
-                    bar.update(1)
-            passes[0] = self._fwd_images
-            stats = torch.stack([correct.float(), torch.tensor(float(seen), device=self.device)]
-                                + [sums[k] for k in sorted(sums)]
-                                + [torch.tensor(float(p), device=self.device) for p in passes])
-            totals = self.ddp.all_reduce_sum(stats).tolist()  # one sync per epoch
-            n_seen = totals[1]
-            row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "seconds": time.perf_counter() - t0}
-            if has_accuracy:
-                row["train_accuracy"] = totals[0] / n_seen
-            for i, k in enumerate(sorted(sums)):
-                row[f"train_{k}"] = totals[2 + i] / n_seen
-            row["forward_per_image"] = totals[-2] / n_seen
-            row["backward_per_image"] = totals[-1] / n_seen
-            self.epoch = epoch + 1
-            if self.ddp.main and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
-                row.update(self.evaluate())
-                if self.task.watches_overfitting:  # the FGSM/PGD rules are about classifier accuracy
-                    self._check_overfitting(row)
-                # select_best: keep the best evaluated weights on the validation split (robust accuracy against
-                # robust overfitting; clean accuracy for a method with no robustness goal), ties to the more
-                # accurate model; else the latest
-                score = row["eval_robust"] if self.best["metric"].startswith("robust") else row["eval_clean"]
-                key = (score, row["eval_clean"])
-                if key > (self.best["score"], self.best["clean"]) or not cfg.select_best:
-                    self.best = {**self.best, "score": key[0], "clean": key[1], "epoch": self.epoch}
-                    save_model(self.run_dir / "best.safetensors", self.model, extra=self._extra(row))
-            self.history.append(row)
-            if self.ddp.main:
-                self._log(row, tb)
-                save_model(self.run_dir / "last.safetensors", self.model, extra=self._extra(row))
-                self.save_state(self.run_dir / "train_state.safetensors")
-            self.ddp.barrier()
-            if cfg.early_stop_co and "catastrophic_overfitting" in row:
-                log.warning("early stop: catastrophic overfitting at epoch %d", self.epoch)
-                break
+        try:
+            while self.epoch < cfg.epochs:
+                epoch = self.epoch
+                torch.manual_seed(mix_seed(cfg.seed, epoch, 1))
+                perm = rng.randperm(n_train, generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, 2)))
+                self.model.train()
+                sums: dict[str, Tensor] = {}
+                correct = torch.zeros((), device=self.device)
+                seen = 0
+                passes = [0, 0]
+                has_accuracy = False
+                t0 = time.perf_counter()
+                self._fwd_images = 0
+                # this rank's share of each batch: under DDP a rank reads (and decodes) only its own images
+                index_batches = [perm[step * cfg.batch_size:(step + 1) * cfg.batch_size][self.ddp.rank::self.ddp.world]
+                                 for step in range(spe)]
+                with progress_bar(spe, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress if self.ddp.main else False) as bar:
+                    for step, batch in enumerate(self.loader.epoch(index_batches, epoch)):
+                        if stop_at_step is not None and self.global_step >= stop_at_step:
+                            raise KeyboardInterrupt(f"stopped at global step {self.global_step} (as requested)")
+                        gen = rng.device_generator(self.device, mix_seed(cfg.seed, epoch, step, 3))
+                        x, y = self._train_batch(batch, gen)
+                        factor = self._set_lr()
+                        lr = cfg.lr * factor
+                        ctx = StepContext(epoch, step, gen, attack_model=self.model,  # attacks skip DDP hooks
+                                          progress=epoch + step / spe, lr_factor=factor, seed=cfg.seed)
+                        self._train_fwd_images = 0
+                        with self._autocast():
+                            out: LossOut = self.method.train_step(self.train_model, Batch(x, y), self.optimizer, ctx,
+                                                                   self._backward_and_step(ctx))
+                        self.global_step += self.method.steps_per_batch()
+                        for k, v in out.logs.items():
+                            sums[k] = sums.get(k, torch.zeros((), device=self.device)) + torch.as_tensor(v).detach().float() * x.shape[0]
+                        if out.logits is not None:
+                            correct += (out.logits.detach().argmax(1) == y).sum()
+                            has_accuracy = True
+                        seen += x.shape[0]
+                        passes[1] += ctx.passes[1]
+                        bar.update(1)
+                passes[0] = self._fwd_images
+                stats = torch.stack([correct.float(), torch.tensor(float(seen), device=self.device)]
+                                    + [sums[k] for k in sorted(sums)]
+                                    + [torch.tensor(float(p), device=self.device) for p in passes])
+                totals = self.ddp.all_reduce_sum(stats).tolist()  # one sync per epoch
+                n_seen = totals[1]
+                row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "seconds": time.perf_counter() - t0}
+                if has_accuracy:
+                    row["train_accuracy"] = totals[0] / n_seen
+                for i, k in enumerate(sorted(sums)):
+                    row[f"train_{k}"] = totals[2 + i] / n_seen
+                row["forward_per_image"] = totals[-2] / n_seen
+                row["backward_per_image"] = totals[-1] / n_seen
+                self.epoch = epoch + 1
+                if self.ddp.main and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
+                    row.update(self.evaluate())
+                    if self.task.watches_overfitting:  # the FGSM/PGD rules are about classifier accuracy
+                        self._check_overfitting(row)
+                    # select_best: keep the best evaluated weights on the validation split (robust accuracy against
+                    # robust overfitting; clean accuracy for a method with no robustness goal), ties to the more
+                    # accurate model; else the latest
+                    score = row["eval_robust"] if self.best["metric"].startswith("robust") else row["eval_clean"]
+                    key = (score, row["eval_clean"])
+                    if key > (self.best["score"], self.best["clean"]) or not cfg.select_best:
+                        self.best = {**self.best, "score": key[0], "clean": key[1], "epoch": self.epoch}
+                        save_model(self.run_dir / "best.safetensors", self.model, extra=self._extra(row))
+                self.history.append(row)
+                if self.ddp.main:
+                    self._log(row, tb)
+                    save_model(self.run_dir / "last.safetensors", self.model, extra=self._extra(row))
+                    self.save_state(self.run_dir / "train_state.safetensors")
+                self.ddp.barrier()
+                if cfg.early_stop_co and "catastrophic_overfitting" in row:
+                    log.warning("early stop: catastrophic overfitting at epoch %d", self.epoch)
+                    break
+        finally:
+            self.loader.close()  # DataLoader workers end with the run (or its interruption)
         if tb is not None:
             tb.close()
         return {"history": self.history, "best": self.best, "events": self.events, "run_dir": str(self.run_dir)}

@@ -12,6 +12,7 @@ optimiser's state into the same checkpoint."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -51,6 +52,12 @@ class Method(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+    @classmethod
+    def standin_inputs(cls, kwargs: dict[str, Any], num_classes: int, folder: Path) -> dict[str, Any]:
+        """The method's options with every input file it reads replaced by a stand-in in that file's format, written
+        under `folder` (`robustlab train --smoke`); most methods read no file."""
+        return kwargs
 
 
 class LossMethod(Method):

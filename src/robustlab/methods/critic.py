@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab import rng
 from robustlab.attacks.base import PassCounter
 from robustlab.attacks.critic import closest_boundary_targets, high_confidence_attack, logit_jacobian, random_targets
 from robustlab.errors import InputError
@@ -52,7 +53,7 @@ class Critic(nn.Module):
     def _noisy(self, h: Tensor, std: float, gen: torch.Generator | None) -> Tensor:
         if not self.noise or std == 0:
             return h
-        return h + std * torch.randn(h.shape, generator=gen, device=h.device, dtype=h.dtype)
+        return h + std * rng.randn(h.shape, generator=gen, device=h.device, dtype=h.dtype)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         h = self._noisy(x.flatten(1), self.input_noise, generator)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from robustlab import rng
 from robustlab.errors import InputError
 from robustlab.methods.base import StepMethod, load_optimizer_state, optimizer_state_tensors
 from robustlab.methods.multi_norm import MultiNormAttacks
@@ -43,7 +44,7 @@ class NoiseGenerator(nn.Module):
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         n, c, h, w = x.shape
-        z = torch.randn((n, c, h + 2, w + 2), generator=generator, device=x.device, dtype=x.dtype)
+        z = rng.randn((n, c, h + 2, w + 2), generator=generator, device=x.device, dtype=x.dtype)
         inp = torch.cat([F.pad(x, (1, 1, 1, 1)), z], 1) if self.image_input else z
         return self.body(inp) + z[:, :, 1:-1, 1:-1]
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustlab import rng
 from robustlab.errors import InputError
 from robustlab.methods.base import LossMethod
 from robustlab.methods.multi_norm import MultiNormAttacks, MultiNormMethod
@@ -93,11 +94,11 @@ class SATBase(MultiNormMethod):
         generator (or, per epoch, from one seeded by the run's seed and the epoch)."""
         k = len(self.norms)
         if self.sat_granularity == "sample":
-            return torch.randint(k, (n,), generator=ctx.generator, device=ctx.generator.device)
+            return rng.randint(k, (n,), generator=ctx.generator, device=ctx.generator.device)
         gen = ctx.generator
         if self.sat_granularity == "epoch":
             gen = torch.Generator().manual_seed(mix_seed(ctx.seed, ctx.epoch, 4))
-        draw = torch.randint(k, (1,), generator=gen, device=gen.device)
+        draw = rng.randint(k, (1,), generator=gen, device=gen.device)
         return draw.to(ctx.generator.device).expand(n)
 
     def sat_adversarial(self, model, x: Tensor, y: Tensor, ctx: StepContext, keep_buffers: bool = False):
@@ -143,7 +144,7 @@ class ConsistencyBase(SATBase):
         self.beta = float(beta)
 
     def augmented(self, x: Tensor, draw: Tensor, ctx: StepContext) -> Tensor:
-        z = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
+        z = rng.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
         return self._fit(x, z, draw, self.attacks.ramp(ctx))
 
     def _fit(self, x: Tensor, v: Tensor, draw: Tensor, f: float = 1.0) -> Tensor:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustlab import rng
 from robustlab.attacks.base import PassCounter, attack_mode
 from robustlab.attacks.pgd import pgd
 from robustlab.methods.adversarial import AdversarialMethod, count_attack_passes, kl_sum
@@ -36,7 +37,7 @@ class TRADES(AdversarialMethod, LossMethod):
         threat, f = self.batch_threat(model, x, ctx)
 
         def start(x: Tensor, gen: torch.Generator | None) -> Tensor:
-            return threat.clip(x + 0.001 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype))
+            return threat.clip(x + 0.001 * rng.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype))
 
         with attack_mode(model):
             counter = PassCounter(model)

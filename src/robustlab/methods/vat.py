@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustlab import rng
 from robustlab.attacks.base import attack_mode
 from robustlab.methods.adversarial import kl_sum
 from robustlab.methods.base import LossMethod
@@ -33,7 +34,7 @@ class VAT(LossMethod):
         with attack_mode(model):
             with torch.no_grad():
                 target = model(x)
-            d = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            d = rng.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
             for _ in range(self.ip):
                 d = (self.xi * d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)).requires_grad_(True)
                 with torch.enable_grad():

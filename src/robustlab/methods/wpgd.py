@@ -4,8 +4,10 @@ label space under a cost C ** p, so the attacker spends its budget towards dista
 the boundaries between similar classes alone; the outer loss stays cross-entropy on the adversarial batch."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,6 +43,22 @@ class WPGD(AdversarialMethod, LossMethod):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "metric": self.metric if isinstance(self.metric, str) else "matrix",
                 "p": self.p, "entropy_weight": self.entropy_weight}
+
+    @classmethod
+    def standin_inputs(cls, kwargs, num_classes, folder):
+        metric = kwargs.get("metric")
+        if not (isinstance(metric, str) and metric.endswith((".npy", ".csv"))):
+            return kwargs
+        g = np.random.default_rng(0)
+        c = g.uniform(0.1, 1.0, (num_classes, num_classes))
+        c = (c + c.T) / 2
+        np.fill_diagonal(c, 0.0)
+        path = Path(folder) / f"label-metric{Path(metric).suffix}"
+        if path.suffix == ".npy":
+            np.save(path, c)
+        else:
+            np.savetxt(path, c, delimiter=",")
+        return {**kwargs, "metric": str(path)}
 
     def cost_for(self, num_classes: int) -> Tensor:
         """C ** p, validated against the model's number of classes (on first use)."""

@@ -261,6 +261,14 @@ def wrn(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, depth
                  width=width, dropout=dropout)
 
 
+# `robustlab train --smoke` thins these models to run in seconds on a CPU (same layers, fewer channels)
+mlp.smoke_kwargs = {"hidden": 64}  # type: ignore[attr-defined]
+small_cnn.smoke_kwargs = {"width": 8, "hidden": 32}  # type: ignore[attr-defined]
+preact_resnet18.smoke_kwargs = {"width": 8}  # type: ignore[attr-defined]
+resnet18.smoke_kwargs = {"width": 8}  # type: ignore[attr-defined]
+wrn.smoke_kwargs = {"width": 1}  # type: ignore[attr-defined]
+
+
 def create_model(name: str, **kwargs: Any) -> Classifier:
     """Build a registered model; unknown names list the valid ones, unknown options raise TypeError."""
     return MODELS.create(name, **kwargs)

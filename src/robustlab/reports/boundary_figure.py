@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab import rng
+
 
 @torch.no_grad()
 def boundary_slices(model: nn.Module, x: Tensor, y: Tensor, *, attack: str, span: float, grid: int = 41,
@@ -27,10 +29,10 @@ def boundary_slices(model: nn.Module, x: Tensor, y: Tensor, *, attack: str, span
     u = (x_adv - x).flatten(1)
     # a sample the attack did not move gets a random first direction instead
     g = torch.Generator().manual_seed(seed)
-    rnd = torch.randn(u.shape, generator=g).to(x)
+    rnd = rng.randn(u.shape, generator=g).to(x)
     u = torch.where(u.norm(dim=1, keepdim=True) > 1e-12, u, rnd)
     u = u / u.norm(dim=1, keepdim=True)
-    v = torch.randn(u.shape, generator=g).to(x)
+    v = rng.randn(u.shape, generator=g).to(x)
     v = v - (v * u).sum(1, keepdim=True) * u
     v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
     t = torch.linspace(-span, span, grid, device=x.device, dtype=x.dtype)
@@ -53,10 +55,10 @@ def boundary_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, path: st
 
     import numpy as np
 
-    from robustlab.reports.plots import _plt
+    from robustlab.reports.plots import pyplot
 
     slices = {name: boundary_slices(m, x, y, attack=attack, span=span, grid=grid, seed=seed) for name, m in models.items()}
-    plt = _plt()
+    plt = pyplot()
     n, k = x.shape[0], len(models)
     fig, axes = plt.subplots(n, k, figsize=(3 * k, 3 * n), squeeze=False)
     ext = [-span, span, -span, span]

@@ -14,7 +14,7 @@ def part_figure(part_model: nn.Module, at_model: nn.Module, x: Tensor, y: Tensor
     from robustlab.attacks import create_attack
     from robustlab.attacks.cam import class_activation_maps
     from robustlab.attacks.pixel_ag import PixelAG, budget_map, default_cam_layer, importance_mask, upsample_maps
-    from robustlab.reports.plots import _plt
+    from robustlab.reports.plots import pyplot
 
     part_model.eval()
     at_model.eval()
@@ -26,7 +26,7 @@ def part_figure(part_model: nn.Module, at_model: nn.Module, x: Tensor, y: Tensor
     at_adv = create_attack("pgd", at_model, norm="linf", eps=eps, steps=steps, step_size=step_size)(x, y)
     part_adv = PixelAG(part_model, budget=budget, steps=steps, step_size=step_size)(x, y)
     up = upsample_maps(cam, (h, w)).clamp(0, 1)
-    plt = _plt()
+    plt = pyplot()
     cols = ["image", f"CAM ({cam_method})", "mask (important)", f"budget ({eps_low:.3g} / {eps:.3g})",
             "AT: PGD perturbation", "PART: Pixel-AG perturbation"]
     n = x.shape[0]

@@ -5,7 +5,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (imported on first use: matplotlib is slow to import)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,7 +16,7 @@ def _plt():
 
 
 def accuracy_vs_eps(curves: dict[str, tuple[list[float], list[float]]], path: Path, title: str, xlabel: str) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for name, (eps, acc) in curves.items():
         ax.plot(eps, [100 * a for a in acc], marker="o", label=name)
@@ -32,7 +33,7 @@ def accuracy_vs_eps(curves: dict[str, tuple[list[float], list[float]]], path: Pa
 
 
 def training_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
     for name, hist in histories.items():
         ep = [h["epoch"] for h in hist]
@@ -58,7 +59,7 @@ def training_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> P
 def per_class_bars(results: dict[str, dict[str, Any]], path: Path) -> Path:
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     names = list(results)
     classes = sorted({c for r in results.values() for c in r["per_class"]}, key=int)
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.9), dpi=120, squeeze=False)

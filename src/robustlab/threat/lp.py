@@ -20,6 +20,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from robustlab import rng
 from robustlab.errors import InputError
 from robustlab.validation import check_choice, check_eps
 
@@ -153,7 +154,7 @@ class LinfBall(LpBall):
         return self.clip(x + delta)
 
     def random_init(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = rng.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return self.clip(x + (2 * u - 1) * self.eps_like(x))
 
     def ascent_direction(self, grad: Tensor, x_adv: Tensor | None = None, x: Tensor | None = None) -> Tensor:
@@ -181,9 +182,9 @@ class L2Ball(LpBall):
         return self.clip(x + delta * factor)
 
     def random_init(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        n = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        n = rng.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         n = n / _view(n.flatten(1).norm(dim=1).clamp_min(_TINY), x)
-        r = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
+        r = rng.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
         return self.clip(x + n * _view(r, x) * self.eps_like(x))
 
     def ascent_direction(self, grad: Tensor, x_adv: Tensor | None = None, x: Tensor | None = None) -> Tensor:
@@ -266,10 +267,10 @@ class L1Ball(LpBall):
 
     def random_init(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         # Laplace direction (inverse-CDF sampling so the generator is honoured), scaled to radius r*eps.
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 0.5
+        u = rng.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 0.5
         lap = -u.sign() * torch.log1p(-2 * u.abs().clamp(max=0.5 - 1e-7))
         lap = lap / _view(lap.flatten(1).abs().sum(1).clamp_min(_TINY), x)
-        r = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
+        r = rng.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
         return self.clip(x + lap * _view(r, x) * self.eps_like(x))
 
     def ascent_direction(self, grad: Tensor, x_adv: Tensor | None = None, x: Tensor | None = None) -> Tensor:
