@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from robustlab.data.loading import ImageFiles
 from robustlab.registry import DATASETS
 
 
@@ -17,10 +18,11 @@ from robustlab.registry import DATASETS
 class ImageData:
     """Train and test splits, images (N, C, H, W) in [0, 1], labels int64. Test images are float32; training images
     read from files stay uint8 (a quarter of the memory: Tiny-ImageNet's 100,000 images take 1.2 GB) and are
-    converted per batch on the device (`as_float_images`)."""
+    converted per batch on the device (`as_float_images`); a large image tree (Tiny-ImageNet, image folders) leaves
+    them on disk as `ImageFiles`, read by DataLoader workers."""
 
     name: str
-    x_train: Tensor
+    x_train: Tensor | ImageFiles  # ImageFiles: left on disk, decoded by DataLoader workers during training
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
@@ -52,9 +54,19 @@ class ImageData:
         """(this data with n_val training images removed, (x_val, y_val)): a fixed validation split carved from the
         training images, stratified by class where every class has two or more images, seeded by `seed` alone."""
         train_idx, val_idx = split_indices(self.n_train, n_val, seed, labels=self.y_train)
-        rest = ImageData(self.name, self.x_train[train_idx], self.y_train[train_idx], self.x_test, self.y_test,
+        rest = ImageData(self.name, take(self.x_train, train_idx), self.y_train[train_idx], self.x_test, self.y_test,
                          self.num_classes, self.classes)
-        return rest, (as_float_images(self.x_train[val_idx]), self.y_train[val_idx])
+        return rest, (as_float_images(materialise(take(self.x_train, val_idx))), self.y_train[val_idx])
+
+
+def take(images: Tensor | ImageFiles, idx: Tensor) -> Tensor | ImageFiles:
+    """images[idx] for a tensor, the subset of the files for training images left on disk."""
+    return images.subset(idx) if isinstance(images, ImageFiles) else images[idx]
+
+
+def materialise(images: Tensor | ImageFiles) -> Tensor:
+    """The images as a tensor (files decoded)."""
+    return images.load() if isinstance(images, ImageFiles) else images
 
 
 def as_float_images(x: Tensor) -> Tensor:

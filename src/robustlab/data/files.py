@@ -4,6 +4,7 @@
 - `cifar10` / `cifar100`: the python pickle batches (`data_batch_1..5` + `test_batch`, or `train` + `test`)
 - `svhn`: `train_32x32.mat` and `test_32x32.mat`
 - `tiny-imagenet`: `train/<wnid>/images/*.JPEG`, `val/images/*.JPEG` + `val/val_annotations.txt`, `wnids.txt`
+  (training images streamed from disk by DataLoader workers; `image-folder` too with stream=true)
 - `image-folder`: `<root>/train/<class>/*` and `<root>/test/<class>/*` (any image format Pillow reads)
 - `cifar10-c`: `<corruption>.npy` (N*5 images, severities 1..5 in blocks) + `labels.npy`
 
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from robustlab import rng
-from robustlab.data.embedded import ImageData, as_float_images
+from robustlab.data.embedded import ImageData, as_float_images, take
+from robustlab.data.loading import ImageFiles, read_image_array
 from robustlab.errors import DataError
 from robustlab.registry import DATASETS
 
@@ -51,9 +53,11 @@ def _to_data(name: str, x_tr, y_tr, x_te, y_te, num_classes: int) -> ImageData:
     def labels(a):
         return torch.from_numpy(np.array(a, dtype=np.int64, copy=True))
 
-    x_train = pixels(x_tr)
-    return ImageData(name, x_train if x_train.dtype == torch.uint8 else x_train.float(), labels(y_tr), imgs(x_te),
-                     labels(y_te), num_classes)
+    x_train: torch.Tensor | ImageFiles = x_tr
+    if not isinstance(x_tr, ImageFiles):
+        t = pixels(x_tr)
+        x_train = t if t.dtype == torch.uint8 else t.float()
+    return ImageData(name, x_train, labels(y_tr), imgs(x_te), labels(y_te), num_classes)
 
 
 # -- MNIST IDX --------------------------------------------------------------------------------
@@ -198,38 +202,58 @@ def svhn(root: str | Path) -> ImageData:
 _IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def _read_image(path: Path, size: int | None, mode: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert(mode)
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
-
-def _folder_split(split_dir: Path, classes: list[str], size, mode):
-    xs, ys = [], []
+def _folder_files(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    paths, labels = [], []
     for ci, c in enumerate(classes):
         files = sorted(p for p in (split_dir / c).rglob("*") if p.suffix.lower() in _IMG_EXT)
-        for p in files:
-            xs.append(_read_image(p, size, mode))
-            ys.append(ci)
-    if not xs:
+        paths += files
+        labels += [ci] * len(files)
+    if not paths:
         raise DataError(f"no images found under {split_dir}")
+    return paths, labels
+
+
+def _decode_all(paths: list[Path], size: int | None, mode: str, where: Path) -> np.ndarray:
+    xs = [read_image_array(p, size, mode) for p in paths]
     shapes = {x.shape for x in xs}
     if len(shapes) > 1:
-        raise DataError(f"images under {split_dir} have different sizes {sorted(shapes)[:3]}...; pass size=N to resize")
-    return np.stack(xs), np.asarray(ys)
+        raise DataError(f"images under {where} have different sizes {sorted(shapes)[:3]}...; pass size=N to resize")
+    return np.stack(xs)
+
+
+def _image_shape(paths: list[Path], size: int | None, mode: str, where: Path) -> tuple[int, int, int]:
+    """(C, H, W) the files decode to, from their headers (no pixel is decoded); one size for all, or size=N."""
+    from PIL import Image, UnidentifiedImageError
+
+    channels = 1 if mode == "L" else 3
+    if size is not None:
+        return (channels, size, size)
+    sizes = set()
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                sizes.add(im.size)
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"cannot read image {p}: {e}") from None
+    if len(sizes) > 1:
+        raise DataError(f"images under {where} have different sizes {sorted(sizes)[:3]}...; pass size=N to resize")
+    w, h = sizes.pop()
+    return (channels, h, w)
+
+
+def _train_images(paths: list[Path], labels: list[int], size: int | None, mode: str, where: Path,
+                  stream: bool) -> tuple[np.ndarray | ImageFiles, np.ndarray]:
+    """Training images decoded now (uint8 in memory) or left on disk for DataLoader workers (stream=True)."""
+    y = np.asarray(labels, dtype=np.int64)
+    if not stream:
+        return _decode_all(paths, size, mode, where), y
+    return ImageFiles(paths, torch.from_numpy(y), size, mode, _image_shape(paths, size, mode, where)), y
 
 
 @DATASETS.register("image-folder")
-def image_folder(root: str | Path, size: int | None = None, grayscale: bool = False) -> ImageData:
-    """Any class-per-folder tree: <root>/train/<class>/*.png and <root>/test/<class>/*.png."""
+def image_folder(root: str | Path, size: int | None = None, grayscale: bool = False, stream: bool = False) -> ImageData:
+    """Any class-per-folder tree: <root>/train/<class>/*.png and <root>/test/<class>/*.png. stream=true leaves the
+    training images on disk, decoded by DataLoader workers during training (for trees too large for memory)."""
     root = Path(root)
     layout = "<root>/train/<class>/<image> and <root>/test/<class>/<image>"
     train_dir, test_dir = _need(root / "train", layout), _need(root / "test", layout)
@@ -240,29 +264,31 @@ def image_folder(root: str | Path, size: int | None = None, grayscale: bool = Fa
     if extra:
         raise DataError(f"test classes {extra} have no train folder in {train_dir}")
     mode = "L" if grayscale else "RGB"
-    x_tr, y_tr = _folder_split(train_dir, classes, size, mode)
-    x_te, y_te = _folder_split(test_dir, classes, size, mode)
-    data = _to_data("image-folder", x_tr, y_tr, x_te, y_te, len(classes))
+    x_tr, y_tr = _train_images(*_folder_files(train_dir, classes), size, mode, train_dir, stream)
+    test_paths, test_labels = _folder_files(test_dir, classes)
+    x_te = _decode_all(test_paths, size, mode, test_dir)
+    data = _to_data("image-folder", x_tr, y_tr, x_te, np.asarray(test_labels), len(classes))
     data.classes = list(classes)
     return data
 
 
 @DATASETS.register("tiny-imagenet")
-def tiny_imagenet(root: str | Path) -> ImageData:
-    """Tiny-ImageNet-200: train/<wnid>/images/*.JPEG, val/images + val/val_annotations.txt, wnids.txt."""
+def tiny_imagenet(root: str | Path, stream: bool = True) -> ImageData:
+    """Tiny-ImageNet-200: train/<wnid>/images/*.JPEG, val/images + val/val_annotations.txt, wnids.txt. The 100,000
+    training images stay on disk, decoded by DataLoader workers during training (stream=false: decoded up front,
+    1.2 GB of uint8); the 10,000 validation images (the test split) are decoded now."""
     root = Path(root)
     layout = "wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt"
     wnids = [w.strip() for w in _need(root / "wnids.txt", layout).read_text().split() if w.strip()]
     if not wnids:
         raise DataError(f"{root / 'wnids.txt'} lists no classes")
     index = {w: i for i, w in enumerate(wnids)}
-    xs, ys = [], []
+    paths, labels = [], []
     for w in wnids:
-        files = sorted((_need(root / "train" / w / "images", layout)).glob("*"))
-        for p in files:
-            if p.suffix.lower() in _IMG_EXT:
-                xs.append(_read_image(p, 64, "RGB"))
-                ys.append(index[w])
+        files = sorted(p for p in (_need(root / "train" / w / "images", layout)).glob("*")
+                       if p.suffix.lower() in _IMG_EXT)
+        paths += files
+        labels += [index[w]] * len(files)
     ann = _need(root / "val" / "val_annotations.txt", layout)
     vx, vy = [], []
     for ln, line in enumerate(ann.read_text().splitlines(), 1):
@@ -273,11 +299,12 @@ def tiny_imagenet(root: str | Path) -> ImageData:
             raise DataError(f"{ann} line {ln}: expected '<file>\\t<wnid>...', got {line!r}")
         if parts[1] not in index:
             raise DataError(f"{ann} line {ln}: class {parts[1]!r} is not in wnids.txt")
-        vx.append(_read_image(_need(root / "val" / "images" / parts[0], layout), 64, "RGB"))
+        vx.append(read_image_array(_need(root / "val" / "images" / parts[0], layout), 64, "RGB"))
         vy.append(index[parts[1]])
-    if not xs or not vx:
+    if not paths or not vx:
         raise DataError(f"no images found in {root}; expected layout: {layout}")
-    return _to_data("tiny-imagenet", np.stack(xs), np.asarray(ys), np.stack(vx), np.asarray(vy), len(wnids))
+    x_tr, y_tr = _train_images(paths, labels, 64, "RGB", root / "train", stream)
+    return _to_data("tiny-imagenet", x_tr, y_tr, np.stack(vx), np.asarray(vy), len(wnids))
 
 
 # -- CIFAR-10-C -------------------------------------------------------------------------------
@@ -325,14 +352,16 @@ def select_classes(data: ImageData, classes: list[int] | None = None, imbalance:
             idx = (y_tr == c).nonzero().squeeze(1)
             drop = idx[rng.randperm(idx.numel(), generator=g)[int(round(frac * idx.numel())):]]
             keep[drop] = False
-        x_tr, y_tr = x_tr[keep], y_tr[keep]
+        kept = keep.nonzero().squeeze(1)
+        x_tr, y_tr = take(x_tr, kept), y_tr[kept]
     if classes is not None:
         if len(set(classes)) != len(classes) or any(not 0 <= c < k for c in classes):
             raise DataError(f"classes must be distinct indices in 0..{k - 1}, got {classes}")
         remap = torch.full((k,), -1, dtype=torch.long)
         remap[torch.tensor(classes)] = torch.arange(len(classes))
         mtr, mte = remap[y_tr] >= 0, remap[y_te] >= 0
-        x_tr, y_tr, x_te, y_te = x_tr[mtr], remap[y_tr[mtr]], x_te[mte], remap[y_te[mte]]
+        x_tr, y_tr = take(x_tr, mtr.nonzero().squeeze(1)), remap[y_tr[mtr]]
+        x_te, y_te = x_te[mte], remap[y_te[mte]]
         k = len(classes)
     return ImageData(data.name, x_tr, y_tr, x_te, y_te, k)
 

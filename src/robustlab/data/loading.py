@@ -9,11 +9,14 @@ after a resume. In-memory data needs none of this: its batches are indexed where
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from robustlab.errors import DataError
 from robustlab.utils import mix_seed
 
 
@@ -39,6 +42,63 @@ def resolve_workers(workers: int | None) -> int:
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed of sample `index` in `epoch` (independent of batches, workers and ranks)."""
     return mix_seed(seed, epoch, index, 4)
+
+
+def read_image_array(path: Path, size: int | None, mode: str) -> np.ndarray:
+    """An image file as uint8 (C, H, W) in Pillow mode `mode` ("L" or "RGB"), resized to size x size if given."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            a = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+class ImageFiles:
+    """Classification training images left as files and decoded per item (by DataLoader workers during training):
+    a map-style source of uint8 (C, H, W) images of one shape with their labels. It stands where an ImageData's
+    `x_train` tensor would (same `shape` and `dtype`); `take` and `materialise` in data.embedded treat both alike.
+    Augmentation happens on the device with the step's generator, so items need no seed."""
+
+    streams = True
+    dtype = torch.uint8
+
+    def __init__(self, paths: Sequence[Path], labels: Tensor, size: int | None, mode: str,
+                 image_shape: tuple[int, int, int]) -> None:
+        if len(paths) != labels.shape[0]:
+            raise DataError(f"{len(paths)} image files but {labels.shape[0]} labels")
+        self.paths, self.labels, self.size, self.mode = list(paths), labels, size, mode
+        self.shape = (len(self.paths), *image_shape)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def item(self, i: int, seed: int | None = None) -> tuple[Tensor, Tensor]:
+        image = torch.from_numpy(read_image_array(self.paths[i], self.size, self.mode).copy())
+        if tuple(image.shape) != self.shape[1:]:
+            raise DataError(f"{self.paths[i]} is {tuple(image.shape)}, the other images {self.shape[1:]}; pass size=N "
+                            f"to resize")
+        return image, self.labels[i]
+
+    def collate(self, items: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        images, labels = zip(*items)
+        return torch.stack(images), torch.stack(labels)
+
+    def subset(self, idx: Tensor) -> "ImageFiles":
+        ids = idx.tolist()
+        return ImageFiles([self.paths[i] for i in ids], self.labels[idx], self.size, self.mode,
+                          self.shape[1:])
+
+    def load(self) -> Tensor:
+        """Every image, decoded, as one uint8 tensor (a validation split, or evaluation on the training split)."""
+        if not self.paths:
+            return torch.zeros(self.shape, dtype=torch.uint8)
+        return self.collate([self.item(i) for i in range(len(self))])[0]
 
 
 class _Items(torch.utils.data.Dataset):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from robustlab.attacks.spec import parse_spec
-from robustlab.data.embedded import ImageData
+from robustlab.data.embedded import ImageData, take
 from robustlab.data.standins import write_standin
 from robustlab.engine.config import DEFAULT_VALIDATION, TrainConfig
 from robustlab.registry import ATTACKS, METHODS, MODELS
@@ -101,7 +101,8 @@ def smoke_config(cfg: TrainConfig, folder: Path, device: str | None = None) -> t
 def _cut(data: Any, n_train: int, n_test: int) -> Any:
     """Embedded classification data cut to the smoke's size (file stand-ins are written at it)."""
     if isinstance(data, ImageData) and (data.n_train > n_train or data.x_test.shape[0] > n_test):
-        return dataclasses.replace(data, x_train=data.x_train[:n_train], y_train=data.y_train[:n_train],
+        first = torch.arange(min(n_train, data.n_train))
+        return dataclasses.replace(data, x_train=take(data.x_train, first), y_train=data.y_train[first],
                                    x_test=data.x_test[:n_test], y_test=data.y_test[:n_test])
     return data
 

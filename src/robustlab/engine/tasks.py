@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from robustlab.attacks.spec import expand_panels, parse_attack_spec, parse_spec
 from robustlab.data import select_classes
 from robustlab.data.augment import augment
-from robustlab.data.embedded import as_float_images
-from robustlab.data.loading import EpochLoader, IndexLoader, resolve_workers
+from robustlab.data.embedded import as_float_images, materialise
+from robustlab.data.loading import EpochLoader, ImageFiles, IndexLoader, resolve_workers
 from robustlab.detection.attacks import detection_attacks
 from robustlab.detection.evaluate import evaluate_detector
 from robustlab.detection.report import ap_table, write_detection_report
@@ -156,13 +156,24 @@ class Classification(Task):
     def restrict_classes(self, data, classes, imbalance, seed):
         return select_classes(data, classes, imbalance, seed=seed)
 
+    def train_loader(self, data, seed, workers, device):
+        if isinstance(data.x_train, ImageFiles):  # images left on disk: decoded by workers, augmented on the device
+            return EpochLoader(data.x_train, workers, pin_memory=device.type == "cuda")
+        return IndexLoader()
+
     def train_batch(self, data, batch, generator, device, augmentation):
-        idx = batch.to(data.x_train.device)
-        x = as_float_images(data.x_train[idx].to(device, non_blocking=True))  # uint8 files: converted on the device
-        y = data.y_train[idx].to(device, non_blocking=True)
-        return augment(x, augmentation, generator), y
+        if isinstance(batch, tuple):
+            x, y = batch
+        else:
+            idx = batch.to(data.x_train.device)
+            x, y = data.x_train[idx], data.y_train[idx]
+        x = as_float_images(x.to(device, non_blocking=True))  # uint8 pixels become float on the device
+        return augment(x, augmentation, generator), y.to(device, non_blocking=True)
 
     def to_device(self, data, device):
+        if isinstance(data.x_train, ImageFiles):
+            raise ConfigError(f"data_on_device needs data held in memory; {data.name!r} streams its training images "
+                              f"from disk (set data_on_device: false; DataLoader workers feed the device)")
         return dataclasses.replace(data, x_train=data.x_train.to(device), y_train=data.y_train.to(device))
 
     def test_split(self, data):
@@ -178,7 +189,8 @@ class Classification(Task):
         return cls()
 
     def split_of(self, data, split):
-        return (data.x_test, data.y_test) if split == "test" else (as_float_images(data.x_train), data.y_train)
+        return (data.x_test, data.y_test) if split == "test" else (as_float_images(materialise(data.x_train)),
+                                                                   data.y_train)
 
     def expand_specs(self, specs):
         return expand_panels(specs)
