@@ -63,7 +63,8 @@ def test_smoke_caps_steps_and_keeps_the_rest(tmp_path):
     assert "steps=2" in smoke.eval_attack and smoke.epochs == 2 and smoke.compile is False
     assert Path(smoke.dataset_kwargs["root"], "data_batch_1").is_file()  # CIFAR pickles, read by the real loader
     assert data.n_train == smoke.batch_size + smoke.validation and data.x_train.dtype == torch.uint8
-    assert cap_attack_steps("pgd:norm=l2,eps=1.5,steps=20") == "pgd:norm='l2',eps=1.5,steps=2"
+    assert cap_attack_steps("pgd:norm=l2,eps=1.5,steps=20") == "pgd:norm=l2,eps=1.5,steps=2"
+    assert cap_attack_steps("cwa") == "cwa:steps=2"  # the default (10) capped too
     assert cap_attack_steps("fgsm:eps=0.3") == "fgsm:eps=0.3"  # no iterations to cap
 
 

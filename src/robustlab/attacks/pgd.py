@@ -1,8 +1,10 @@
 """FGSM (Goodfellow et al. 2015) and PGD (Madry et al. 2018, arXiv:1706.06083) for l_inf, l_2 and l_1.
 
 Threat model: any `LpBall` (l_1 uses the SLIDE sparse step). Defaults: baselines.md 2.1-2.2.
-PGD returns the final iterate; with restarts, per sample the restart that fools the model,
-else the one with the highest final loss.
+PGD returns the final iterate (training attacks, and `PGD(...)` by default); with best_iterate=True (what
+`evaluate` uses for PGD specs that do not say otherwise) per sample the first iterate that fools the model, and
+fooled samples leave the batch: never weaker, usually cheaper. With restarts, per sample the restart that fools
+the model, else the one with the highest final loss.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def pgd(
     target: Tensor | None = None,
     generator: torch.Generator | None = None,
     init: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
+    best_iterate: bool = False,
 ) -> AttackOut:
     """The one PGD loop of robustlab: no mode handling, no validation. Loss gradients are of the per-sample sum.
 
@@ -43,14 +46,17 @@ def pgd(
     logits; a detector's padded targets) and the model's output may be anything loss_fn reads (a detector's
     (loc, conf)). random_start draws x_0 with `threat.random_init`, or with `init(x, generator)` when given
     (Pixel-AG's start, TRADES' small Gaussian). With restarts > 1 the output must be logits (success is a
-    misclassification)."""
+    misclassification). best_iterate (evaluation, logits only): per sample the first iterate that fools the model
+    (else the final one), and fooled samples leave the batch (see `_best_iterate_run`)."""
     best_x = x.clone()
     best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
     best_success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     start = init if init is not None else threat.random_init
     for _ in range(restarts):
         x_adv = start(x, generator) if random_start else x.clone()
-        for _ in range(steps):
+        if best_iterate:
+            x_adv = _best_iterate_run(counter, x, y, x_adv, threat, loss_fn, steps, step_size, target)
+        for _ in range(0 if best_iterate else steps):
             _, _, g = counter.loss_and_grad(x_adv, loss_fn, y, target)
             x_adv = threat.step(x_adv, g, step_size, x)
         if restarts == 1:  # success flags left to the caller (Attack.run adds them on demand)
@@ -64,6 +70,41 @@ def pgd(
         best_loss = torch.where(better, loss, best_loss)
         best_success = best_success | success
     return AttackOut(best_x, best_success)
+
+
+def _best_iterate_run(counter: PassCounter, x: Tensor, y: Tensor, x_adv: Tensor, threat: LpBall, loss_fn,
+                      steps: int, step_size: float | Tensor, target: Tensor | None) -> Tensor:
+    """PGD from x_adv keeping, per sample, the first iterate the model misclassifies (x_0 included; the final
+    iterate where none does). Each iterate is judged by the forward pass its gradient step needs anyway, so this
+    costs no extra pass; a fooled sample leaves the working batch, which shrinks the later passes. Samples never
+    interact (the model is in eval mode, the loss is per sample, the random start is drawn before the loop), so
+    leaving the batch changes no other sample's trajectory. With a per-sample budget or step size the batch
+    keeps its size and fooled samples are frozen instead."""
+    per_sample = any(isinstance(v, Tensor) and v.numel() > 1 for v in (threat.eps, step_size))
+    out = x_adv.clone()
+    active = torch.arange(x.shape[0], device=x.device)
+    xa, x0, ya, ta = x_adv, x, y, target
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(steps):
+        logits, _, g = counter.loss_and_grad(xa, loss_fn, ya, ta)
+        fooled = _success(logits, ya, ta)
+        if per_sample:
+            newly = fooled & ~done
+            out[newly] = xa[newly]
+            done |= fooled
+            xa = torch.where(done.view(-1, *([1] * (x.dim() - 1))), xa, threat.step(xa, g, step_size, x0))
+            continue
+        out[active[fooled]] = xa[fooled]
+        keep = ~fooled
+        active, xa, x0, ya, g = active[keep], xa[keep], x0[keep], ya[keep], g[keep]
+        ta = ta[keep] if ta is not None else None
+        if active.numel() == 0:
+            return out
+        xa = threat.step(xa, g, step_size, x0)
+    if per_sample:
+        return torch.where(done.view(-1, *([1] * (x.dim() - 1))), out, xa)
+    out[active] = xa
+    return out
 
 
 def _success(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
@@ -80,7 +121,8 @@ class PGD(Attack):
     (on by default: never spend a sparse step on a pixel that sits on a box face and is pushed outward, the
     stronger variant of Tramer & Boneh and foolbox; without it SLIDE overstates l_1 robustness on images with
     many saturated pixels such as MNIST). l_2 only: `l2_proj` ("scale_then_clip" as the reference codes, or
-    "exact").
+    "exact"). best_iterate: per sample the first iterate that fools the model, fooled samples leaving the batch
+    (evaluation; `evaluate` turns it on for PGD specs); off, the final iterate (what training uses).
     """
 
     name = "pgd"
@@ -102,10 +144,17 @@ class PGD(Attack):
         l2_proj: str = "scale_then_clip",
         seed: int | None = 0,
         bn_mode: str = "eval",
+        best_iterate: bool = False,
     ) -> None:
         super().__init__(model, seed=seed, bn_mode=bn_mode)
         check_positive_int(steps, "steps")
         check_positive_int(restarts, "restarts")
+        if not isinstance(best_iterate, bool):
+            raise InputError(f"best_iterate must be true or false, got {best_iterate!r}")
+        if best_iterate and bn_mode != "eval":
+            raise InputError("best_iterate lets fooled samples leave the batch, which changes BatchNorm's batch "
+                             "statistics under bn_mode=train: use bn_mode=eval (evaluation) or best_iterate=false")
+        self.best_iterate = best_iterate
         threat_kwargs: dict[str, Any] = {}
         key = normalise_norm(norm)
         if key != "l1":
@@ -127,12 +176,12 @@ class PGD(Attack):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "steps": self.steps, "step_size": self.step_size, "loss": self.loss,
-                "restarts": self.restarts}
+                "restarts": self.restarts, "best_iterate": self.best_iterate}
 
     def _run(self, counter, x, y, target, gen):
         return pgd(counter, x, y, threat=self.threat, loss_fn=self.loss_fn, steps=self.steps,
                    step_size=self.step_size, random_start=self.random_start, restarts=self.restarts,
-                   target=target, generator=gen)
+                   target=target, generator=gen, best_iterate=self.best_iterate)
 
 
 @ATTACKS.register("fgsm")

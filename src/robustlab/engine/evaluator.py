@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.attacks.base import Attack, attack_mode
-from robustlab.attacks.spec import create_attack
+from robustlab.attacks.spec import create_attack, parse_attack_spec
 from robustlab.engine.integrity import check_integrity
 from robustlab.errors import InputError, InputTypeError
+from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat, per_sample_norm
 from robustlab.types import AttackOut
 from robustlab.utils import progress_bar
@@ -94,6 +95,15 @@ def _batches(x: Tensor | None, y: Tensor | None, loader: Iterable | None, batch_
         yield x[i:i + batch_size], y[i:i + batch_size]
 
 
+def _for_evaluation(spec: str, model: nn.Module) -> Attack:
+    """The attack of a spec as evaluation runs it: an iterative attack that can keep its best iterate does
+    (`best_iterate`: a sample counts as broken if any iterate fooled it, and leaves the batch then), unless the
+    spec sets best_iterate itself. Attack objects passed to `evaluate` run as they were built."""
+    name, opts = parse_attack_spec(spec)
+    extra = {"best_iterate": True} if "best_iterate" in ATTACKS.options(name, 1) and "best_iterate" not in opts else {}
+    return create_attack(spec, model, **extra)
+
+
 def evaluate(
     model: nn.Module,
     x: Tensor | Iterable | None = None,
@@ -140,7 +150,7 @@ def evaluate(
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
-    built = [create_attack(a, model) if isinstance(a, str) else a for a in attacks]
+    built = [_for_evaluation(a, model) if isinstance(a, str) else a for a in attacks]
     for a in built:
         if not isinstance(a, Attack):
             raise InputTypeError(f"attacks must be Attack objects or spec strings, got {type(a).__name__}")

@@ -47,8 +47,7 @@ def cap_attack_steps(spec: str, cap: int = SMOKE_ATTACK_STEPS) -> str:
     name, opts = parse_spec(spec, ATTACKS)
     if "steps" in ATTACKS.options(name, 1):
         opts["steps"] = min(int(opts.get("steps", cap)), cap)
-    return name + (":" + ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in opts.items())
-                   if opts else "")
+    return name + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
 
 
 def _cap_method_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
