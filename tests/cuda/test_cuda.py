@@ -71,15 +71,15 @@ def test_every_gpu_config_smokes_on_cuda(path, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained_cuda_model():
+def trained_cuda_model(tmp_path_factory):
     """A small CNN trained 2 epochs on mnist5k on the GPU (real labels; a model worth attacking)."""
     from robustlab.data import load_dataset
 
-    cfg = TrainConfig(name="cuda-std", out_dir="/tmp/robustlab-cuda-tests", model="small-cnn", method="standard",
-                      epochs=2, batch_size=128, lr=0.05, validation=0, select_best=False, device="cuda",
-                      progress=False)
-    trainer = Trainer(cfg, run_dir=Path("/tmp/robustlab-cuda-tests") / "std")
-    trainer.fit(overwrite=True)
+    out = tmp_path_factory.mktemp("cuda-std")
+    cfg = TrainConfig(name="cuda-std", out_dir=str(out), model="small-cnn", method="standard", epochs=2,
+                      batch_size=128, lr=0.05, validation=0, select_best=False, device="cuda", progress=False)
+    trainer = Trainer(cfg)
+    trainer.fit()
     data = load_dataset("mnist5k")
     return trainer.model.eval(), data.x_test[:256].cuda(), data.y_test[:256].cuda()
 

@@ -63,8 +63,7 @@ def test_helpers_match_torch_draw_for_draw():
     assert torch.equal(rng.randn(2, 3, generator=g), torch.randn(2, 3, generator=torch.Generator().manual_seed(4)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a CUDA generator for a CPU draw")
-@pytest.mark.cuda
+@pytest.mark.cuda  # conftest skips it, saying why, where torch.cuda.is_available() is False
 def test_a_cuda_generator_cannot_draw_on_the_host():
     with pytest.raises(rng.GeneratorDeviceError):
         rng.randint(0, 2 ** 62, (4,), generator=rng.device_generator("cuda", 0))  # the old FileSource bug
