@@ -46,13 +46,19 @@ ALTERNATIVES = {
     "step_size": (0.01,), "version": ("rand",), "confidence": (0.9,), "sat_granularity": ("sample",),
     "generator_input": ("image",), "target": ("random",), "cycle_norm": ("l2",), "norms": (("linf", "l2"),),
     "attack_bn_mode": ("eval",), "eps_ramp_epochs": (4.0,), "burn_in_epochs": (1,), "refresh_epochs": (2,),
-    "generator_lr": (0.5,), "lookahead_lr": (0.5,), "critic_betas": ((0.9, 0.9),),
+    "generator_lr": (0.5,), "lookahead_lr": (0.5,), "critic_betas": ((0.9, 0.9),), "precision": ("bf16",),
 }
+# Options that change how the model's forward runs, not what it computes: each has its own test that it is used.
+EXECUTION_OPTIONS = {"compile": "tests/attacks/test_precision.py runs the gradient attacks compiled (every attack's "
+                                "forward goes through the same PassCounter)"}
 # Extra settings under which an option matters (e.g. SLIDE's q only for the l_1 norm).
 CONTEXT = {
     ("pgd", "q"): {"norm": "l1", "eps": 4.0}, ("pgd", "mask_saturated"): {"norm": "l1", "eps": 4.0},
     ("pgd", "l2_proj"): {"norm": "l2", "eps": 1.0}, ("fab", "n_targets"): {"targeted": True, "eps": 0.05},
     ("deepfool", "max_step"): {"project": True},
+    # with compaction every sample is fooled (and gone) before the first step-size checkpoint
+    **{(a, "rho"): {"compact": False} for a in ("apgd-ce", "apgd-dlr", "apgd-t")},
+    ("fab", "compact"): {"eps": 0.05}, **{("square", o): {"eps": 0.1, "n_queries": 100} for o in ("compact", "precision")},
 }
 
 
@@ -101,7 +107,7 @@ def _outcome(out):
 def test_every_attack_option_does_something(name, option, digits_tiny_cnn, batch):
     model, (x, y) = digits_tiny_cnn, batch
     factory = ATTACKS.get(name)
-    noted = getattr(factory, "no_op_options", {})
+    noted = {**getattr(factory, "no_op_options", {}), **EXECUTION_OPTIONS}
     if option in noted:
         assert noted[option], f"{name}: give the reason why {option!r} is a no-op"
         return
@@ -226,7 +232,7 @@ def _train_two_steps(name, kwargs, digits, epochs=(1, 1)):
 @pytest.mark.parametrize("name,option", METHOD_CASES)
 def test_every_method_option_does_something(name, option, digits):
     factory = METHODS.get(name)
-    noted = getattr(factory, "no_op_options", {})
+    noted = {**getattr(factory, "no_op_options", {}), **EXECUTION_OPTIONS}
     if option in noted:
         assert noted[option], f"{name}: give the reason why {option!r} is a no-op"
         return

@@ -63,13 +63,23 @@ def apgd_single_run(
     rho: float = 0.75,
     target: Tensor | None = None,
     generator: torch.Generator,
+    compact: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """One APGD run on all of x. Returns (x_best_adv, fooled)."""
+    """One APGD run on all of x. Returns (x_adv, fooled): x_adv is a fooling iterate where one was found, else x.
+
+    compact=True drops a sample from the working batch at its first fooling iterate (one host sync per
+    iteration). Every sample's state (step size, checkpoints, loss history) is its own and the random start is
+    drawn before the loop, so the fooled set is the same as without compaction; only which fooling iterate is
+    returned differs (the first instead of the last).
+    """
     n_iter_2 = max(int(0.22 * steps), 1)
     n_iter_min = max(int(0.06 * steps), 1)
     size_decr = max(int(0.03 * steps), 1)
     n = x.shape[0]
-    eps = threat.eps_per_sample(x)
+    x_out, threat_all = x, threat
+    active = torch.arange(n, device=x.device)  # original indices of the working batch (compact=True)
+    fooled_all = torch.zeros(n, dtype=torch.bool, device=x.device)
+    adv_all = x.clone()
 
     x_adv = _apgd_init(threat, x, generator)
     x_best = x_adv.clone()
@@ -81,13 +91,33 @@ def apgd_single_run(
     fooled = logits.argmax(1) != y
     # The reference keeps x_best_adv = starting point for all samples; only fooled ones are returned.
     loss_best = loss_indiv.clone()
-    step_size = _v(2.0 * eps)
+    step_size = _v(2.0 * threat.eps_per_sample(x))
     x_adv_old = x_adv.clone()
     k = n_iter_2
     counter3 = 0
     loss_best_last_check = loss_best.clone()
     reduced_last_check = torch.ones(n, dtype=torch.bool, device=x.device)
 
+    def retire(now: Tensor) -> bool:
+        """compact=True: record the samples fooled at x_adv and drop them from the working batch; False when
+        none is left."""
+        nonlocal active, x, y, target, threat, x_adv, x_adv_old, x_best, grad, grad_best, loss_steps, loss_indiv
+        nonlocal loss_best, step_size, loss_best_last_check, reduced_last_check
+        gone = now.nonzero().squeeze(1)
+        adv_all[active[gone]] = x_adv[gone]
+        fooled_all[active[gone]] = True
+        keep = (~now).nonzero().squeeze(1)
+        active, x, y, x_adv, x_adv_old, x_best, grad, grad_best = (
+            t[keep] for t in (active, x, y, x_adv, x_adv_old, x_best, grad, grad_best))
+        target = target[keep] if target is not None else None
+        threat = threat_all.subset(active)
+        loss_steps, loss_indiv, loss_best = loss_steps[:, keep], loss_indiv[keep], loss_best[keep]
+        step_size, loss_best_last_check = step_size[keep], loss_best_last_check[keep]
+        reduced_last_check = reduced_last_check[keep]
+        return keep.numel() > 0
+
+    if compact and bool(fooled.any()) and not retire(fooled):
+        return adv_all, fooled_all
     for i in range(steps):
         grad2 = x_adv - x_adv_old
         x_adv_old = x_adv
@@ -97,8 +127,12 @@ def apgd_single_run(
 
         logits, loss_indiv, grad = counter.loss_and_grad(x_adv, loss_fn, y, target)
         now_fooled = logits.argmax(1) != y
-        x_best_adv = torch.where(_v(now_fooled), x_adv, x_best_adv)
-        fooled = fooled | now_fooled
+        if compact:
+            if bool(now_fooled.any()) and not retire(now_fooled):
+                return adv_all, fooled_all
+        else:
+            x_best_adv = torch.where(_v(now_fooled), x_adv, x_best_adv)
+            fooled = fooled | now_fooled
 
         loss_steps[i] = loss_indiv
         improved = loss_indiv > loss_best
@@ -110,7 +144,7 @@ def apgd_single_run(
         if counter3 == k:
             # Oscillation check: count loss increases over the last k iterations (reference indexing,
             # including its wrap-around to the last row at the first checkpoint).
-            increases = torch.zeros(n, device=x.device, dtype=x.dtype)
+            increases = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
             for c5 in range(k):
                 increases += (loss_steps[i - c5] > loss_steps[i - c5 - 1]).to(x.dtype)
             osc = increases <= k * rho
@@ -123,24 +157,33 @@ def apgd_single_run(
             grad = torch.where(_v(reduce), grad_best, grad)
             k = max(k - size_decr, n_iter_min)
             counter3 = 0
-    return torch.where(_v(fooled), x_best_adv, x), fooled
+    if compact:
+        return adv_all, fooled_all
+    return torch.where(_v(fooled), x_best_adv, x_out), fooled
 
 
 class _APGDBase(Attack):
     loss_name = "ce"
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float | Tensor = 8 / 255, steps: int = 100,
-                 restarts: int = 1, rho: float = 0.75, seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)
+                 restarts: int = 1, rho: float = 0.75, compact: bool = True, eot: int = 1, seed: int | None = 0,
+                 bn_mode: str = "eval",
+                 precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
         if str(norm).lower() not in ("linf", "l2", "inf"):
             raise InputError(f"APGD supports norms linf and l2, got {norm!r}")
         check_positive_int(steps, "steps")
         check_positive_int(restarts, "restarts")
         self.threat = make_threat(norm, eps)
         self.steps, self.restarts, self.rho = steps, restarts, rho
+        # a sample leaves the working batch at its first fooling iterate (same fooled set, fewer passes)
+        self.compact = bool(compact)
+        check_positive_int(eot, "eot")
+        self.eot = eot  # gradients averaged over eot passes (randomised models; AutoAttack's rand version uses 20)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "steps": self.steps, "restarts": self.restarts}
+        return {**super().describe(), "steps": self.steps, "restarts": self.restarts, "compact": self.compact,
+                "eot": self.eot}
 
 
 @ATTACKS.register("apgd-ce")
@@ -159,7 +202,7 @@ class APGD(_APGDBase):
 
     def _run(self, counter, x, y, target, gen):
         return apgd_restarts(counter, x, y, threat=self.threat, loss_fn=self.loss_fn, steps=self.steps,
-                             rho=self.rho, restarts=self.restarts, generator=gen)
+                             rho=self.rho, restarts=self.restarts, generator=gen, compact=self.compact)
 
 
 @ATTACKS.register("apgd-dlr")
@@ -173,7 +216,7 @@ class APGDDLR(APGD):
         super().__init__(model, loss="dlr", **kwargs)
 
 
-def apgd_restarts(counter, x, y, *, threat, loss_fn, steps, rho, restarts, generator):
+def apgd_restarts(counter, x, y, *, threat, loss_fn, steps, rho, restarts, generator, compact=False):
     """Restarts (and, for APGD-T, targets) run only on points not yet fooled."""
     with torch.no_grad():
         robust = counter.logits(x).argmax(1) == y
@@ -184,7 +227,7 @@ def apgd_restarts(counter, x, y, *, threat, loss_fn, steps, rho, restarts, gener
             break
         xs, ys = x[idx], y[idx]
         adv, fooled = apgd_single_run(counter, xs, ys, threat=threat.subset(idx), loss_fn=loss_fn, steps=steps,
-                                      rho=rho, generator=generator)
+                                      rho=rho, generator=generator, compact=compact)
         x_adv[idx] = torch.where(_v(fooled), adv, x_adv[idx])
         robust[idx] = ~fooled
     return AttackOut(x_adv, ~robust)
@@ -219,7 +262,7 @@ class APGDT(_APGDBase):
                     tgt = counter.logits(xs).sort(dim=1)[1][:, -rank]
                 adv, fooled = apgd_single_run(counter, xs, ys, threat=self.threat.subset(idx),
                                               loss_fn=dlr_targeted_loss, steps=self.steps, rho=self.rho,
-                                              target=tgt, generator=gen)
+                                              target=tgt, generator=gen, compact=self.compact)
                 x_adv[idx] = torch.where(_v(fooled), adv, x_adv[idx])
                 robust[idx] = ~fooled
         return AttackOut(x_adv, ~robust)

@@ -1,4 +1,5 @@
-"""AutoAttack "standard" (Croce & Hein, ICML 2020, arXiv:2003.01690): APGD-CE -> APGD-T -> FAB-T -> Square.
+"""AutoAttack "standard" (Croce & Hein, ICML 2020, arXiv:2003.01690): APGD-CE -> APGD-T -> FAB-T -> Square;
+version="rand" (randomised defenses): APGD-CE -> APGD-DLR, each step's gradient averaged over 20 passes (EoT).
 
 Protocol (baselines.md 2.8): only clean-correct points are attacked, each attack only on points
 still robust, a point drops out as soon as one attack fools it; x_adv equals x for robust points.
@@ -8,6 +9,7 @@ one flag; `impl="torchattacks"` runs torchattacks' weaker version (PART's table 
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -23,38 +25,49 @@ from robustlab.threat import make_threat
 from robustlab.types import AttackOut
 from robustlab.validation import check_choice
 
+RAND_EOT = 20  # EoT passes per APGD step in version="rand" (the reference's eot_iter)
+
 
 @ATTACKS.register("autoattack")
 class AutoAttack(Attack):
-    """AutoAttack standard, l_inf or l_2; impl = robustlab | reference (pyautoattack) | torchattacks."""
+    """AutoAttack, l_inf or l_2; version = standard | rand; impl = robustlab | reference (pyautoattack) |
+    torchattacks."""
 
     name = "autoattack"
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float = 8 / 255, version: str = "standard",
                  impl: str = "robustlab", n_targets: int = 9, apgd_steps: int = 100, fab_steps: int = 100,
-                 square_queries: int = 5000, seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)
+                 square_queries: int = 5000, seed: int | None = 0, bn_mode: str = "eval",
+                 precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
         if str(norm).lower() not in ("linf", "l2", "inf"):
             raise InputError(f"AutoAttack supports norms linf and l2, got {norm!r}")
-        check_choice(version, "AutoAttack version", ("standard",))
+        check_choice(version, "AutoAttack version", ("standard", "rand"))
         check_choice(impl, "AutoAttack impl", ("robustlab", "reference", "torchattacks"))
+        if impl != "robustlab" and (precision != "fp32" or compile):
+            raise InputError(f"AutoAttack impl={impl!r} runs another package's code: precision={precision!r} and "
+                             f"compile={compile!r} apply only to impl='robustlab'")
         self.ball = make_threat(norm, eps)  # the threat model, never None (self.threat is Optional in the base)
         self.threat = self.ball
         self.impl, self.version = impl, version
         self.n_targets, self.apgd_steps, self.fab_steps, self.square_queries = n_targets, apgd_steps, fab_steps, square_queries
-        self.last_log: list[dict[str, Any]] = []
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "version": self.version, "impl": self.impl}
 
     def components(self) -> list[Attack]:
-        norm, eps, seed, bn = self.ball.norm, self.ball.eps, self.seed, self.bn_mode
+        norm, eps = self.ball.norm, self.ball.eps
+        common: dict[str, Any] = dict(seed=self.seed, bn_mode=self.bn_mode, precision=self.precision,
+                                      compile=self.compile)
+        if self.version == "rand":  # the reference's version for randomised defenses: 20 EoT passes per step
+            return [APGD(self.model, norm=norm, eps=eps, steps=self.apgd_steps, eot=RAND_EOT, **common),
+                    APGD(self.model, norm=norm, eps=eps, steps=self.apgd_steps, eot=RAND_EOT, loss="dlr", **common)]
         return [
-            APGD(self.model, norm=norm, eps=eps, steps=self.apgd_steps, seed=seed, bn_mode=bn),
-            APGDT(self.model, norm=norm, eps=eps, steps=self.apgd_steps, n_targets=self.n_targets, seed=seed, bn_mode=bn),
+            APGD(self.model, norm=norm, eps=eps, steps=self.apgd_steps, **common),
+            APGDT(self.model, norm=norm, eps=eps, steps=self.apgd_steps, n_targets=self.n_targets, **common),
             FAB(self.model, norm=norm, eps=float(eps), steps=self.fab_steps, targeted=True, n_targets=self.n_targets,
-                seed=seed, bn_mode=bn),
-            Square(self.model, norm=norm, eps=float(eps), n_queries=self.square_queries, seed=seed, bn_mode=bn),
+                compact=True, **common),
+            Square(self.model, norm=norm, eps=float(eps), n_queries=self.square_queries, **common),
         ]
 
     def _run(self, counter: PassCounter, x: Tensor, y: Tensor, target, gen) -> AttackOut:
@@ -68,7 +81,8 @@ class AutoAttack(Attack):
             idx = robust.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            sub = PassCounter(self.model)
+            sub = attack.make_counter()
+            start = time.perf_counter()
             # Component attacks share the ensemble's generator stream through their own seeds.
             out = attack._run(sub, x[idx], y[idx], None, gen)
             with torch.no_grad():
@@ -77,8 +91,12 @@ class AutoAttack(Attack):
             counter.backward += sub.backward
             x_adv[idx] = torch.where(fooled.view(-1, 1, 1, 1), out.x_adv, x_adv[idx])
             robust[idx] = ~fooled
-            self.last_log.append({"attack": attack.name + ("-t" if attack.name == "fab" else ""),
-                                  "robust_after": int(robust.sum())})
+            stage = attack.name + ("-t" if attack.name == "fab" else "")
+            stage = "apgd-dlr" if getattr(attack, "loss_name", "") == "dlr" and stage == "apgd-ce" else stage
+            self.last_log.append({"attack": stage,
+                                  "robust_after": int(robust.sum()),  # a host sync: also ends the timing
+                                  "seconds": time.perf_counter() - start,
+                                  "forward": sub.forward, "backward": sub.backward})
             if self.report_progress is not None:
                 self.report_progress(f"{self.last_log[-1]['attack']}: {self.last_log[-1]['robust_after']} of "
                                      f"{x.shape[0]} robust")
@@ -92,7 +110,7 @@ class AutoAttack(Attack):
                 from pyautoattack import AutoAttack as RefAA
             except ImportError as e:  # optional dependency
                 raise MissingDependencyError("impl='reference' needs the reference AutoAttack: pip install pyautoattack") from e
-            ref = RefAA(self.model, norm=norm, eps=eps, version="standard", device=str(x.device),
+            ref = RefAA(self.model, norm=norm, eps=eps, version=self.version, device=str(x.device),
                         seed=0 if self.seed is None else self.seed)
             ref.verbose = False
             with torch.no_grad():
@@ -108,7 +126,7 @@ class AutoAttack(Attack):
                 raise MissingDependencyError("impl='torchattacks' needs torchattacks: pip install --no-deps torchattacks") from e
             with torch.no_grad():
                 k = counter.logits(x[:1]).shape[1]
-            ref = torchattacks.AutoAttack(self.model, norm=norm, eps=eps, version="standard", n_classes=k,
+            ref = torchattacks.AutoAttack(self.model, norm=norm, eps=eps, version=self.version, n_classes=k,
                                           seed=0 if self.seed is None else self.seed)
             x_adv = ref(x, y)
         with torch.no_grad():

@@ -7,8 +7,9 @@ restores both in `finally`. Randomness comes only from a `torch.Generator` seede
 from __future__ import annotations
 
 import contextlib
+import weakref
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -17,23 +18,60 @@ from robustlab import rng
 from robustlab.errors import InputError, InputTypeError
 from robustlab.threat import LpBall
 from robustlab.types import AttackOut
-from robustlab.validation import check_fits_model, check_images, check_labels, check_logits
+from robustlab.validation import check_choice, check_fits_model, check_images, check_labels, check_logits
+
+PRECISIONS = ("fp32", "bf16")
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """`torch.compile(model, dynamic=True)`, built once per model (batch sizes change as samples leave the batch,
+    hence dynamic shapes); it shares the model's parameters."""
+    if model not in _COMPILED:
+        # attacks take several gradients of one forward (FAB, DeepFool, C&W: retain_graph), which AOTAutograd's
+        # donated buffers forbid; the switch is process-wide (read at backward time) and only costs memory reuse
+        torch._functorch.config.donated_buffer = False
+        _COMPILED[model] = cast(nn.Module, torch.compile(model, dynamic=True))
+    return _COMPILED[model]
+
+
+def _to_fp32(out: Any) -> Any:
+    return out.float() if isinstance(out, Tensor) else tuple(o.float() for o in out)
 
 
 class PassCounter:
     """Runs the model and input gradients for an attack, counting image-passes.
 
     Counting uses the batch size (a Python int), so it never synchronises with the device.
+    precision="bf16" runs the forward under bf16 autocast and hands back fp32 outputs, so losses, gradients
+    (w.r.t. the fp32 input) and projections stay fp32; compile=True runs the forward through `torch.compile`.
     """
 
-    def __init__(self, model: nn.Module, y_for_check: Tensor | None = None) -> None:
+    def __init__(self, model: nn.Module, y_for_check: Tensor | None = None, *, precision: str = "fp32",
+                 compile: bool = False, eot: int = 1) -> None:
         self.model = model
+        self.eot = eot
         self.forward = 0
         self.backward = 0
         self._y = y_for_check
+        self._net = compiled(model) if compile else model
+        check_choice(precision, "precision", PRECISIONS)
+        self._bf16 = precision == "bf16"
+
+    def _run_model(self, x: Tensor) -> Any:
+        if not self._bf16:
+            return self._net(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return _to_fp32(self._net(x))
 
     def logits(self, x: Tensor) -> Tensor:
-        out = self.model(x)
+        """The model's output at x. Without gradients it runs under `torch.inference_mode` (such outputs cannot
+        be modified in place)."""
+        if torch.is_grad_enabled():
+            out = self._run_model(x)
+        else:
+            with torch.inference_mode():
+                out = self._run_model(x)
         self.forward += x.shape[0]
         if self._y is not None:  # first call only: validate the output and labels against the number of classes
             check_logits(out, x.shape[0])
@@ -49,12 +87,19 @@ class PassCounter:
 
     def loss_and_grad(self, x: Tensor, loss_fn, y: Tensor, target: Tensor | None = None) -> tuple[Any, Tensor, Tensor]:
         """The model's output (logits; a detector's (loc, conf)), the per-sample loss and its input gradient at x
-        (one forward, one backward)."""
+        (one forward, one backward). With `eot` > 1 (expectation over transformation, for models with randomness
+        in the forward pass) the gradient is the mean over `eot` passes and the output and loss are the last
+        pass's, as in the reference APGD."""
         x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = self.logits(x)
-            loss = loss_fn(out, y, target)
-            g = self.grad(loss.sum(), x)
+        g_sum: Tensor | None = None
+        for _ in range(self.eot):
+            with torch.enable_grad():
+                out = self.logits(x)
+                loss = loss_fn(out, y, target)
+                g = self.grad(loss.sum(), x)
+            g_sum = g if g_sum is None else g_sum + g
+        assert g_sum is not None
+        g = g_sum / self.eot if self.eot > 1 else g_sum
         out = out.detach() if isinstance(out, Tensor) else tuple(o.detach() for o in out)
         return out, loss.detach(), g.detach()
 
@@ -121,15 +166,24 @@ class Attack(ABC):
     # options every attack accepts that this one cannot use, with the reason (tests/unit/test_options.py)
     no_op_options: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, model: nn.Module, *, seed: int | None = 0, bn_mode: str = "eval") -> None:
+    def __init__(self, model: nn.Module, *, seed: int | None = 0, bn_mode: str = "eval", precision: str = "fp32",
+                 compile: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.seed = seed
         self.bn_mode: BNMode = check_bn_mode(bn_mode)
+        # how the model's forward runs (PassCounter): bf16 autocast with fp32 gradients/projections, torch.compile
+        check_choice(precision, "precision", PRECISIONS)
+        self.precision = precision
+        self.eot = 1  # gradient passes averaged per step (PGD and APGD take eot=K for randomised models)
+        self.compile = bool(compile)
         self.threat: LpBall | None = None
         # called with a short status ("apgd-t: 42 robust") by attacks made of stages (AutoAttack); evaluate shows it
         self.report_progress: Callable[[str], None] | None = None
+        # attacks made of stages (AutoAttack): one entry per stage of the last call, {"attack", "robust_after",
+        # "seconds", "forward", "backward"}; evaluate sums them over batches into an AutoAttack-style log
+        self.last_log: list[dict[str, Any]] = []
 
     # threat model helpers --------------------------------------------------------------------
     @property
@@ -142,7 +196,12 @@ class Attack(ABC):
 
     def describe(self) -> dict[str, Any]:
         eps = self.eps
-        return {"attack": self.name, "norm": self.norm, "eps": eps if not isinstance(eps, Tensor) else "tensor"}
+        return {"attack": self.name, "norm": self.norm, "eps": eps if not isinstance(eps, Tensor) else "tensor",
+                **self.execution()}
+
+    def execution(self) -> dict[str, Any]:
+        """How the model's forward runs (part of every `describe`)."""
+        return {"precision": self.precision, "compile": self.compile}
 
     # entry points ----------------------------------------------------------------------------
     def __call__(self, x: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
@@ -178,9 +237,9 @@ class Attack(ABC):
                 raise InputError("target equals the true label for some samples; a targeted attack needs target != y")
         return y.long(), (target.long() if target is not None else None)
 
-    def make_counter(self, y: Tensor) -> PassCounter:
+    def make_counter(self, y: Tensor | None = None) -> PassCounter:
         """The pass counter of one call; a classifier's first forward also checks the logits against the labels."""
-        return PassCounter(self.model, y_for_check=y)
+        return PassCounter(self.model, y_for_check=y, precision=self.precision, compile=self.compile, eot=self.eot)
 
     def success(self, counter: PassCounter, x_adv: Tensor, y: Tensor, target: Tensor | None) -> Tensor | None:
         """Per-sample success when `_run` left it open: fooled (untargeted) or the target reached (one forward)."""

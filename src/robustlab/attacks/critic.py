@@ -132,8 +132,9 @@ class CriticAttack(Attack):
 
     def __init__(self, model: nn.Module, *, steps: int = 500, max_step: float = 0.1, overshoot: float = 0.02,
                  confidence: float | None = None, eps: float | None = None, seed: int | None = 0,
-                 bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)
+                 bn_mode: str = "eval",
+                 precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
         check_positive_int(steps, "steps")
         check_positive(max_step, "max_step")
         check_positive(overshoot, "overshoot", allow_zero=True)
@@ -147,7 +148,7 @@ class CriticAttack(Attack):
         return "l2"
 
     def describe(self) -> dict[str, Any]:
-        return {"attack": self.name, "norm": "l2", "eps": self.eps_value, "steps": self.steps,
+        return {**self.execution(), "attack": self.name, "norm": "l2", "eps": self.eps_value, "steps": self.steps,
                 "max_step": self.max_step, "confidence": self.confidence if self.confidence is not None else "clean"}
 
     def _run(self, counter, x, y, target, gen):

@@ -28,8 +28,9 @@ class CW(Attack):
 
     def __init__(self, model: nn.Module, *, kappa: float = 0.0, binary_steps: int = 9, steps: int = 1000,
                  lr: float = 1e-2, initial_const: float = 1e-3, abort_early: bool = True, eps: float | None = None,
-                 seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)
+                 seed: int | None = 0, bn_mode: str = "eval",
+                 precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
         check_positive_int(binary_steps, "binary_steps")
         check_positive_int(steps, "steps")
         check_positive(lr, "lr")
@@ -44,7 +45,7 @@ class CW(Attack):
         return "l2"
 
     def describe(self) -> dict[str, Any]:
-        return {"attack": self.name, "norm": "l2", "eps": self.eps_value, "steps": self.steps,
+        return {**self.execution(), "attack": self.name, "norm": "l2", "eps": self.eps_value, "steps": self.steps,
                 "binary_steps": self.binary_steps, "kappa": self.kappa}
 
     def _run(self, counter, x, y, target, gen):

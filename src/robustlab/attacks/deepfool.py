@@ -37,8 +37,9 @@ class DeepFool(Attack):
 
     def __init__(self, model: nn.Module, *, norm: str = "l2", steps: int = 50, overshoot: float = 0.02,
                  num_classes: int = 10, eps: float | None = None, max_step: float | None = None, project: bool = False,
-                 seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)
+                 seed: int | None = 0, bn_mode: str = "eval",
+                 precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
         key = str(norm).lower()
         if key not in ("l2", "linf", "inf"):
             raise InputError(f"DeepFool supports norms l2 and linf, got {norm!r}")
@@ -56,7 +57,7 @@ class DeepFool(Attack):
         return self._norm
 
     def describe(self) -> dict[str, Any]:
-        return {"attack": self.name, "norm": self._norm, "eps": self.eps_value, "steps": self.steps,
+        return {**self.execution(), "attack": self.name, "norm": self._norm, "eps": self.eps_value, "steps": self.steps,
                 "overshoot": self.overshoot, "max_step": self.max_step, "project": self.project}
 
     def _run(self, counter, x, y, target, gen):

@@ -51,8 +51,9 @@ def restrict_to_budget(counter: PassCounter, x: Tensor, x_adv: Tensor, y: Tensor
 class _MinimalL1(Attack):
     minimal = True
 
-    def __init__(self, model: nn.Module, eps: float | None, seed: int | None, bn_mode: str) -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)
+    def __init__(self, model: nn.Module, eps: float | None, seed: int | None, bn_mode: str, precision: str = "fp32",
+                 compile: bool = False) -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
         if eps is not None:
             check_eps(eps)
         self.eps_value = None if eps is None else float(eps)
@@ -74,8 +75,9 @@ class EAD(_MinimalL1):
 
     def __init__(self, model: nn.Module, *, eps: float | None = None, binary_steps: int = 5, steps: int = 1000,
                  step_size: float = 1e-2, beta: float = 1e-2, initial_const: float = 1e-3, kappa: float = 0.0,
-                 abort_early: bool = True, seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, eps, seed, bn_mode)
+                 abort_early: bool = True, seed: int | None = 0, bn_mode: str = "eval",
+                 precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__(model, eps, seed, bn_mode, precision, compile)
         check_positive_int(binary_steps, "binary_steps")
         check_positive_int(steps, "steps")
         check_positive(step_size, "step_size")
@@ -87,7 +89,7 @@ class EAD(_MinimalL1):
         self.abort_early = abort_early
 
     def describe(self) -> dict[str, Any]:
-        return {"attack": self.name, "norm": "l1", "eps": self.eps_value, "steps": self.steps,
+        return {**self.execution(), "attack": self.name, "norm": "l1", "eps": self.eps_value, "steps": self.steps,
                 "binary_steps": self.binary_steps, "beta": self.beta}
 
     def _run(self, counter, x, y, target, gen):
@@ -153,13 +155,14 @@ class SaltAndPepper(_MinimalL1):
     name = "salt-pepper"
 
     def __init__(self, model: nn.Module, *, eps: float | None = None, steps: int = 1000, seed: int | None = 0,
-                 bn_mode: str = "eval") -> None:
-        super().__init__(model, eps, seed, bn_mode)
+                 bn_mode: str = "eval",
+                 precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__(model, eps, seed, bn_mode, precision, compile)
         check_positive_int(steps, "steps")
         self.steps = steps
 
     def describe(self) -> dict[str, Any]:
-        return {"attack": self.name, "norm": "l1", "eps": self.eps_value, "steps": self.steps}
+        return {**self.execution(), "attack": self.name, "norm": "l1", "eps": self.eps_value, "steps": self.steps}
 
     def _run(self, counter, x, y, target, gen):
         n, dev, dt = x.shape[0], x.device, x.dtype

@@ -27,8 +27,9 @@ class MMA(Attack):
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float | Tensor = 8 / 255, steps: int = 20,
                  step_size: float = 2 / 255, k: int = 3, confidence: float = 50.0, selection: str = "min_margin",
-                 seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)
+                 seed: int | None = 0, bn_mode: str = "eval",
+                 precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
         check_positive_int(steps, "steps")
         check_positive_int(k, "k")
         check_positive(step_size, "step_size", allow_zero=True)

@@ -123,6 +123,8 @@ class PGD(Attack):
     many saturated pixels such as MNIST). l_2 only: `l2_proj` ("scale_then_clip" as the reference codes, or
     "exact"). best_iterate: per sample the first iterate that fools the model, fooled samples leaving the batch
     (evaluation; `evaluate` turns it on for PGD specs); off, the final iterate (what training uses).
+    eot: each step's gradient is the mean over eot forward/backward passes (expectation over transformation, for
+    models with randomness in the forward pass).
     """
 
     name = "pgd"
@@ -144,11 +146,16 @@ class PGD(Attack):
         l2_proj: str = "scale_then_clip",
         seed: int | None = 0,
         bn_mode: str = "eval",
+        precision: str = "fp32",
+        compile: bool = False,
         best_iterate: bool = False,
+        eot: int = 1,
     ) -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)
+        super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
         check_positive_int(steps, "steps")
         check_positive_int(restarts, "restarts")
+        check_positive_int(eot, "eot")
+        self.eot = eot  # gradients averaged over eot passes per step (models with randomness in the forward)
         if not isinstance(best_iterate, bool):
             raise InputError(f"best_iterate must be true or false, got {best_iterate!r}")
         if best_iterate and bn_mode != "eval":
@@ -176,7 +183,7 @@ class PGD(Attack):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "steps": self.steps, "step_size": self.step_size, "loss": self.loss,
-                "restarts": self.restarts, "best_iterate": self.best_iterate}
+                "restarts": self.restarts, "best_iterate": self.best_iterate, "eot": self.eot}
 
     def _run(self, counter, x, y, target, gen):
         return pgd(counter, x, y, threat=self.threat, loss_fn=self.loss_fn, steps=self.steps,
@@ -193,8 +200,9 @@ class FGSM(Attack):
     supports_targeted = True
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float | Tensor = 8 / 255, loss: str = "ce",
-                 seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)
+                 seed: int | None = 0, bn_mode: str = "eval",
+                 precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
         if norm not in ("linf", "l2", "Linf", "L2", "inf"):
             raise InputError(f"FGSM supports norms linf and l2, got {norm!r}")
         self.threat = make_threat(norm, eps)

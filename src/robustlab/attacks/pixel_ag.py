@@ -139,8 +139,9 @@ class PixelAG(Attack):
     def __init__(self, model: nn.Module, *, eps: float = 8 / 255, eps_low: float = 7 / 255, steps: int = 10,
                  step_size: float = 2 / 255, random_start: bool = True, start: str = "uniform_eps",
                  budget: Tensor | None = None, cam_layer: str | None = None, cam_method: str = "gradcam",
-                 mask_mode: str = "zscore", seed: int | None = 0, bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)
+                 mask_mode: str = "zscore", seed: int | None = 0, bn_mode: str = "eval",
+                 precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
         check_budgets(eps, eps_low)
         check_positive_int(steps, "steps")
         check_positive(step_size, "step_size", allow_zero=True)
@@ -155,7 +156,7 @@ class PixelAG(Attack):
         self.threat = LinfBall(float(eps))  # the envelope: every E <= eps
 
     def describe(self) -> dict[str, Any]:
-        return {"attack": self.name, "norm": "linf", "eps": self.eps_value, "eps_low": self.eps_low,
+        return {**self.execution(), "attack": self.name, "norm": "linf", "eps": self.eps_value, "eps_low": self.eps_low,
                 "steps": self.steps, "step_size": self.step_size, "start": self.start}
 
     def budget_for(self, x: Tensor) -> Tensor:

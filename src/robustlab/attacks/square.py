@@ -70,9 +70,10 @@ class Square(Attack):
     name = "square"
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float = 8 / 255, n_queries: int = 5000,
-                 p_init: float = 0.8, restarts: int = 1, rescale_schedule: bool = False, seed: int | None = 0,
-                 bn_mode: str = "eval") -> None:
-        super().__init__(model, seed=seed, bn_mode=bn_mode)
+                 p_init: float = 0.8, restarts: int = 1, rescale_schedule: bool = False, compact: bool = True,
+                 seed: int | None = 0, bn_mode: str = "eval",
+                 precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
         if str(norm).lower() not in ("linf", "l2", "inf"):
             raise InputError(f"Square supports norms linf and l2, got {norm!r}")
         check_positive_int(n_queries, "n_queries")
@@ -80,9 +81,12 @@ class Square(Attack):
         check_positive(p_init, "p_init")
         self.threat = make_threat(norm, eps)
         self.n_queries, self.p_init, self.restarts, self.rescale = n_queries, p_init, restarts, rescale_schedule
+        # query only the samples not yet fooled (False: every sample, every iteration; the same fooled set, since
+        # the random draws of an iteration do not depend on which samples are still in the batch)
+        self.compact = bool(compact)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "n_queries": self.n_queries, "p_init": self.p_init}
+        return {**super().describe(), "n_queries": self.n_queries, "p_init": self.p_init, "compact": self.compact}
 
     def _run(self, counter, x, y, target, gen):
         with torch.no_grad():
@@ -99,13 +103,20 @@ class Square(Attack):
                 robust[idx] = ~fooled
         return AttackOut(x_adv, ~robust)
 
+    def _working(self, margin_min: Tensor) -> Tensor:
+        """Indices of the samples queried this iteration (empty when every sample is fooled)."""
+        left = margin_min > 0
+        if not bool(left.any()):
+            return left.nonzero().squeeze(1)
+        return left.nonzero().squeeze(1) if self.compact else torch.arange(left.shape[0], device=left.device)
+
     def _linf(self, counter, x, y, eps, gen):
         n, c, h, w = x.shape
         x_best = (x + eps * _rand_sign((n, c, 1, w), gen, x.device, x.dtype)).clamp(0, 1)
         margin_min = margin(counter.logits(x_best), y)
         loss_min = margin_min.clone()
         for i in range(self.n_queries):
-            idx = (margin_min > 0).nonzero().squeeze(1)
+            idx = self._working(margin_min)
             if idx.numel() == 0:
                 break
             x_curr, x_best_curr, y_curr = x[idx], x_best[idx], y[idx]
@@ -145,7 +156,7 @@ class Square(Attack):
         margin_min = margin(counter.logits(x_best), y)
         loss_min = margin_min.clone()
         for i in range(self.n_queries):
-            idx = (margin_min > 0).nonzero().squeeze(1)
+            idx = self._working(margin_min)
             if idx.numel() == 0:
                 break
             x_curr, x_best_curr, y_curr = x[idx], x_best[idx], y[idx]
@@ -165,8 +176,8 @@ class Square(Attack):
             norms_image = delta_curr.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             mask_image = torch.max(mask1, mask2)
             norms_windows = (delta_curr * mask_image).pow(2).sum((-2, -1), keepdim=True).sqrt()
-            new = (_meta_pseudo_gaussian(s, gen, dev, dt).view(1, 1, s, s)
-                   * _rand_sign((x_curr.shape[0], c, 1, 1), gen, dev, dt))
+            # signs drawn for the whole batch, so the stream does not depend on which samples are left
+            new = (_meta_pseudo_gaussian(s, gen, dev, dt).view(1, 1, s, s) * _rand_sign((n, c, 1, 1), gen, dev, dt)[idx])
             new = new + delta_curr[:, :, vh:vh + s, vw:vw + s] / (1e-12 + norms_window_1)
             new = new / new.pow(2).sum((-2, -1), keepdim=True).sqrt().clamp_min(1e-12)
             new = new * (torch.clamp(eps ** 2 - norms_image ** 2, min=0) / c + norms_windows ** 2).sqrt()

@@ -62,7 +62,7 @@ class DetectionAttack(Attack):
             raise InputError(f"attack {self.name!r} has no targeted mode (detection attacks take box targets as y)")
         return y.to(x.device), None
 
-    def make_counter(self, y: Tensor) -> PassCounter:
+    def make_counter(self, y: Tensor | None = None) -> PassCounter:
         return PassCounter(self.model)
 
     def success(self, counter: PassCounter, x_adv: Tensor, y: Tensor, target: Tensor | None) -> Tensor | None:
