@@ -131,8 +131,11 @@ def linear_model():
 
 @pytest.fixture(scope="session", autouse=True)
 def _robustlab_cache(tmp_path_factory):
-    """Generated datasets (MNIST-Det) are cached in a per-session folder, never in the user's home."""
+    """Generated datasets (MNIST-Det) are cached, evaluations recorded, in per-session folders, never in the
+    user's home."""
     os.environ["ROBUSTLAB_CACHE"] = str(tmp_path_factory.mktemp("robustlab-cache"))
+    # `robustlab eval` records every evaluation in the results store: a per-session one, never the user's
+    os.environ["ROBUSTLAB_STORE"] = str(tmp_path_factory.mktemp("robustlab-store") / "results.sqlite")
     yield
 
 

@@ -61,10 +61,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from robustlab.cli.common import command_line, report_written
-    from robustlab.engine.checkpoint import load_model
+    from robustlab.engine.external import load_any_model
     from robustlab.engine.tasks import task_of
+    from robustlab.errors import InputError
     from robustlab.outputs import check_writable, save_result
     from robustlab.reports.json import write_json
+    from robustlab.reports.store import data_key, default_store
     from robustlab.utils import machine_description, set_threads
     from robustlab.validation import check_device, check_positive_int
 
@@ -77,14 +79,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_writable(args.json, what="--json file")
     if args.report:
         check_writable(args.report, folder=True, what="--report folder")
+    for flag, path in (("--log", args.log), ("--robustbench-json", args.robustbench_json),
+                       ("--save-adversarials", args.save_adversarials)):
+        if path:
+            check_writable(path, what=f"{flag} file")
+    if args.save_adversarials and args.save_adversarials.suffix != ".safetensors":
+        raise InputError(f"--save-adversarials {args.save_adversarials}: the file must end in .safetensors (float "
+                         "tensors; image formats would quantise the perturbations away)")
     set_threads(args.threads)
-    model, extra = load_model(args.model, map_location=args.device)
+    model, extra = load_any_model(args.model, model_kwargs=args.model_kwargs, weights=args.weights,
+                                  normalize=args.normalize, input_range=args.input_range, map_location=args.device)
+    if extra is None and args.data is None:
+        raise InputError(f"--model {args.model} was not written by robustlab and names no dataset: pass --data "
+                         "(a dataset NAME or an .npz / .safetensors / .pt file with x and y)")
     task = task_of(model, args)  # classification or detection: data, metric, attacks and report follow from it
-    split, data = task.eval_data(args.data, args.split, extra, model)
+    split, data = task.eval_data(args.data, args.split, extra or {}, model)
     specs = task.expand_specs(args.attack) if args.attack else list(task.default_specs)
+    if args.robustbench_json and not any(s.split(":")[0] == "autoattack" for s in specs):
+        raise InputError("--robustbench-json reports AutoAttack accuracy: add --attack \"autoattack:norm=linf,eps=8/255\"")
+    store = None if args.no_store else (args.store or default_store())
+    if store is not None and not task.per_sample_records:
+        if args.store:
+            raise InputError(f"--store records per-sample robustness; {task.name} evaluations have none")
+        store = None
     result = task.evaluate(model, split, specs, args.n_samples, batch_size=args.batch_size,
                            examples=task.report_examples if args.report else 0,
-                           progress=None if not args.quiet else False)
+                           progress=None if not args.quiet else False, precision=args.precision,
+                           compile=args.compile, keep_adversarials=bool(args.save_adversarials),
+                           keep_records=store is not None)
     result.update({"model": str(args.model), "data": data, "attack_specs": specs,
                    "device": str(torch.device(args.device))})
     print(task.table(result))
@@ -92,8 +114,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
         title = f"{task.name.capitalize()} evaluation: {Path(args.model).name}"
         print(f"wrote {task.write_report(args.report, result, title, command_line(), machine_description())}")
     result.pop("examples", None)
+    adversarials = result.pop("adversarials", None)
+    records = result.pop("records", None)
+    if store is not None:
+        from robustlab import __version__
+        from robustlab.reports.store import record
+
+        record(store, model=model, model_name=str(args.model), data=data_key(data), specs=specs, version=__version__,
+               result={**result, "records": records})
+        print(f"recorded in {store} (robustlab leaderboard --store {store})")
+    written = []
+    if args.log:
+        from robustlab.outputs import atomic_write_text
+        from robustlab.reports.markdown import evaluation_log
+
+        written.append(save_result(args.log, lambda p: atomic_write_text(p, evaluation_log(result)), what="log"))
+    if args.robustbench_json:
+        from robustlab.reports.exports import robustbench_entry
+
+        entry = robustbench_entry(result, model_name=str(args.model), dataset=data.get("name"))
+        written.append(save_result(args.robustbench_json, lambda p: write_json(p, entry), what="RobustBench JSON"))
+    if args.save_adversarials:
+        from robustlab.reports.exports import save_adversarials
+
+        written.append(save_result(args.save_adversarials, lambda p: save_adversarials(p, adversarials, records, specs),
+                                   what="adversarial examples"))
     if args.json:
-        return report_written(*save_result(args.json, lambda p: write_json(p, result), what="result JSON"))
+        written.append(save_result(args.json, lambda p: write_json(p, result), what="result JSON"))
+    rc = 0
+    for w in written:
+        rc = max(rc, report_written(*w))
+    return rc
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from robustlab.reports.store import default_store, format_leaderboard, leaderboard
+
+    rows = leaderboard(args.store or default_store(), data=args.data, threat=args.threat)
+    print(format_leaderboard(rows, args.format), end="")
     return 0
 
 
@@ -127,9 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     pe = sub.add_parser("eval", help="evaluate a checkpoint under a panel of attacks",
                         description="Evaluate a model checkpoint. Classifiers: clean, per-attack, union and average "
                                     "accuracy. Detectors: mAP@0.5 and per-class AP (--ap-mode, --report).")
-    pe.add_argument("--model", required=True, help="model checkpoint (.safetensors) written by robustlab")
+    pe.add_argument("--model", required=True,
+                    help="a robustlab checkpoint, a TorchScript (torch.jit.save) or torch.export (.pt2) file, or your "
+                         "own code: FILE.py:NAME or package.module:NAME (a class or a function returning an nn.Module; "
+                         "imports that Python file)")
+    pe.add_argument("--model-kwargs", metavar="JSON", help='arguments for NAME, e.g. \'{"depth": 28}\'')
+    pe.add_argument("--weights", help="weights for FILE.py:NAME: safetensors or .pt/.pth/.ckpt read with "
+                                      "torch.load(weights_only=True) (nested state_dict/model/net keys and "
+                                      "module./_orig_mod. prefixes handled)")
+    pe.add_argument("--normalize", metavar="MEAN/STD",
+                    help="the model expects normalised inputs: wrap it so images stay in [0, 1], e.g. "
+                         "0.4914,0.4822,0.4465/0.2471,0.2435,0.2616")
+    pe.add_argument("--input-range", type=float, default=1.0, choices=(1.0, 255.0),
+                    help="255: the model takes pixels in [0, 255] (images are scaled inside the wrapper)")
     pe.add_argument("--data", help="dataset NAME[:key=value,...] (see `robustlab list datasets`), e.g. "
-                                   "mnist-det:preset=coco; default: the dataset the checkpoint was trained on")
+                                   "mnist-det:preset=coco, or a file (.npz, .safetensors, .pt) with x (N, C, H, W) "
+                                   "float in [0, 1] or uint8 in [0, 255] (N, H, W, C or N, C, H, W) and y (int "
+                                   "labels); default: the dataset the checkpoint was trained on")
     pe.add_argument("--split", default="test", choices=("test", "train"))
     pe.add_argument("--attack", action="append", metavar="SPEC",
                     help='attack spec "name:key=value,..." (repeatable), e.g. "pgd:norm=linf,eps=0.3,steps=40", or a '
@@ -142,11 +214,35 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     pe.add_argument("--threads", type=int, help="torch CPU threads (set 1-2 on small machines)")
     pe.add_argument("--quiet", action="store_true", help="no progress bar")
+    pe.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="the attacks' forward passes: bf16 autocast (gradients, projections and the judging of "
+                         "adversarial points stay fp32; checked against fp32 on the first batch, with a warning)")
+    pe.add_argument("--compile", action="store_true",
+                    help="run the attacks' forward through torch.compile (pays off on long evaluations)")
+    pe.add_argument("--log", type=Path, help="write the reference AutoAttack's log (initial accuracy, robust accuracy "
+                                             "after each attack with its time, max perturbation) to this file")
+    pe.add_argument("--robustbench-json", type=Path,
+                    help="write a RobustBench model_info-style entry (clean_acc, autoattack_acc, eps as \"8/255\") here")
+    pe.add_argument("--save-adversarials", type=Path, metavar="FILE.safetensors",
+                    help="store every attack's adversarial examples as floats, with the labels and per-sample flags")
+    pe.add_argument("--store", type=Path, help="results store to record this evaluation in (SQLite; default "
+                                               "$ROBUSTLAB_STORE or ~/.robustlab/results.sqlite)")
+    pe.add_argument("--no-store", action="store_true", help="do not record this evaluation in the results store")
     pe.add_argument("--ap-mode", default="11pt", choices=("11pt", "area", "coco"),
                     help="detectors: VOC07 11-point AP, all-point (area) AP, or COCO-rules AP50")
     pe.add_argument("--report", type=Path, help="write report.md with the results table here (detectors: with per-class "
                                                 "AP and example images)")
     pe.set_defaults(func=cmd_eval)
+
+    pb = sub.add_parser("leaderboard", help="the local leaderboard: clean, AutoAttack and best-known robust accuracy",
+                        description="Every recorded `robustlab eval`, per model (weight hash), data and threat model: "
+                                    "clean accuracy, the latest AutoAttack robust accuracy and the best-known robust "
+                                    "accuracy (per sample, the worst case over every attack ever run).")
+    pb.add_argument("--data", help="only this data (as recorded, e.g. mnist5k:test or file:<sha256 prefix>)")
+    pb.add_argument("--threat", help="only this threat model, e.g. linf:8/255 or l2:0.5")
+    pb.add_argument("--store", type=Path, help="results store (default $ROBUSTLAB_STORE or ~/.robustlab/results.sqlite)")
+    pb.add_argument("--format", default="md", choices=("md", "csv", "json", "html"))
+    pb.set_defaults(func=cmd_leaderboard)
 
     from robustlab.cli import analyze, compare, corruptions, detection, training
 

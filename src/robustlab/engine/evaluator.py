@@ -9,7 +9,9 @@ model (and the [0, 1] box) before it is judged: a violation is an error, never a
 """
 from __future__ import annotations
 
+import copy
 import math
+import time
 import warnings
 from typing import Any, Iterable, Sequence
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, attack_mode
+from robustlab.attacks.base import PRECISIONS, Attack, attack_mode
 from robustlab.attacks.spec import create_attack, parse_attack_spec
 from robustlab.engine.integrity import check_integrity
 from robustlab.errors import InputError, InputTypeError
@@ -25,7 +27,7 @@ from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat, per_sample_norm
 from robustlab.types import AttackOut
 from robustlab.utils import progress_bar
-from robustlab.validation import check_fits_model, check_images, check_labels, check_logits, check_positive_int
+from robustlab.validation import check_choice, check_fits_model, check_images, check_labels, check_logits, check_positive_int
 
 
 class ThreatViolation(RuntimeError):
@@ -61,8 +63,10 @@ def check_setup(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
             a, b = check_logits(model(xs), xs.shape[0]), check_logits(model(xs), xs.shape[0])
         check_labels(y, y.shape[0], num_classes=a.shape[1])
         if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
-            problems.append("two forward passes on the same input differ: the model is randomised; robust "
-                            "accuracy from deterministic attacks is unreliable (use EOT-style attacks)")
+            problems.append("two forward passes on the same input differ: the model is randomised, and attacks that "
+                            "follow one noisy gradient overestimate its robustness; use "
+                            "\"autoattack:version=rand\" (APGD-CE and APGD-DLR with 20 EoT passes per step) or eot=K "
+                            "on pgd / apgd-ce")
         if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones_like(a.sum(1)), atol=1e-4):
             problems.append("the model seems to output probabilities (rows are non-negative and sum to 1); "
                             "attacks expect logits. Remove the final softmax.")
@@ -95,13 +99,51 @@ def _batches(x: Tensor | None, y: Tensor | None, loader: Iterable | None, batch_
         yield x[i:i + batch_size], y[i:i + batch_size]
 
 
-def _for_evaluation(spec: str, model: nn.Module) -> Attack:
+def _for_evaluation(spec: str, model: nn.Module, execution: dict[str, Any]) -> Attack:
     """The attack of a spec as evaluation runs it: an iterative attack that can keep its best iterate does
     (`best_iterate`: a sample counts as broken if any iterate fooled it, and leaves the batch then), unless the
-    spec sets best_iterate itself. Attack objects passed to `evaluate` run as they were built."""
+    spec sets best_iterate itself; `execution` (precision, compile) applies where the spec does not set it. Attack
+    objects passed to `evaluate` run as they were built."""
     name, opts = parse_attack_spec(spec)
-    extra = {"best_iterate": True} if "best_iterate" in ATTACKS.options(name, 1) and "best_iterate" not in opts else {}
+    accepted = ATTACKS.options(name, 1)
+    extra: dict[str, Any] = {"best_iterate": True} if "best_iterate" in accepted and "best_iterate" not in opts else {}
+    for key, value in execution.items():
+        if key not in opts and value != _EXECUTION_DEFAULTS[key]:
+            if key not in accepted:
+                raise InputError(f"attack {name!r} has no {key} option ({key}={value!r} was asked for the evaluation)")
+            extra[key] = value
     return create_attack(spec, model, **extra)
+
+
+_EXECUTION_DEFAULTS: dict[str, Any] = {"precision": "fp32", "compile": False}
+# a bf16 attack whose robust accuracy on the first batch exceeds fp32's by more than this is flagged
+BF16_TOLERANCE = 0.01
+PRECISION_CHECK_SAMPLES = 200
+
+
+def _precision_check(model: nn.Module, atk: Attack, x: Tensor, y: Tensor, robust: Tensor) -> dict[str, Any]:
+    """Re-run a reduced-precision attack in fp32 on the first batch: does bf16 find as many adversarial points?
+    robust: which of (x, y) survived the bf16 attack. Warns when bf16's robust accuracy is higher by more than
+    BF16_TOLERANCE (the attack is weaker in bf16 on this model: its numbers are not trustworthy)."""
+    x, y, robust = x[:PRECISION_CHECK_SAMPLES], y[:PRECISION_CHECK_SAMPLES], robust[:PRECISION_CHECK_SAMPLES]
+    twin = copy.copy(atk)
+    twin.precision, twin.compile = "fp32", False
+    with attack_mode(model), torch.no_grad():
+        correct = model(x).argmax(1) == y
+    idx = correct.nonzero().squeeze(1)
+    fp32_robust = torch.zeros_like(correct)
+    if idx.numel():
+        out = twin.run(x[idx], y[idx], with_success=False)
+        with attack_mode(model), torch.no_grad():
+            fp32_robust[idx] = model(out.x_adv).argmax(1) == y[idx]
+    n = x.shape[0]
+    low, full = robust.float().mean().item(), fp32_robust.float().mean().item()
+    trusted = low - full <= BF16_TOLERANCE + 1e-6  # accuracies are float32 fractions: 1 point is 0.01 +- rounding
+    if not trusted:
+        warnings.warn(f"attack {atk.name!r} in {atk.precision} finds robust accuracy {low:.1%} on the first {n} samples, "
+                      f"fp32 finds {full:.1%}: the {atk.precision} evaluation is not trustworthy for this model; "
+                      "use precision='fp32'", RuntimeWarning, stacklevel=3)
+    return {"n": n, "robust_accuracy": low, "fp32_robust_accuracy": full, "trusted": trusted}
 
 
 def evaluate(
@@ -116,7 +158,10 @@ def evaluate(
     checks: bool = True,
     integrity: bool | None = None,
     keep_records: bool = False,
+    keep_adversarials: bool = False,
     progress: bool | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `model` on (x, y) tensors or a DataLoader `x` yielding (x, y) batches.
 
@@ -127,7 +172,14 @@ def evaluate(
     Returns a JSON-serialisable dict: clean_accuracy, attacks{name: robust_accuracy, norm, eps, passes, ...},
     union_accuracy, average_accuracy (over attacks), per_norm, norm_average_accuracy (over norms), per_class,
     confusion, n_samples, integrity (when run; `integrity.ok` false means: do not trust the numbers)
-    (+ records if asked).
+    (+ records if asked); per attack also `seconds` (wall-clock time of its runs) and `adversarial_check` (largest
+    perturbation in its norm, NaN count, range of x_adv). keep_adversarials: `result["adversarials"][name]` is the
+    float tensor of every sample's adversarial example (x itself where the clean prediction was wrong); it is not
+    JSON and callers pop it before writing.
+    precision ("fp32" | "bf16") and compile: how the attacks given as spec strings run the model's forward (bf16
+    autocast with fp32 gradients and projections; `torch.compile`). Adversarial points are always judged in fp32;
+    a bf16 attack is re-run in fp32 on the first batch and warns if it is more than 1 point weaker there
+    (`attacks.NAME.precision_check`).
     """
     check_positive_int(batch_size, "batch_size")
     if n_samples is not None:
@@ -150,10 +202,15 @@ def evaluate(
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
-    built = [_for_evaluation(a, model) if isinstance(a, str) else a for a in attacks]
-    for a in built:
+    check_choice(precision, "precision", PRECISIONS)
+    execution = {"precision": precision, "compile": bool(compile)}
+    built = [_for_evaluation(a, model, execution) if isinstance(a, str) else a for a in attacks]
+    for given, a in zip(attacks, built):
         if not isinstance(a, Attack):
             raise InputTypeError(f"attacks must be Attack objects or spec strings, got {type(a).__name__}")
+        if not isinstance(given, str) and execution != _EXECUTION_DEFAULTS:
+            raise InputError(f"precision and compile apply to attacks given as spec strings; attack {a.name!r} is an "
+                             "object: build it with precision=/compile= instead")
         if a.model is not model:
             raise InputError(f"attack {a.name!r} is bound to a different model than the one evaluated")
     names = _unique_names(built)
@@ -167,6 +224,10 @@ def evaluate(
     l2: dict[str, list[Tensor]] = {n: [] for n in names}
     xnorm: list[Tensor] = []
     passes = {n: [0, 0] for n in names}
+    seconds = {n: 0.0 for n in names}
+    adv_stats = {n: [0.0, 0.0, math.inf, -math.inf] for n in names}  # max perturbation, NaNs, min and max of x_adv
+    adversarials: dict[str, list[Tensor]] = {n: [] for n in names}
+    stages: dict[str, dict[str, dict[str, float]]] = {n: {} for n in names}  # AutoAttack-style per-stage log
     clean_passes = 0
     seen = 0
     first = True
@@ -206,6 +267,7 @@ def evaluate(
                 ap = pred.clone()
                 nrm = torch.zeros(xb.shape[0], device=device)
                 r2 = torch.zeros(xb.shape[0], device=device)
+                start = time.perf_counter()
                 if idx.numel():
                     xs, ys = xb[idx], yb[idx]
                     try:
@@ -214,6 +276,12 @@ def evaluate(
                         atk.report_progress = None
                     passes[name][0] += out.forward
                     passes[name][1] += out.backward
+                    for stage in atk.last_log:
+                        acc = stages[name].setdefault(stage["attack"], dict.fromkeys(
+                            ("robust", "seconds", "forward", "backward"), 0))
+                        acc["robust"] += stage["robust_after"]
+                        for key in ("seconds", "forward", "backward"):
+                            acc[key] += stage[key]
                     _check_threat(atk, out, xs, name)
                     with attack_mode(model), torch.no_grad():
                         p_adv = model(out.x_adv).argmax(1)
@@ -221,12 +289,24 @@ def evaluate(
                     rob[idx] = p_adv == ys
                     ap[idx] = p_adv
                     r2[idx] = per_sample_norm(out.x_adv - xs, "l2")
+                    dist = per_sample_norm(out.x_adv - xs, atk.norm or "l2")
                     if out.norms is not None:
                         # minimal attacks: inf marks a failure; count norms only where it fooled the model
                         nrm[idx] = torch.where(p_adv != ys, out.norms.to(nrm.dtype), torch.full_like(r2[idx], math.inf))
                     else:
-                        nrm[idx] = per_sample_norm(out.x_adv - xs, atk.norm or "l2")
+                        nrm[idx] = dist
+                    # the reference AutoAttack's closing check: largest perturbation, NaNs, the range of x_adv
+                    stats = torch.stack([dist.max(), torch.isnan(out.x_adv).sum().to(dist.dtype), out.x_adv.min(),
+                                         out.x_adv.max()]).tolist()
+                    adv_stats[name] = [max(adv_stats[name][0], stats[0]), adv_stats[name][1] + stats[1],
+                                       min(adv_stats[name][2], stats[2]), max(adv_stats[name][3], stats[3])]
+                    if keep_adversarials:
+                        x_keep = xb.clone()
+                        x_keep[idx] = out.x_adv
+                if keep_adversarials:
+                    adversarials[name].append((x_keep if idx.numel() else xb).cpu())
                 robust[name].append(rob.cpu())
+                seconds[name] += time.perf_counter() - start  # .cpu() above waited for the device
                 adv_pred[name].append(ap.cpu())
                 norms[name].append(nrm.cpu())
                 l2[name].append(r2.cpu())
@@ -239,6 +319,24 @@ def evaluate(
         raise InputError("no samples to evaluate")
     result = _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xnorm, passes, clean_passes,
                         keep_records, num_classes)
+    n_attacked = int(sum(int((lab == p).sum()) for lab, p in zip(labels, clean_pred)))
+    for name, atk in zip(names, built):
+        result["attacks"][name]["seconds"] = seconds[name]
+        pmax, nans, lo, hi = adv_stats[name]
+        result["attacks"][name]["adversarial_check"] = {"max_perturbation": pmax, "nan": int(nans),
+                                                        "min": lo if math.isfinite(lo) else None,
+                                                        "max": hi if math.isfinite(hi) else None}
+        if keep_adversarials:
+            result.setdefault("adversarials", {})[name] = torch.cat(adversarials[name])
+        if stages[name]:
+            result["attacks"][name]["stages"] = [
+                {"attack": stage, "robust_accuracy": v["robust"] / result["n_samples"], "seconds": v["seconds"],
+                 "passes_per_attacked_image": (v["forward"] + v["backward"]) / max(n_attacked, 1)}
+                for stage, v in stages[name].items()]
+        if atk.precision != "fp32" and first_batch is not None:
+            xb, yb, rob_first = first_batch
+            result["attacks"][name]["precision_check"] = _precision_check(model, atk, xb, yb, rob_first[name])
+    model.train(was_training)
     if integrity and first_batch is not None:
         xb, yb, rob_first = first_batch
         accs = {n: result["attacks"][n]["robust_accuracy"] for n in names}

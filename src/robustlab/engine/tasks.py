@@ -31,6 +31,7 @@ from robustlab.detection.attacks import detection_attacks
 from robustlab.detection.evaluate import evaluate_detector
 from robustlab.detection.report import ap_table, write_detection_report
 from robustlab.engine.evaluator import evaluate
+from robustlab.engine.external import Normalized, is_array_file, load_array_data
 from robustlab.errors import ConfigError, InputError
 from robustlab.methods.base import Method
 from robustlab.outputs import atomic_write_text
@@ -87,9 +88,19 @@ class Task(ABC):
 
     def eval_data(self, spec: str | None, split: str, extra: dict[str, Any],
                   model: nn.Module | None = None) -> tuple[Any, dict]:
-        """The split `robustlab eval` reads: the dataset `spec` (NAME[:key=value,...]) or, without one, the dataset
-        the checkpoint was trained on. Returns (split, {"name", "kwargs", "split"}); refuses another task's data."""
+        """The split `robustlab eval` reads: the dataset `spec` (NAME[:key=value,...]), an array file (x, y), or,
+        without either, the dataset the checkpoint was trained on. Returns (split, {"name", "kwargs", "split"});
+        refuses another task's data."""
         cfg = extra.get("config") or {}
+        if spec is not None and is_array_file(spec):  # the user's own arrays: x, y in a .npz / .safetensors / .pt file
+            if self.name != "classification":
+                raise InputError(f"--data {spec}: array files hold classification data; a {self.name} model needs "
+                                 f"a {self.name} dataset")
+            x, y = load_array_data(spec)
+            if isinstance(model, Normalized) and model.mean.numel() not in (1, x.shape[1]):
+                raise InputError(f"--normalize gives {model.mean.numel()} channel means; the images in {spec} have "
+                                 f"{x.shape[1]} channels")
+            return (x, y), {"name": "file", "path": str(spec), "split": "file"}
         if spec is None:
             name, kwargs = cfg.get("dataset", self.fallback_dataset), dict(cfg.get("dataset_kwargs") or {})
             if not name:
@@ -105,6 +116,7 @@ class Task(ABC):
         return self.split_of(data, split), {"name": name, "kwargs": kwargs, "split": split}
 
     fallback_dataset: ClassVar[str] = ""  # the dataset `eval` reads when the checkpoint names none
+    per_sample_records: ClassVar[bool] = False  # evaluate(keep_records=True) works: the results store can record it
     report_examples: ClassVar[int] = 0  # images with their predictions a report shows
 
     def check_fits(self, model: nn.Module, data: Any, name: str) -> None:
@@ -121,10 +133,13 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, model: nn.Module, split: Any, specs: list[str], n: int | None, *, batch_size: int = 32,
-                 checks: bool = True, examples: int = 0, progress: bool | None = False) -> dict[str, Any]:
+                 checks: bool = True, examples: int = 0, progress: bool | None = False, precision: str = "fp32",
+                 compile: bool = False, keep_adversarials: bool = False, keep_records: bool = False) -> dict[str, Any]:
         """The task's metric on the first n items of `split`, clean and under each attack spec. checks: the
         task's integrity checks of the setup and the result (classification); examples: keep the first images
-        with their predictions for a report (detection)."""
+        with their predictions for a report (detection); precision, compile: how the attacks run the model's
+        forward; keep_adversarials / keep_records: the adversarial examples / per-sample flags in the result
+        (classification)."""
 
     @abstractmethod
     def epoch_row(self, result: dict[str, Any], panel: list[str]) -> dict[str, Any]:
@@ -152,6 +167,7 @@ class Classification(Task):
     box = (0.0, 1.0)
     metric = "accuracy"
     watches_overfitting = True
+    per_sample_records = True
 
     def restrict_classes(self, data, classes, imbalance, seed):
         return select_classes(data, classes, imbalance, seed=seed)
@@ -209,7 +225,8 @@ class Classification(Task):
             panel.append(f"fgsm:norm={opts.get('norm', 'linf')},eps={opts['eps']}")
         return panel
 
-    def evaluate(self, model, split, specs, n, *, batch_size=500, checks=True, examples=0, progress=False):
+    def evaluate(self, model, split, specs, n, *, batch_size=500, checks=True, examples=0, progress=False,
+                 precision="fp32", compile=False, keep_adversarials=False, keep_records=False):
         if examples:
             raise InputError("classification evaluation keeps no example images (examples applies to detection)")
         x, y = split
@@ -217,7 +234,8 @@ class Classification(Task):
         device = next(model.parameters()).device
         with torch.autocast(device.type, enabled=False):
             return evaluate(model, x[:n].to(device), y[:n].to(device), specs, batch_size=batch_size, checks=checks,
-                            progress=progress)
+                            progress=progress, precision=precision, compile=compile,
+                            keep_adversarials=keep_adversarials, keep_records=keep_records or keep_adversarials)
 
     def epoch_row(self, result, panel):
         accs = [a["robust_accuracy"] for a in result["attacks"].values()]
@@ -287,7 +305,12 @@ class Detection(Task):
     def default_eval_attack(self, method):
         return ""  # clean mAP selects detectors unless eval_attack (e.g. "cwa") is set
 
-    def evaluate(self, model, split, specs, n, *, batch_size=32, checks=True, examples=0, progress=False):
+    def evaluate(self, model, split, specs, n, *, batch_size=32, checks=True, examples=0, progress=False,
+                 precision="fp32", compile=False, keep_adversarials=False, keep_records=False):
+        if precision != "fp32" or compile or keep_adversarials or keep_records:
+            raise InputError(f"precision={precision!r} / compile={compile!r} / saving adversarial examples or "
+                             "per-sample records: detection attacks run in fp32, eagerly, and keep neither (these "
+                             "apply to classifiers)")
         # detection has no integrity checks yet (`checks` has nothing to switch); batches of at most 64 images
         attacks = detection_attacks(specs, model) if specs else None
         return evaluate_detector(model, split, n, batch_size=min(batch_size, 64), ap_mode=self.ap_mode,

@@ -8,11 +8,45 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def _seconds(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def attack_log(result: dict[str, Any], name: str) -> list[str]:
+    """The reference AutoAttack's log for one attack of an `evaluate` result (its stages when it has them), with
+    passes per attacked image added to each line."""
+    a = result["attacks"][name]
+    stages = a.get("stages") or [{"attack": a.get("attack", name), "robust_accuracy": a["robust_accuracy"],
+                                  "seconds": a.get("seconds") or 0.0,
+                                  "passes_per_attacked_image": a["passes"]["per_attacked_image"]}]
+    lines = [f"initial accuracy: {100 * result['clean_accuracy']:.2f}%"]
+    total = 0.0
+    for stage in stages:
+        total += stage["seconds"]
+        lines.append(f"robust accuracy after {stage['attack'].upper()}: {100 * stage['robust_accuracy']:.2f}% "
+                     f"(total time {total:.1f} s; {stage['passes_per_attacked_image']:.1f} passes/img)")
+    check = a.get("adversarial_check")
+    if check and check.get("min") is not None:
+        norm = {"linf": "Linf", "l2": "L2", "l1": "L1"}.get(a.get("norm") or "", a.get("norm") or "l2")
+        lines.append(f"max {norm} perturbation: {check['max_perturbation']:.5f}, nan in tensor: {check['nan']}, "
+                     f"max: {check['max']:.5f}, min: {check['min']:.5f}")
+    lines.append(f"robust accuracy: {100 * a['robust_accuracy']:.2f}%")
+    return lines
+
+
+def evaluation_log(result: dict[str, Any]) -> str:
+    """Every attack's log (`attack_log`), one block per attack: what `robustlab eval --log` writes."""
+    blocks = []
+    for name in result["attacks"]:
+        blocks.append("\n".join([f"== {name} ==", *attack_log(result, name)]))
+    return "\n\n".join(blocks) + "\n"
+
+
 def eval_table(result: dict[str, Any]) -> str:
     """One row per attack: robust accuracy, norm, eps, passes per attacked image, perturbation stats."""
     lines = [f"clean accuracy: {_pct(result['clean_accuracy'])}%  (n = {result['n_samples']})", "",
-             "| attack | norm | eps | robust acc (%) | passes/img | median l2 | rho |",
-             "|---|---|---|---|---|---|---|"]
+             "| attack | norm | eps | robust acc (%) | passes/img | seconds | median l2 | rho |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, a in result["attacks"].items():
         pert = a.get("perturbation") or {}
         med = pert.get("median_l2")
@@ -20,12 +54,16 @@ def eval_table(result: dict[str, Any]) -> str:
         eps = a.get("eps")
         lines.append(f"| {name} | {a.get('norm') or '-'} | {eps if eps is not None else '-'} | "
                      f"{_pct(a['robust_accuracy'])} | {a['passes']['per_attacked_image']:.1f} | "
+                     f"{_seconds(a.get('seconds'))} | "
                      f"{'-' if med is None else f'{med:.3f}'} | {'-' if rho is None else f'{rho:.4f}'} |")
     lines += ["", f"union accuracy: {_pct(result['union_accuracy'])}%   "
                   f"average accuracy: {_pct(result['average_accuracy'])}%"]
     if len(result.get("per_norm") or {}) > 1:  # the multi-perturbation layout: worst case per norm, their mean
         per = "   ".join(f"{p}: {_pct(v)}%" for p, v in result["per_norm"].items())
         lines += [f"per norm: {per}   mean over norms: {_pct(result['norm_average_accuracy'])}%"]
+    for name, a in result["attacks"].items():
+        if a.get("stages"):  # attacks made of stages (AutoAttack) also print the reference's log
+            lines += ["", f"{name}:", *(f"  {line}" for line in attack_log(result, name))]
     integrity = result.get("integrity")
     if integrity is not None:
         lines += ["", "integrity: ok (no sign of gradient masking)" if integrity["ok"] else
