@@ -3,6 +3,7 @@ AutoAttack panel, each next to a plain hand-written PyTorch loop doing the same 
 
     python benchmarks/attacks.py                      # CPU, small CNN on mnist5k
     python benchmarks/attacks.py --device cuda --amp bf16 --channels-last --model preact-resnet18
+    python benchmarks/attacks.py --autoattack --threads 2 --n 100   # AutoAttack vs pyautoattack (trains 2 models)
 
 The ratio column is robustlab's images/s divided by the plain loop's (>= 0.95 is the target for PGD).
 Timings are medians of --repeats runs after a warm-up. Results print as a Markdown table and go to
@@ -16,6 +17,7 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,94 @@ def timeit(fn, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
+def adversarially_trained(name: str, x, y, *, epochs: int, cache: str, **kw):
+    """PGD-AT (linf 0.3, 10 steps, eps ramped over 4 epochs, Adam 1e-3), cached in `cache` by name and epochs."""
+    from robustlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, **kw)
+    path = Path(cache) / f"{name}-{'-'.join(f'{k}{v}' for k, v in kw.items())}-pgdat{epochs}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(0)
+    for ep in range(epochs):
+        eps = min(0.3, 0.05 + 0.25 * ep / 4)
+        perm = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, x.shape[0], 64):
+            xb, yb = x[perm[i:i + 64]], y[perm[i:i + 64]]
+            xb = PGD(model, eps=eps, steps=10, step_size=2.5 * eps / 10, seed=i)(xb, yb)
+            model.train()
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def autoattack_table(args, dev) -> None:
+    """AutoAttack standard, robustlab (fp32 and bf16) against pyautoattack, back to back on the same model, images
+    and threads. Robust accuracy is judged by the fp32 model for every run."""
+    import logging
+
+    from pyautoattack import AutoAttack as Reference
+
+    logging.getLogger("auto-attack").setLevel(logging.ERROR)
+    data = load_dataset("mnist5k")
+    cifar_shaped = lambda t: F.pad(t, (2, 2, 2, 2)).repeat(1, 3, 1, 1)  # noqa: E731  (28x28x1 -> 32x32x3)
+    cnn = adversarially_trained("small-cnn", data.x_train, data.y_train, epochs=12, cache=args.cache, width=16,
+                                hidden=128)
+    resnet = adversarially_trained("preact-resnet18", cifar_shaped(data.x_train), data.y_train, epochs=5,
+                                   cache=args.cache, in_channels=3, input_size=32, width=8)
+    cases = {"cnn-linf": ("small-cnn, mnist5k", cnn, "linf", 0.3, data.x_test),
+             "cnn-l2": ("small-cnn, mnist5k", cnn, "l2", 2.0, data.x_test),
+             "resnet-linf": ("preact-resnet18 (width 8), 32x32x3", resnet, "linf", 0.3, cifar_shaped(data.x_test))}
+    rows = []
+    for key in args.cases.split(","):
+        what, model, norm, eps, xs = cases[key]
+        model = model.to(dev)
+        x, y = xs[: args.n].to(dev), data.y_test[: args.n].to(dev)
+
+        def robust(x_adv, model=model, y=y) -> float:
+            with torch.no_grad():
+                return (model(x_adv).argmax(1) == y).float().mean().item()
+
+        runs = {}
+        for label, precision in (("fp32", "fp32"), ("bf16", "bf16")):
+            aa = AutoAttack(model, norm=norm, eps=eps, precision=precision)
+            t = time.perf_counter()
+            x_adv = aa(x, y)
+            runs[label] = (time.perf_counter() - t, robust(x_adv))
+        ref = Reference(model, norm="Linf" if norm == "linf" else "L2", eps=eps, version="standard", device=str(dev),
+                        seed=0)
+        ref.verbose = False
+        ref.apgd_targeted.n_target_classes = ref.fab.n_target_classes = 9
+        t = time.perf_counter()
+        out = ref.run_standard_evaluation(x, y, batch_size=args.n)
+        t_ref = time.perf_counter() - t
+        acc_ref = robust(out[0] if isinstance(out, tuple) else out)
+        for label, (t_ours, acc) in runs.items():
+            rows.append((what, f"{norm} {eps:g}", label, t_ours, t_ref, acc, acc_ref))
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
+        torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU")
+    print(f"AutoAttack standard, {args.n} test images per model, back to back in one process; {machine}\n")
+    print("| model | threat | robustlab precision | robustlab s | pyautoattack s | ratio (target <= 0.5) | "
+          "robustlab robust acc | pyautoattack robust acc |")
+    print("|---|---|---|---|---|---|---|---|")
+    for what, threat, label, t_ours, t_ref, acc, acc_ref in rows:
+        print(f"| {what} | {threat} | {label} | {t_ours:.1f} | {t_ref:.1f} | {t_ours / t_ref:.2f} | {100 * acc:.1f} | "
+              f"{100 * acc_ref:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "args": vars(args), "rows": [
+                {"model": r[0], "threat": r[1], "precision": r[2], "robustlab_s": r[3], "reference_s": r[4],
+                 "ratio": r[3] / r[4], "robustlab_robust_accuracy": r[5], "reference_robust_accuracy": r[6]}
+                for r in rows]}, f, indent=2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -92,13 +182,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--autoattack", action="store_true", help="also time the full AutoAttack panel (slow)")
+    p.add_argument("--autoattack", action="store_true",
+                   help="instead: AutoAttack standard against pyautoattack on adversarially trained models (slow)")
+    p.add_argument("--n", type=int, default=100, help="--autoattack: images per model")
+    p.add_argument("--cases", default="cnn-linf,cnn-l2,resnet-linf", help="--autoattack: which of the three to run")
+    p.add_argument("--cache", default="/tmp/robustlab-bench-models", help="--autoattack: trained models kept here")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
+    if args.autoattack:
+        return autoattack_table(args, dev)
     data = load_dataset("mnist5k")
     kw = {"width": args.width} if args.model in ("small-cnn", "preact-resnet18", "resnet18") else {}
     model = create_model(args.model, in_channels=1, input_size=28, **kw).to(dev)
@@ -135,21 +231,6 @@ def main() -> None:
         t_ours = timeit(lambda: apgd(x, y), args.repeats, sync)
         t_ref = timeit(lambda: plain_passes(model, x, y, round(out.backward / n)), args.repeats, sync)
         rows.append(("apgd-ce", per, n / t_ours, n / t_ref, "same number of fwd+bwd passes"))
-        if args.autoattack:
-            aa = AutoAttack(model, eps=0.3)
-            out = aa.run(x, y, with_success=False)
-            t_ours = timeit(lambda: aa(x, y), 1, sync)
-            try:
-                import logging
-
-                import pyautoattack  # noqa: F401
-
-                logging.getLogger("auto-attack").setLevel(logging.ERROR)
-                ref = AutoAttack(model, eps=0.3, impl="reference")
-                t_ref = timeit(lambda: ref(x, y), 1, sync)
-                rows.append(("autoattack", (out.forward + out.backward) / n, n / t_ours, n / t_ref, "pyautoattack"))
-            except ImportError:
-                rows.append(("autoattack", (out.forward + out.backward) / n, n / t_ours, float("nan"), "(no reference)"))
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
         torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU")
     print(f"model {args.model} (width {args.width}), batch {n}, {T} steps, amp {args.amp}, "
