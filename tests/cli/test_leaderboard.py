@@ -61,7 +61,7 @@ def test_eval_records_and_leaderboard_prints(mnist_cnn, mnist, tmp_path, capsys)
 
 def test_threat_keys():
     assert threat_key("linf", 8 / 255) == "linf:8/255" and threat_key("l2", 0.5) == "l2:0.5"
-    assert threat_key("l2", None) == "l2:unbounded"
+    assert threat_key("l2", None) == "l2:unbounded" and threat_key("linf", "tensor") == "linf:per-sample"
 
 
 def test_missing_store_is_a_clear_error(tmp_path):

@@ -116,13 +116,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result.pop("examples", None)
     adversarials = result.pop("adversarials", None)
     records = result.pop("records", None)
-    if store is not None:
-        from robustlab import __version__
-        from robustlab.reports.store import record
-
-        record(store, model=model, model_name=str(args.model), data=data_key(data), specs=specs, version=__version__,
-               result={**result, "records": records})
-        print(f"recorded in {store} (robustlab leaderboard --store {store})")
     written = []
     if args.log:
         from robustlab.outputs import atomic_write_text
@@ -144,6 +137,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rc = 0
     for w in written:
         rc = max(rc, report_written(*w))
+    if store is not None:  # after the files the user asked for: a store that cannot be written loses none of them
+        from robustlab import __version__
+        from robustlab.reports.store import record
+
+        record(store, model=model, model_name=str(args.model), data=data_key(data), specs=specs, version=__version__,
+               result={**result, "records": records})
+        print(f"recorded in {store} (robustlab leaderboard --store {store})")
     return rc
 
 

@@ -62,11 +62,14 @@ def data_key(info: dict[str, Any]) -> str:
 
 
 def threat_key(norm: str | None, eps: Any) -> str:
-    """'linf:8/255', 'l2:0.5'; 'l2:unbounded' for a minimal attack without a budget."""
+    """'linf:8/255', 'l2:0.5'; 'l2:unbounded' for a minimal attack without a budget, 'linf:per-sample' for a
+    tensor budget."""
     from robustlab.reports.exports import eps_text
 
-    if eps is None or not isinstance(eps, (int, float)):
+    if eps is None:
         return f"{norm or 'none'}:unbounded"
+    if not isinstance(eps, (int, float)):
+        return f"{norm or 'none'}:per-sample"
     return f"{norm}:{eps_text(float(eps))}"
 
 
