@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,28 @@ def verify_sha256(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: 
                               "(the header is intact, the weights are not); restore it from a copy")
 
 
+def file_kind(path: Path) -> str:
+    """'safetensors', 'torchscript', 'export', 'torch-save' (a pickle: weights at most) or 'unknown', from the bytes."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if 0 < header_len <= path.stat().st_size - 8 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except zipfile.BadZipFile:
+            return "unknown"
+        if any(n.endswith("/archive_format") or "/models/" in n for n in names):
+            return "export"
+        if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
+            return "torchscript"
+        return "torch-save"
+    if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        return "torch-save"
+    return "unknown"
+
+
 def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None) -> Path:
     """Save weights and buffers + `model.config` (how to rebuild it) + JSON-serialisable `extra`."""
     from safetensors.torch import save
@@ -64,20 +87,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
-    data = path.read_bytes()
-    # safetensors opens with an 8-byte header length (whose first byte may be 0x80) and a JSON header: only a file
-    # that is not one is looked at as torch.save's zip archive or a bare pickle (protocol 2-5)
-    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    is_safetensors = 0 < header_len <= len(data) - 8 and data[8:9] == b"{"
-    if not is_safetensors and (data[:4] == b"PK\x03\x04" or data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04",
-                                                                       b"\x80\x05")):
+    if file_kind(path) in ("torch-save", "torchscript", "export"):
         raise CheckpointError(f"{path} is a PyTorch file written by torch.save (a pickled state dict or model), not a "
                               "robustlab checkpoint (safetensors). robustlab never unpickles it for you: build your "
                               "model, model.load_state_dict(torch.load(path, weights_only=True)), then evaluate it "
                               "with robustlab.evaluate(model, ...) or save it with "
                               "robustlab.engine.checkpoint.save_model")
     try:
-        state = load(data)
+        state = load(path.read_bytes())
         import safetensors
 
         with safetensors.safe_open(str(path), framework="pt") as f:

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import pickle
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from robustlab.engine.checkpoint import file_kind
 from robustlab.errors import CheckpointError, InputError, InputTypeError
 
 # where a state dict hides inside a training checkpoint, and the prefixes DataParallel / torch.compile add
@@ -32,28 +33,6 @@ ARRAY_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
 
 
 # -- models ------------------------------------------------------------------------------------------------------
-def file_kind(path: Path) -> str:
-    """'safetensors', 'torchscript', 'export', 'torch-save' (a pickle: weights at most) or 'unknown', from the bytes."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
-    if 0 < header_len <= path.stat().st_size - 8 and head[8:9] == b"{":
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04":
-        try:
-            names = zipfile.ZipFile(path).namelist()
-        except zipfile.BadZipFile:
-            return "unknown"
-        if any(n.endswith("/archive_format") or "/models/" in n for n in names):
-            return "export"
-        if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
-            return "torchscript"
-        return "torch-save"
-    if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
-        return "torch-save"
-    return "unknown"
-
-
 class Normalized(nn.Module):
     """model((x * input_range - mean) / std): a model that wants normalised (or [0, 255]) inputs, fed [0, 1] images."""
 
@@ -211,10 +190,13 @@ def load_any_model(spec: str, *, model_kwargs: str | None = None, weights: str |
                                   "(safetensors), TorchScript, torch.export program)")
     else:
         target = _import_target(spec)
-        try:
-            model = target(**kwargs)
+        try:  # the arguments are checked against the signature; an error inside the user's code keeps its traceback
+            inspect.signature(target).bind(**kwargs)
         except TypeError as e:
             raise InputError(f"--model {spec!r} with --model-kwargs {kwargs}: {e}") from None
+        except ValueError:  # no signature to read (some builtins): let the call itself say what is wrong
+            pass
+        model = target(**kwargs)
         if not isinstance(model, nn.Module):
             raise InputTypeError(f"--model {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
         if weights:

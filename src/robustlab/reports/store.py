@@ -100,6 +100,7 @@ def record(path: str | Path, *, model: nn.Module, model_name: str, data: str, re
     ids = []
     with _connect(Path(path)) as con:
         con.execute("BEGIN IMMEDIATE")
+        committed = False
         try:
             for (name, entry), spec in zip(result["attacks"].items(), specs):
                 cur = con.execute(
@@ -112,9 +113,10 @@ def record(path: str | Path, *, model: nn.Module, model_name: str, data: str, re
                 con.executemany("INSERT INTO samples (evaluation_id, idx, clean_correct, robust) VALUES (?, ?, ?, ?)",
                                 [(eid, i, c, int(r)) for i, (c, r) in enumerate(zip(clean, records["robust"][name]))])
             con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+            committed = True
+        finally:
+            if not committed:  # whatever stopped us, the store keeps no half-written evaluation
+                con.execute("ROLLBACK")
     return ids
 
 
