@@ -1,5 +1,5 @@
 """Small shared helpers: progress (a bar on a terminal, a line now and then in logs), thread settings, seed mixing,
-the machine's description."""
+the machine's description, compiling a module."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +8,9 @@ import platform
 import sys
 import time
 from typing import Iterator
+
+import torch
+from torch import nn
 
 
 class _NullBar:
@@ -82,8 +85,6 @@ def progress_bar(total: int | None, desc: str, enabled: bool | None = None) -> I
 
 def set_threads(n: int | None) -> None:
     """Pin torch's intra-op threads (2-core machines oversubscribe badly when anything else runs)."""
-    import torch
-
     if n is not None:
         if n < 1:
             from robustlab.errors import InputError
@@ -104,7 +105,14 @@ def mix_seed(*ints: int) -> int:
 
 def machine_description() -> str:
     """The machine a number was measured on, for reports: CPU, torch threads, GPU."""
-    import torch
-
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {dev}"
+
+
+def compile_module(model: nn.Module, **kwargs) -> nn.Module:
+    """`torch.compile(model, **kwargs)` for robustlab's two users (attacks, the trainer): both take several gradients
+    of one forward (FAB, DeepFool, C&W, MMA: retain_graph / create_graph), which AOTAutograd's donated buffers
+    forbid, so they are switched off; the switch is process-wide (read at backward time) and only costs memory
+    reuse."""
+    torch._functorch.config.donated_buffer = False
+    return torch.compile(model, **kwargs)  # type: ignore[return-value]

@@ -43,9 +43,11 @@ FAST_GPU = dict(epochs=1, validation=0, select_best=False, amp="bf16", channels_
 
 @pytest.mark.parametrize("method", CLASSIFICATION)
 def test_every_classification_method_full_size_bf16_channels_last_compiled(method, cifar_kwargs, tmp_path):
+    # a double-backward method refuses compile (torch.compile cannot differentiate a gradient): it runs eager here
+    settings = {**FAST_GPU, "compile": not METHODS.get(method).double_backward}
     cfg = TrainConfig(name=method, out_dir=str(tmp_path), dataset="cifar10", dataset_kwargs=cifar_kwargs,
                       model="resnet18", method=method, batch_size=32, eval_attack="pgd:norm=linf,eps=8/255,steps=2",
-                      **FAST_GPU)
+                      **settings)
     result = Trainer(cfg).fit()
     row = result["history"][-1]
     assert all(math.isfinite(v) for k, v in row.items() if k.startswith("train_") and isinstance(v, float)), row
@@ -98,7 +100,8 @@ def test_attack_invariants_on_cuda(spec, trained_cuda_model):
     attack = create_attack(spec, model)
     x_adv = attack(x, y)
     assert x_adv.device == x.device and x_adv.min() >= 0 and x_adv.max() <= 1
-    assert attack.threat.contains(x_adv, x).all()
+    if attack.threat is not None:  # minimal-perturbation attacks (C&W, DeepFool, EAD) have no ball: eps only reports
+        assert attack.threat.contains(x_adv, x).all()
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean()
         adv = (model(x_adv).argmax(1) == y).float().mean()
@@ -112,9 +115,10 @@ def test_autoattack_cuda_matches_cpu(trained_cuda_model):
 
     model, x, y = trained_cuda_model
     spec = "autoattack:norm=linf,eps=0.3"
-    on_gpu = evaluate(model, x, y, [spec], checks=False)["attacks"][spec]["robust_accuracy"]
+    (on_gpu,) = [a["robust_accuracy"] for a in evaluate(model, x, y, [spec], checks=False)["attacks"].values()]
     cpu_model = copy.deepcopy(model).cpu()
-    on_cpu = evaluate(cpu_model, x.cpu(), y.cpu(), [spec], checks=False)["attacks"][spec]["robust_accuracy"]
+    (on_cpu,) = [a["robust_accuracy"] for a in evaluate(cpu_model, x.cpu(), y.cpu(), [spec], checks=False)["attacks"]
+                 .values()]
     assert abs(on_gpu - on_cpu) <= 0.01, (on_gpu, on_cpu)
 
 

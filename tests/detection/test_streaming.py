@@ -72,3 +72,24 @@ def test_item_seeds_depend_on_run_epoch_and_index_only(voc_kwargs):
     (x, t), = list(loader.epoch([torch.tensor([5, 9])], epoch=1))
     x9, t9 = data.train.batch(torch.tensor([9]), seeds=[sample_seed(7, 1, 9)])
     assert torch.equal(x[1:], x9) and torch.equal(t[1:, :t9.shape[1]], t9)
+
+
+def test_workers_forked_after_cuda_init_do_not_see_the_parents_garbage(voc_kwargs, monkeypatch):
+    """With CUDA initialised in the parent, the workers are forked with the parent's objects frozen out of their
+    garbage collector (a child that frees an inherited CUDA tensor aborts: seen on an H200); the batches are the
+    same and the parent's collector is left as it was."""
+    import gc
+
+    from robustlab.detection.data import load_detection_data
+
+    data = load_detection_data("voc", **voc_kwargs)
+    batches = [torch.tensor([5, 7]), torch.tensor([1, 2])]
+    plain = list(EpochLoader(data.test, workers=0).epoch(batches))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda real=gc.freeze: (frozen.append(True), real())[1])
+    loader = EpochLoader(data.test, workers=1)
+    forked = list(loader.epoch(batches))
+    loader.close()
+    assert frozen and gc.get_freeze_count() == 0
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(plain, forked))

@@ -235,3 +235,12 @@ def test_evaluation_panel_for_any_eval_attack(tmp_path, spec, has_fgsm):
     t = Trainer(_cfg(tmp_path, method="standard", method_kwargs={}, epochs=1, eval_attack=spec))
     row = t.fit()["history"][0]
     assert ("eval_fgsm" in row) == has_fgsm and 0 <= row["eval_robust"] <= row["eval_clean"]
+
+
+def test_compile_with_a_double_backward_method_is_refused_before_training(tmp_path):
+    """torch.compile cannot differentiate a gradient (margin's regulariser): refused by name, not a crash in the
+    first backward (seen on an H200)."""
+    with pytest.raises(ConfigError, match="'margin' differentiates .* set compile: false"):
+        Trainer(TrainConfig(name="m", out_dir=str(tmp_path), method="margin", compile=True, epochs=1,
+                            validation=0, select_best=False, progress=False))
+    assert not (tmp_path / "m").exists()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Iterator, Literal, cast
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,7 @@ from robustlab import rng
 from robustlab.errors import InputError, InputTypeError
 from robustlab.threat import LpBall
 from robustlab.types import AttackOut
+from robustlab.utils import compile_module
 from robustlab.validation import check_choice, check_fits_model, check_images, check_labels, check_logits
 
 PRECISIONS = ("fp32", "bf16")
@@ -28,10 +29,7 @@ def compiled(model: nn.Module) -> nn.Module:
     """`torch.compile(model, dynamic=True)`, built once per model (batch sizes change as samples leave the batch,
     hence dynamic shapes); it shares the model's parameters."""
     if model not in _COMPILED:
-        # attacks take several gradients of one forward (FAB, DeepFool, C&W: retain_graph), which AOTAutograd's
-        # donated buffers forbid; the switch is process-wide (read at backward time) and only costs memory reuse
-        torch._functorch.config.donated_buffer = False
-        _COMPILED[model] = cast(nn.Module, torch.compile(model, dynamic=True))
+        _COMPILED[model] = compile_module(model, dynamic=True)
     return _COMPILED[model]
 
 

@@ -8,6 +8,7 @@ after a resume. In-memory data needs none of this: its batches are indexed where
 """
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
@@ -151,7 +152,18 @@ class EpochLoader:
         seed = self.seed
         self._batches.batches = [[(int(i), None if seed is None else sample_seed(seed, epoch, int(i))) for i in b]
                                  for b in index_batches]
-        return iter(self.loader)
+        if not (self.loader.num_workers and torch.cuda.is_initialized()):
+            return iter(self.loader)
+        # Workers are forked here (at the first epoch when persistent). A forked child must never free a CUDA
+        # tensor it inherited (CUDA cannot initialise after fork: the child aborts), and its garbage collector
+        # would free any that sit in the parent's uncollected cycles: collect them first and freeze the rest, so
+        # the children's collector never looks at the parent's objects (the Python docs' recipe for fork).
+        gc.collect()
+        gc.freeze()
+        try:
+            return iter(self.loader)
+        finally:
+            gc.unfreeze()
 
     def close(self) -> None:
         """End the persistent worker processes now (not whenever the garbage collector gets to them)."""

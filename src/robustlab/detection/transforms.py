@@ -34,7 +34,8 @@ def read_image(path: Path) -> Tensor:
 def resize(img: Tensor, boxes: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Bilinear resize to size x size; boxes go from pixels to [0, 1]."""
     _, h, w = img.shape
-    out = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    # bilinear is a convex combination: the clamp only removes float rounding (255.00002 on some CPUs' kernels)
+    out = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0].clamp_(0, 255)
     scale = torch.tensor([w, h, w, h], dtype=boxes.dtype)
     return out, (boxes / scale).clamp(0, 1)
 

@@ -36,7 +36,7 @@ from robustlab.models import create_model
 from robustlab.outputs import atomic_write_bytes, atomic_write_text
 from robustlab.registry import MODELS
 from robustlab.types import Batch, LossOut, StepContext
-from robustlab.utils import mix_seed, progress_bar
+from robustlab.utils import compile_module, mix_seed, progress_bar
 from robustlab.validation import check_device
 
 if TYPE_CHECKING:
@@ -143,6 +143,9 @@ class Trainer:
         if len(set(tasks.values())) > 1:
             raise ConfigError("dataset, model and method must be for the same task, got "
                               + ", ".join(f"{k} {getattr(cfg, k)!r} ({v})" for k, v in tasks.items()))
+        if cfg.compile and self.method.double_backward:
+            raise ConfigError(f"method {cfg.method!r} differentiates through the model's input gradient (double "
+                              "backward), which torch.compile does not support; set compile: false")
         self.model = create_model(cfg.model, **{**self.data.model_kwargs(), **cfg.model_kwargs})
         built = getattr(self.model, "config", {})
         for key in ("in_channels", "input_size"):  # a mismatch can broadcast silently (per-channel normalisation)
@@ -167,7 +170,7 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
+            self.train_model = compile_module(self.train_model)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
         self.epoch = 0

@@ -33,6 +33,8 @@ class Method(ABC):
     task: ClassVar[str] = "classification"  # or "detection": the data and models it trains
     # False for clean training: its best checkpoint is chosen by clean accuracy (or clean mAP), not robustness
     robustness_goal: ClassVar[bool] = True
+    # True where the loss differentiates through the model's input gradient: torch.compile cannot (refused)
+    double_backward: ClassVar[bool] = False
     norm: str | None = None
     eps: float | None = None
 

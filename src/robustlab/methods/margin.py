@@ -20,6 +20,7 @@ class MarginMaximization(LossMethod):
 
     name = "margin"
     norm = "l2"
+    double_backward = True
 
     def __init__(self, lam: float = 0.1, margin: float = 1.0) -> None:
         check_positive(lam, "lam", allow_zero=True)
