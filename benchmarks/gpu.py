@@ -182,7 +182,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="toy sizes (checks the script on a CPU)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 4, 8, 15],
                     help="DataLoader workers to time (default: 0 4 8 15)")
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", help="also write the results here (after every section)")
+    ap.add_argument("--sections", nargs="+", choices=("training", "attacks", "detection"),
+                    default=["training", "attacks", "detection"], help="what to measure (default: all three)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -191,30 +193,40 @@ def main() -> None:
     modes = {k: v for k, v in MODES.items() if not (args.quick and v["compile"])}  # compile on CPU takes minutes
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(f"device: {name}; torch {torch.__version__}; ResNet-18 width {width}, {n} CIFAR-shaped images, batch {batch}")
-    training = []
-    for method, steps in (("standard", 0), ("pgd-at", 10)):
-        for mode_name, mode in modes.items():
-            ours = robustlab_training(method, mode, n, batch, device, width)
-            plain = plain_training(steps, mode, n, batch, device, width)
-            training.append({"method": method, "mode": mode_name, "robustlab": ours, "plain": plain,
-                             "ratio": ours / plain})
-    print("\n| training | mode | robustlab img/s | plain img/s | ratio |\n|---|---|---|---|---|")
-    for r in training:
-        print(f"| {r['method']} | {r['mode']} | {r['robustlab']:.0f} | {r['plain']:.0f} | {r['ratio']:.2f} |")
-    att = attacks(64 if args.quick else 1024, device, width)
-    print("\n| attack | robustlab img/s | reference img/s | ratio | reference |\n|---|---|---|---|---|")
-    for r in att:
-        ref = r["reference"]
-        print(f"| {r['attack']} | {r['robustlab']:.1f} | {ref or float('nan'):.1f} | "
-              f"{(r['robustlab'] / ref) if ref else float('nan'):.2f} | {r['reference_impl']} |")
-    det = detection(16 if args.quick else 256, 8 if args.quick else 32, device,
-                    [w for w in args.workers if w <= (2 if args.quick else 64)], args.quick)
-    print(f"\nSSD300-VGG16 CWAT-fast training: {det['cwat_fast_images_per_s']:.1f} images/s")
-    for w, rate in det["loader_images_per_s"].items():
-        print(f"VOC-format DataLoader at 300x300, {w} workers: {rate:.1f} images/s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "training": training, "attacks": att,
-                                               "detection": det}, indent=2))
+    training: list[dict] = []
+    att: list[dict] = []
+    det: dict = {}
+
+    def save() -> None:  # after every section, so a run cut short keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": name, "training": training, "attacks": att,
+                                                   "detection": det}, indent=2))
+
+    if "training" in args.sections:  # each row printed as it is measured
+        print("\n| training | mode | robustlab img/s | plain img/s | ratio |\n|---|---|---|---|---|", flush=True)
+        for method, steps in (("standard", 0), ("pgd-at", 10)):
+            for mode_name, mode in modes.items():
+                ours = robustlab_training(method, mode, n, batch, device, width)
+                plain = plain_training(steps, mode, n, batch, device, width)
+                r = {"method": method, "mode": mode_name, "robustlab": ours, "plain": plain, "ratio": ours / plain}
+                training.append(r)
+                print(f"| {method} | {mode_name} | {ours:.0f} | {plain:.0f} | {r['ratio']:.2f} |", flush=True)
+                save()
+    if "attacks" in args.sections:
+        att = attacks(64 if args.quick else 1024, device, width)
+        print("\n| attack | robustlab img/s | reference img/s | ratio | reference |\n|---|---|---|---|---|")
+        for r in att:
+            ref = r["reference"]
+            print(f"| {r['attack']} | {r['robustlab']:.1f} | {ref or float('nan'):.1f} | "
+                  f"{(r['robustlab'] / ref) if ref else float('nan'):.2f} | {r['reference_impl']} |", flush=True)
+        save()
+    if "detection" in args.sections:
+        det = detection(16 if args.quick else 256, 8 if args.quick else 32, device,
+                        [w for w in args.workers if w <= (2 if args.quick else 64)], args.quick)
+        print(f"\nSSD300-VGG16 CWAT-fast training: {det['cwat_fast_images_per_s']:.1f} images/s")
+        for w, rate in det["loader_images_per_s"].items():
+            print(f"VOC-format DataLoader at 300x300, {w} workers: {rate:.1f} images/s", flush=True)
+        save()
 
 
 if __name__ == "__main__":
