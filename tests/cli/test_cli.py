@@ -21,7 +21,7 @@ def _run(*args):
                                  ["boundary-figure"], ["analyze"], ["metric"], ["metric", "wordnet"],
                                  ["metric", "visual"], *[["analyze", a] for a in ("gap", "entropy", "tsne", "toy",
                                                                                   "two-class", "score", "directional")],
-                                 ["corruptions", "generate"], ["corruptions", "eval"], ["leaderboard"]])
+                                 ["corruptions", "generate"], ["corruptions", "eval"], ["leaderboard"], ["eval-merge"]])
 def test_help_on_every_command(cmd, capsys):
     with pytest.raises(SystemExit) as e:  # in process: argparse prints the help and exits 0
         main([*cmd, "--help"])
@@ -70,7 +70,7 @@ def test_every_subcommand_is_covered_by_the_help_test():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == {"list", "eval", "train", "run", "data", "det-report", "compare", "export-adversarials",
                                 "score-labels", "part-figure", "corruptions", "boundary-figure", "analyze",
-                                "metric", "leaderboard"}
+                                "metric", "leaderboard", "eval-merge"}
 
 
 def test_list(capsys):

@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Lowest first. A module belongs to the longest prefix listed; imports may go to the same or a lower layer.
 LAYERS: list[tuple[str, ...]] = [
-    ("robustlab.errors",),
+    ("robustlab.errors", "robustlab.version"),
     ("robustlab.utils", "robustlab.validation", "robustlab.registry", "robustlab.outputs", "robustlab.rng"),
     ("robustlab.threat",),
     ("robustlab.types",),  # the records passed between parts (AttackOut names its threat model)

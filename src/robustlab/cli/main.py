@@ -61,6 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from robustlab.cli.common import command_line, report_written
+    from robustlab.engine.distributed import Torchrun
     from robustlab.engine.external import load_any_model
     from robustlab.engine.tasks import task_of
     from robustlab.errors import InputError
@@ -83,10 +84,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        ("--save-adversarials", args.save_adversarials)):
         if path:
             check_writable(path, what=f"{flag} file")
+    shard = _parse_shard(args.shard) if args.shard else None
+    if shard is not None:
+        if args.state is None:
+            raise InputError(f"--shard {args.shard} writes its slice of the work to a state folder: add --state DIR "
+                             "(one folder per shard), then robustlab eval-merge DIR... --json OUT.json")
+        given = [f for f, v in (("--json", args.json), ("--log", args.log), ("--robustbench-json", args.robustbench_json),
+                                ("--save-adversarials", args.save_adversarials), ("--report", args.report)) if v]
+        if given:
+            raise InputError(f"{', '.join(given)}: a --shard run holds a slice of the result; write the whole result "
+                             "with robustlab eval-merge DIR... --json OUT.json")
     if args.save_adversarials and args.save_adversarials.suffix != ".safetensors":
         raise InputError(f"--save-adversarials {args.save_adversarials}: the file must end in .safetensors (float "
                          "tensors; image formats would quantise the perturbations away)")
     set_threads(args.threads)
+    ranks = Torchrun(args.device)  # under torchrun, the ranks take the batches round-robin
+    if ranks.enabled:
+        if shard is not None:
+            raise InputError("--shard splits the work without torchrun; under torchrun the ranks split it")
+        if args.device.startswith("cuda") and ":" not in args.device:
+            args.device = f"cuda:{ranks.local_rank}"
     model, extra = load_any_model(args.model, model_kwargs=args.model_kwargs, weights=args.weights,
                                   normalize=args.normalize, input_range=args.input_range, map_location=args.device)
     if extra is None and args.data is None:
@@ -102,11 +119,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.store:
             raise InputError(f"--store records per-sample robustness; {task.name} evaluations have none")
         store = None
-    result = task.evaluate(model, split, specs, args.n_samples, batch_size=args.batch_size,
-                           examples=task.report_examples if args.report else 0,
-                           progress=None if not args.quiet else False, precision=args.precision,
-                           compile=args.compile, keep_adversarials=bool(args.save_adversarials),
-                           keep_records=store is not None)
+    if (args.state is not None or shard is not None or ranks.enabled) and not task.per_sample_records:
+        raise InputError(f"--state, --shard and torchrun split the work by batch; {task.name} evaluations run in one "
+                         "pass")
+    options = dict(examples=task.report_examples if args.report else 0, precision=args.precision,
+                   compile=args.compile, keep_adversarials=bool(args.save_adversarials),
+                   keep_records=store is not None)
+    if ranks.enabled:
+        result = _torchrun_eval(ranks, task, model, split, specs, args, options)
+        if result is None:
+            return 0  # not rank 0: rank 0 writes the result
+    else:
+        result = task.evaluate(model, split, specs, args.n_samples, batch_size=args.batch_size,
+                               progress=None if not args.quiet else False, state=args.state, shard=shard, **options)
+    if shard is not None:
+        print(f"shard {shard[0]}/{shard[1]}: batches {', '.join(map(str, result['batches'])) or 'none'} of "
+              f"{result['n_batches']} written to {args.state}; when every shard is done: robustlab eval-merge "
+              f"DIR... --json OUT.json")
+        return 0
     result.update({"model": str(args.model), "data": data, "attack_specs": specs,
                    "device": str(torch.device(args.device))})
     print(task.table(result))
@@ -145,6 +175,73 @@ def cmd_eval(args: argparse.Namespace) -> int:
                result={**result, "records": records})
         print(f"recorded in {store} (robustlab leaderboard --store {store})")
     return rc
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    from robustlab.errors import InputError
+
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        i = n = -1
+    if not 0 <= i < n:
+        raise InputError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. --shard 0/4 ... --shard 3/4")
+    return i, n
+
+
+def _torchrun_eval(ranks, task, model, split, specs, args, options) -> dict | None:
+    """Rank r evaluates batches k with k % world == r into its own state folder (under --state, or a temporary
+    folder rank 0 makes); rank 0 merges them once every rank is done. Returns the result on rank 0, else None."""
+    import shutil
+    import tempfile
+
+    from robustlab.engine.evaluator import merge_evaluations
+    from robustlab.errors import InputError
+
+    base = args.state
+    if base is not None and (Path(base) / "manifest.json").exists():
+        raise InputError(f"--state {base} holds a single-process evaluation: resume it without torchrun, or name a "
+                         "new folder")
+    temporary = base is None
+    if temporary:
+        base = ranks.broadcast(tempfile.mkdtemp(prefix="robustlab-eval-") if ranks.main else None)
+    folders = [Path(base) / f"rank-{r}-of-{ranks.world}" for r in range(ranks.world)]
+    try:
+        task.evaluate(model, split, specs, args.n_samples, batch_size=args.batch_size,
+                      progress=(None if not args.quiet else False) if ranks.main else False,
+                      state=folders[ranks.rank], shard=(ranks.rank, ranks.world), **options)
+        ranks.barrier()
+        result = merge_evaluations(folders, keep_records=options["keep_records"] or options["keep_adversarials"]) \
+            if ranks.main else None
+        ranks.barrier()
+    finally:
+        if temporary and ranks.main:
+            shutil.rmtree(base, ignore_errors=True)
+    ranks.close()
+    return result
+
+
+def cmd_eval_merge(args: argparse.Namespace) -> int:
+    from robustlab.cli.common import report_written
+    from robustlab.engine.evaluator import merge_evaluations
+    from robustlab.engine.tasks import task_named
+    from robustlab.outputs import atomic_write_text, check_writable, save_result
+    from robustlab.reports.json import write_json
+    from robustlab.reports.markdown import evaluation_log
+
+    if args.json:
+        check_writable(args.json, what="--json file")
+    if args.log:
+        check_writable(args.log, what="--log file")
+    result = merge_evaluations(args.folders)
+    result.pop("adversarials", None)
+    print(task_named("classification")().table(result))
+    written = []
+    if args.log:
+        written.append(save_result(args.log, lambda p: atomic_write_text(p, evaluation_log(result)), what="log"))
+    if args.json:
+        written.append(save_result(args.json, lambda p: write_json(p, result), what="result JSON"))
+    return max([0] + [report_written(*w) for w in written])
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -232,7 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="detectors: VOC07 11-point AP, all-point (area) AP, or COCO-rules AP50")
     pe.add_argument("--report", type=Path, help="write report.md with the results table here (detectors: with per-class "
                                                 "AP and example images)")
+    pe.add_argument("--state", type=Path, metavar="DIR",
+                    help="keep every batch's results here the moment they are computed; the same command resumes "
+                         "from it (a folder written with other settings is refused, naming what differs)")
+    pe.add_argument("--shard", metavar="I/N", help="evaluate only batches k with k %% N == I into --state (job arrays, "
+                                                   "separate machines); robustlab eval-merge builds the result")
     pe.set_defaults(func=cmd_eval)
+
+    pm = sub.add_parser("eval-merge", help="merge the state folders of a sharded evaluation into its result",
+                        description="The result of `robustlab eval --shard I/N --state DIR_I` runs, equal to a "
+                                    "single-process run (per-attack seconds are summed over the shards). Refuses "
+                                    "folders with different settings and names the shards that are missing.")
+    pm.add_argument("folders", nargs="+", type=Path, metavar="DIR", help="the shards' --state folders")
+    pm.add_argument("--json", type=Path, help="write the full results as JSON to this file")
+    pm.add_argument("--log", type=Path, help="write the reference AutoAttack's log to this file")
+    pm.set_defaults(func=cmd_eval_merge)
 
     pb = sub.add_parser("leaderboard", help="the local leaderboard: clean, AutoAttack and best-known robust accuracy",
                         description="Every recorded `robustlab eval`, per model (weight hash), data and threat model: "

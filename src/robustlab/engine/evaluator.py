@@ -10,9 +10,11 @@ model (and the [0, 1] box) before it is judged: a violation is an error, never a
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -21,8 +23,8 @@ from torch import Tensor, nn
 
 from robustlab.attacks.base import PRECISIONS, Attack, attack_mode
 from robustlab.attacks.spec import create_attack, parse_attack_spec
-from robustlab.engine.integrity import check_integrity
-from robustlab.errors import InputError, InputTypeError
+from robustlab.engine.integrity import attack_budget, finish_integrity, probe_integrity
+from robustlab.errors import InputError, InputTypeError, ResumeError
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat, per_sample_norm
 from robustlab.types import AttackOut
@@ -162,6 +164,8 @@ def evaluate(
     progress: bool | None = None,
     precision: str = "fp32",
     compile: bool = False,
+    state: str | Path | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` on (x, y) tensors or a DataLoader `x` yielding (x, y) batches.
 
@@ -180,6 +184,10 @@ def evaluate(
     autocast with fp32 gradients and projections; `torch.compile`). Adversarial points are always judged in fp32;
     a bf16 attack is re-run in fp32 on the first batch and warns if it is more than 1 point weaker there
     (`attacks.NAME.precision_check`).
+    state: a folder that keeps every batch's results the moment they are computed (`engine/eval_state.py`); the
+    same call resumes from it (refusing a folder written with other settings) and returns the result an
+    uninterrupted run returns (per-attack seconds: the sum of the recorded work). shard=(I, N): only batches
+    k with k % N == I, into `state`; the return value then says which, and `merge_evaluations` builds the result.
     """
     check_positive_int(batch_size, "batch_size")
     if n_samples is not None:
@@ -214,135 +222,237 @@ def evaluate(
         if a.model is not model:
             raise InputError(f"attack {a.name!r} is bound to a different model than the one evaluated")
     names = _unique_names(built)
+    panel = [_attack_meta(name, atk) for name, atk in zip(names, built)]
+    shard_i, n_shards = _check_shard(shard, state)
+    saved = None
+    if state is not None:
+        from robustlab.engine.checkpoint import tensors_sha256
+        from robustlab.engine.eval_state import EvalState
+        from robustlab.version import __version__
+
+        n_total = None if x is None else (x.shape[0] if n_samples is None else min(n_samples, x.shape[0]))
+        data_hash = None if x is None or y is None else tensors_sha256({"x": x[:n_total], "y": y[:n_total]})
+        saved = EvalState(state, {
+            "robustlab": __version__, "model_sha256": tensors_sha256(dict(model.state_dict())),
+            "data_sha256": data_hash, "n_samples": n_samples, "batch_size": batch_size,
+            "attacks": panel, "precision": precision, "compile": bool(compile),
+            "adversarials": keep_adversarials, "checks": checks, "integrity": integrity})
     was_training = model.training
 
-    labels: list[Tensor] = []
-    clean_pred: list[Tensor] = []
-    robust: dict[str, list[Tensor]] = {n: [] for n in names}
-    adv_pred: dict[str, list[Tensor]] = {n: [] for n in names}
-    norms: dict[str, list[Tensor]] = {n: [] for n in names}
-    l2: dict[str, list[Tensor]] = {n: [] for n in names}
-    xnorm: list[Tensor] = []
-    passes = {n: [0, 0] for n in names}
-    seconds = {n: 0.0 for n in names}
-    adv_stats = {n: [0.0, 0.0, math.inf, -math.inf] for n in names}  # max perturbation, NaNs, min and max of x_adv
-    adversarials: dict[str, list[Tensor]] = {n: [] for n in names}
-    stages: dict[str, dict[str, dict[str, float]]] = {n: {} for n in names}  # AutoAttack-style per-stage log
-    clean_passes = 0
-    seen = 0
-    first = True
-    first_batch: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None
+    batches: list[dict[str, Any]] = []  # the records of the batches this process owns, in batch order
+    first_batch: tuple[Tensor, Tensor] | None = None
+    checked = False
+    seen = k = 0
     with progress_bar(total=n_samples or (x.shape[0] if x is not None else None), desc="evaluate",
                       enabled=progress) as bar:
-        for xb, yb in _batches(x, y, loader, batch_size):
+        for k, (xb, yb) in enumerate(_batches(x, y, loader, batch_size)):
             if n_samples is not None and seen >= n_samples:
+                k -= 1
                 break
             if n_samples is not None:
                 xb, yb = xb[: n_samples - seen], yb[: n_samples - seen]
+            seen += xb.shape[0]
+            if k % n_shards != shard_i:  # another process's batch
+                continue
             xb, yb = xb.to(device).float(), yb.to(device).long()
             if loader is not None:
                 check_images(xb)
                 check_labels(yb, xb.shape[0])
-                if first:
+                if not checked:
                     check_fits_model(model, xb.float() if xb.dtype == torch.float64 else xb)
-            if first and checks:
+            if not checked and checks:
                 check_setup(model, xb, yb)
-                first = False
-            with attack_mode(model):
-                with torch.no_grad():
-                    logits = check_logits(model(xb), xb.shape[0])
-                check_labels(yb, xb.shape[0], num_classes=logits.shape[1])
-                num_classes = logits.shape[1]
-                pred = logits.argmax(1)
-            clean_passes += xb.shape[0]
-            correct = pred == yb
-            labels.append(yb.cpu())
-            clean_pred.append(pred.cpu())
-            xnorm.append(torch.stack([per_sample_norm(xb, "l2"), per_sample_norm(xb - 0.5, "l2")], 1).cpu())
-            idx = correct.nonzero().squeeze(1)
-            for name, atk in zip(names, built):
-                bar.set_postfix(attack=name)
-                atk.report_progress = lambda msg, name=name: bar.set_postfix(attack=f"{name} ({msg})")
-                rob = torch.zeros_like(correct)
-                ap = pred.clone()
-                nrm = torch.zeros(xb.shape[0], device=device)
-                r2 = torch.zeros(xb.shape[0], device=device)
-                start = time.perf_counter()
-                if idx.numel():
-                    xs, ys = xb[idx], yb[idx]
-                    try:
-                        out = atk.run(xs, ys, with_success=False)
-                    finally:
-                        atk.report_progress = None
-                    passes[name][0] += out.forward
-                    passes[name][1] += out.backward
-                    for stage in atk.last_log:
-                        acc = stages[name].setdefault(stage["attack"], dict.fromkeys(
-                            ("robust", "seconds", "forward", "backward"), 0))
-                        acc["robust"] += stage["robust_after"]
-                        for key in ("seconds", "forward", "backward"):
-                            acc[key] += stage[key]
-                    _check_threat(atk, out, xs, name)
-                    with attack_mode(model), torch.no_grad():
-                        p_adv = model(out.x_adv).argmax(1)
-                    clean_passes += xs.shape[0]
-                    rob[idx] = p_adv == ys
-                    ap[idx] = p_adv
-                    r2[idx] = per_sample_norm(out.x_adv - xs, "l2")
-                    dist = per_sample_norm(out.x_adv - xs, atk.norm or "l2")
-                    if out.norms is not None:
-                        # minimal attacks: inf marks a failure; count norms only where it fooled the model
-                        nrm[idx] = torch.where(p_adv != ys, out.norms.to(nrm.dtype), torch.full_like(r2[idx], math.inf))
-                    else:
-                        nrm[idx] = dist
-                    # the reference AutoAttack's closing check: largest perturbation, NaNs, the range of x_adv
-                    stats = torch.stack([dist.max(), torch.isnan(out.x_adv).sum().to(dist.dtype), out.x_adv.min(),
-                                         out.x_adv.max()]).tolist()
-                    adv_stats[name] = [max(adv_stats[name][0], stats[0]), adv_stats[name][1] + stats[1],
-                                       min(adv_stats[name][2], stats[2]), max(adv_stats[name][3], stats[3])]
-                    if keep_adversarials:
-                        x_keep = xb.clone()
-                        x_keep[idx] = out.x_adv
-                if keep_adversarials:
-                    adversarials[name].append((x_keep if idx.numel() else xb).cpu())
-                robust[name].append(rob.cpu())
-                seconds[name] += time.perf_counter() - start  # .cpu() above waited for the device
-                adv_pred[name].append(ap.cpu())
-                norms[name].append(nrm.cpu())
-                l2[name].append(r2.cpu())
-            if first_batch is None:
-                first_batch = (xb, yb, {n: robust[n][-1].to(device) for n in names})
-            seen += xb.shape[0]
+            checked = True
+            batches.append(_batch_record(k, xb, yb, model, names, built, bar, saved, keep_adversarials))
+            if k == 0:
+                first_batch = (xb, yb)
             bar.update(xb.shape[0])
     model.train(was_training)
     if seen == 0:
         raise InputError("no samples to evaluate")
-    result = _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xnorm, passes, clean_passes,
-                        keep_records, num_classes)
-    n_attacked = int(sum(int((lab == p).sum()) for lab, p in zip(labels, clean_pred)))
-    for name, atk in zip(names, built):
-        result["attacks"][name]["seconds"] = seconds[name]
-        pmax, nans, lo, hi = adv_stats[name]
-        result["attacks"][name]["adversarial_check"] = {"max_perturbation": pmax, "nan": int(nans),
-                                                        "min": lo if math.isfinite(lo) else None,
-                                                        "max": hi if math.isfinite(hi) else None}
+    n_batches = k + 1
+    first_checks = None
+    if first_batch is not None:  # batch 0's owner runs the first-batch checks (stored with the state)
+        first_checks = saved.load_checks() if saved is not None else None
+        if first_checks is None:
+            xb, yb = first_batch
+            rob_first = {n: batches[0]["attacks"][j]["robust"].to(device) for j, n in enumerate(names)}
+            first_checks = {"precision": {}, "integrity": None}
+            for name, atk in zip(names, built):
+                if atk.precision != "fp32":
+                    first_checks["precision"][name] = _precision_check(model, atk, xb, yb, rob_first[name])
+            if integrity:
+                first_checks["integrity"] = probe_integrity(model, xb, yb, list(zip(names, built)), rob_first)
+            model.train(was_training)
+            if saved is not None:
+                saved.save_checks(first_checks)
+    if saved is not None:
+        saved.mark_done(shard_i, n_shards, n_batches)
+    if n_shards > 1:
+        return {"shard": [shard_i, n_shards], "batches": [b["k"] for b in batches], "n_batches": n_batches,
+                "state": str(saved.folder) if saved is not None else None}
+    return _result(panel, batches, first_checks, keep_records, keep_adversarials)
+
+
+def _check_shard(shard: tuple[int, int] | None, state: Any) -> tuple[int, int]:
+    if shard is None:
+        return 0, 1
+    if (not isinstance(shard, (tuple, list)) or len(shard) != 2 or not all(isinstance(v, int) for v in shard)
+            or not 0 <= shard[0] < shard[1]):
+        raise InputError(f"shard must be (I, N) with 0 <= I < N, got {shard!r}")
+    if shard[1] > 1 and state is None:
+        raise InputError(f"shard {shard[0]}/{shard[1]} needs a state folder to write its slice to (state=DIR; "
+                         "robustlab eval --state DIR)")
+    return int(shard[0]), int(shard[1])
+
+
+def _attack_meta(name: str, atk: Attack) -> dict[str, Any]:
+    """What the aggregation needs of an attack, as plain data (stored in a state's manifest; merged shards have no
+    Attack objects)."""
+    describe = {k: (v if not isinstance(v, Tensor) else "tensor") for k, v in atk.describe().items() if k != "attack"}
+    return {"name": name, "attack": atk.name, "norm": atk.norm, "minimal": atk.minimal, "budget": attack_budget(atk),
+            "describe": describe}
+
+
+def _batch_record(k: int, xb: Tensor, yb: Tensor, model: nn.Module, names: list[str], built: list[Attack], bar: Any,
+                  saved: Any, keep_adversarials: bool) -> dict[str, Any]:
+    """Batch k: its clean record and one record per attack, each loaded from the state folder when it holds it
+    (resume) and otherwise computed and saved there the moment it is done."""
+    from robustlab.engine.checkpoint import tensors_sha256
+
+    data_hash = tensors_sha256({"x": xb, "y": yb}) if saved is not None else None
+    clean = saved.load(saved.clean_name(k)) if saved is not None else None
+    if clean is not None and clean["data_sha256"] != data_hash:
+        raise ResumeError(f"state folder {saved.folder}: batch {k} holds different images or labels than this run's "
+                          "(the data changed); use a new folder")
+    if clean is None:
+        with attack_mode(model):
+            with torch.no_grad():
+                logits = check_logits(model(xb), xb.shape[0])
+            check_labels(yb, xb.shape[0], num_classes=logits.shape[1])
+        clean = {"k": k, "y": yb.cpu(), "pred": logits.argmax(1).cpu(), "num_classes": int(logits.shape[1]),
+                 "xnorm": torch.stack([per_sample_norm(xb, "l2"), per_sample_norm(xb - 0.5, "l2")], 1).cpu(),
+                 "data_sha256": data_hash}
+        if saved is not None:
+            saved.save(saved.clean_name(k), clean)
+    correct = (clean["pred"] == clean["y"]).to(xb.device)
+    idx = correct.nonzero().squeeze(1)
+    records = []
+    for j, (name, atk) in enumerate(zip(names, built)):
+        rec = saved.load(saved.attack_name(k, j)) if saved is not None else None
+        if rec is None:
+            bar.set_postfix(attack=name)
+            atk.report_progress = lambda msg, name=name: bar.set_postfix(attack=f"{name} ({msg})")
+            try:
+                rec = _attack_batch(atk, name, model, xb, yb, clean["pred"].to(xb.device), idx, keep_adversarials)
+            finally:
+                atk.report_progress = None
+            if saved is not None:
+                saved.save(saved.attack_name(k, j), rec)
+        records.append(rec)
+    return {"k": k, "clean": clean, "attacks": records}
+
+
+def _attack_batch(atk: Attack, name: str, model: nn.Module, xb: Tensor, yb: Tensor, pred: Tensor, idx: Tensor,
+                  keep_adversarials: bool) -> dict[str, Any]:
+    """One attack on one batch (its clean-correct samples): per-sample robustness, predictions and norms, passes,
+    seconds, AutoAttack-style stages and the closing check of the adversarial points."""
+    device = xb.device
+    rob = torch.zeros(xb.shape[0], dtype=torch.bool, device=device)
+    ap = pred.clone()
+    nrm = torch.zeros(xb.shape[0], device=device)
+    r2 = torch.zeros(xb.shape[0], device=device)
+    rec: dict[str, Any] = {"passes": [0, 0], "judging": 0, "stats": [0.0, 0.0, math.inf, -math.inf], "stages": {}}
+    x_keep = xb
+    start = time.perf_counter()
+    if idx.numel():
+        xs, ys = xb[idx], yb[idx]
+        out = atk.run(xs, ys, with_success=False)
+        rec["passes"] = [out.forward, out.backward]
+        for stage in atk.last_log:
+            acc = rec["stages"].setdefault(stage["attack"], dict.fromkeys(("robust", "seconds", "forward", "backward"), 0))
+            acc["robust"] += stage["robust_after"]
+            for key in ("seconds", "forward", "backward"):
+                acc[key] += stage[key]
+        _check_threat(atk, out, xs, name)
+        with attack_mode(model), torch.no_grad():
+            p_adv = model(out.x_adv).argmax(1)
+        rec["judging"] = int(xs.shape[0])
+        rob[idx] = p_adv == ys
+        ap[idx] = p_adv
+        r2[idx] = per_sample_norm(out.x_adv - xs, "l2")
+        dist = per_sample_norm(out.x_adv - xs, atk.norm or "l2")
+        if out.norms is not None:
+            # minimal attacks: inf marks a failure; count norms only where it fooled the model
+            nrm[idx] = torch.where(p_adv != ys, out.norms.to(nrm.dtype), torch.full_like(r2[idx], math.inf))
+        else:
+            nrm[idx] = dist
+        # the reference AutoAttack's closing check: largest perturbation, NaNs, the range of x_adv
+        rec["stats"] = torch.stack([dist.max(), torch.isnan(out.x_adv).sum().to(dist.dtype), out.x_adv.min(),
+                                    out.x_adv.max()]).tolist()
         if keep_adversarials:
-            result.setdefault("adversarials", {})[name] = torch.cat(adversarials[name])
-        if stages[name]:
-            result["attacks"][name]["stages"] = [
+            x_keep = xb.clone()
+            x_keep[idx] = out.x_adv
+    rec.update(robust=rob.cpu(), adv_pred=ap.cpu(), norms=nrm.cpu(), l2=r2.cpu())
+    rec["seconds"] = time.perf_counter() - start  # .cpu() above waited for the device
+    if keep_adversarials:
+        rec["adversarial"] = x_keep.cpu()
+    return rec
+
+
+def _result(panel: list[dict[str, Any]], batches: list[dict[str, Any]], first_checks: dict[str, Any] | None,
+            keep_records: bool, keep_adversarials: bool) -> dict[str, Any]:
+    """The result of an evaluation from its batch records (in batch order) and the first batch's checks: the same
+    function for a single run, a resumed one and merged shards."""
+    names = [m["name"] for m in panel]
+    clean = [b["clean"] for b in batches]
+    per_attack = [[b["attacks"][j] for b in batches] for j in range(len(panel))]
+    result = _aggregate(panel, clean, per_attack, keep_records)
+    correct = torch.cat([c["pred"] == c["y"] for c in clean])
+    n_attacked = int(correct.sum())
+    for m, recs in zip(panel, per_attack):
+        entry = result["attacks"][m["name"]]
+        entry["seconds"] = sum(r["seconds"] for r in recs)
+        stats = [r["stats"] for r in recs]
+        lo, hi = min(s[2] for s in stats), max(s[3] for s in stats)
+        entry["adversarial_check"] = {"max_perturbation": max(s[0] for s in stats), "nan": int(sum(s[1] for s in stats)),
+                                      "min": lo if math.isfinite(lo) else None, "max": hi if math.isfinite(hi) else None}
+        stages: dict[str, dict[str, float]] = {}
+        for r in recs:
+            for stage, v in r["stages"].items():
+                acc = stages.setdefault(stage, dict.fromkeys(v, 0))
+                for key in v:
+                    acc[key] += v[key]
+        if stages:
+            entry["stages"] = [
                 {"attack": stage, "robust_accuracy": v["robust"] / result["n_samples"], "seconds": v["seconds"],
                  "passes_per_attacked_image": (v["forward"] + v["backward"]) / max(n_attacked, 1)}
-                for stage, v in stages[name].items()]
-        if atk.precision != "fp32" and first_batch is not None:
-            xb, yb, rob_first = first_batch
-            result["attacks"][name]["precision_check"] = _precision_check(model, atk, xb, yb, rob_first[name])
-    model.train(was_training)
-    if integrity and first_batch is not None:
-        xb, yb, rob_first = first_batch
+                for stage, v in stages.items()]
+        if keep_adversarials:
+            result.setdefault("adversarials", {})[m["name"]] = torch.cat([r["adversarial"] for r in recs])
+        if first_checks is not None and m["name"] in first_checks["precision"]:
+            entry["precision_check"] = first_checks["precision"][m["name"]]
+    if first_checks is not None and first_checks["integrity"] is not None:
         accs = {n: result["attacks"][n]["robust_accuracy"] for n in names}
-        result["integrity"] = check_integrity(model, xb, yb, list(zip(names, built)), rob_first, accs)
-        model.train(was_training)
+        result["integrity"] = finish_integrity(first_checks["integrity"],
+                                               [(m["name"], m["attack"], m["norm"], m["budget"]) for m in panel], accs)
     return result
+
+
+def merge_evaluations(folders: Sequence[str | Path], keep_records: bool = False) -> dict[str, Any]:
+    """The result of an evaluation run in shards (`evaluate(..., state=DIR_I, shard=(I, N))`, `robustlab eval
+    --shard I/N --state DIR_I`), equal to the single-process result (per-attack seconds are the sum over shards).
+    Errors name the settings that differ between folders and the shards that are missing."""
+    from robustlab.engine.eval_state import find_record, read_states
+
+    manifest, dirs, n_batches, owner = read_states(folders)
+    panel = manifest["attacks"]
+    batches = [{"k": k, "clean": find_record(dirs, f"batch-{k:06d}.pt"),
+                "attacks": [find_record(dirs, f"batch-{k:06d}-attack-{j:02d}.pt") for j in range(len(panel))]}
+               for k in range(n_batches)]
+    checks_path = owner / "checks.json"
+    first_checks = json.loads(checks_path.read_text()) if checks_path.exists() else None
+    return _result(panel, batches, first_checks, keep_records, bool(manifest["adversarials"]))
 
 
 def _check_threat(atk: Attack, out: AttackOut, x: Tensor, name: str) -> None:
@@ -370,34 +480,37 @@ def _confusion(y: Tensor, p: Tensor, k: int) -> list[list[int]]:
     return m.view(k, k).tolist()
 
 
-def _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xnorm, passes, clean_passes,
-               keep_records, num_classes: int) -> dict[str, Any]:
-    y = torch.cat(labels)
-    pred = torch.cat(clean_pred)
+def _aggregate(panel: list[dict[str, Any]], clean: list[dict[str, Any]], per_attack: list[list[dict[str, Any]]],
+               keep_records: bool) -> dict[str, Any]:
+    y = torch.cat([c["y"] for c in clean])
+    pred = torch.cat([c["pred"] for c in clean])
     n = y.shape[0]
-    k = num_classes
+    k = clean[0]["num_classes"]
     correct = pred == y
-    xn, xgray = torch.cat(xnorm).unbind(1)  # ||x||_2 and ||x - 0.5||_2 (C&W's failure image is constant 0.5)
+    names = [m["name"] for m in panel]
+    robust = {m["name"]: torch.cat([r["robust"] for r in recs]) for m, recs in zip(panel, per_attack)}
+    xn, xgray = torch.cat([c["xnorm"] for c in clean]).unbind(1)  # ||x||_2, ||x - 0.5||_2 (C&W's failure image)
     result: dict[str, Any] = {"n_samples": n, "num_classes": k, "clean_accuracy": correct.float().mean().item(), "attacks": {}}
     union = correct.clone()
     per_norm: dict[str, Tensor] = {}
-    for name, atk in zip(names, built):
-        rob = torch.cat(robust[name])
+    for m, recs in zip(panel, per_attack):
+        name = m["name"]
+        rob = robust[name]
         union &= rob
-        if atk.norm:
-            per_norm[atk.norm] = per_norm.get(atk.norm, correct.clone()) & rob
+        if m["norm"]:
+            per_norm[m["norm"]] = per_norm.get(m["norm"], correct.clone()) & rob
         n_att = int(correct.sum())
+        forward, backward = sum(r["passes"][0] for r in recs), sum(r["passes"][1] for r in recs)
         entry: dict[str, Any] = {
             "robust_accuracy": rob.float().mean().item(),
-            **{k2: (v if not isinstance(v, Tensor) else "tensor") for k2, v in atk.describe().items() if k2 != "attack"},
-            "attack": atk.name,
-            "passes": {"forward": passes[name][0], "backward": passes[name][1],
-                       "per_attacked_image": (passes[name][0] + passes[name][1]) / max(n_att, 1)},
-            "confusion": _confusion(y, torch.cat(adv_pred[name]), k),
+            **m["describe"],
+            "attack": m["attack"],
+            "passes": {"forward": forward, "backward": backward, "per_attacked_image": (forward + backward) / max(n_att, 1)},
+            "confusion": _confusion(y, torch.cat([r["adv_pred"] for r in recs]), k),
         }
-        if atk.minimal:
-            nr = torch.cat(norms[name])
-            r2 = torch.cat(l2[name])
+        if m["minimal"]:
+            nr = torch.cat([r["norms"] for r in recs])
+            r2 = torch.cat([r["l2"] for r in recs])
             fooled = correct & torch.isfinite(nr)
             failed = correct & ~torch.isfinite(nr)
             r2_used = torch.where(correct, r2, torch.zeros_like(r2))  # misclassified points: r = 0
@@ -407,7 +520,7 @@ def _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xn
             r2_gray = torch.where(failed, xgray, r2_used)
             rho_gray = (r2_gray / xn.clamp_min(1e-12)).mean().item()
             entry["perturbation"] = {
-                "norm": atk.norm,
+                "norm": m["norm"],
                 "mean": nr[fooled].mean().item() if fooled.any() else None,
                 "median": nr[fooled].median().item() if fooled.any() else None,
                 "mean_l2": r2[fooled].mean().item() if fooled.any() else None,
@@ -428,19 +541,19 @@ def _aggregate(built, names, labels, clean_pred, robust, adv_pred, norms, l2, xn
     result["norm_average_accuracy"] = (sum(result["per_norm"].values()) / len(per_norm)) if per_norm else None
     per_class = {}
     for c in range(k):
-        m = y == c
-        if not m.any():
+        in_class = y == c
+        if not in_class.any():
             continue
         per_class[str(c)] = {
-            "n": int(m.sum()),
-            "clean_accuracy": correct[m].float().mean().item(),
-            "union_accuracy": union[m].float().mean().item(),
-            "attacks": {name: torch.cat(robust[name])[m].float().mean().item() for name in names},
+            "n": int(in_class.sum()),
+            "clean_accuracy": correct[in_class].float().mean().item(),
+            "union_accuracy": union[in_class].float().mean().item(),
+            "attacks": {name: robust[name][in_class].float().mean().item() for name in names},
         }
     result["per_class"] = per_class
     result["confusion"] = {"clean": _confusion(y, pred, k)}
-    result["passes"] = {"clean_and_judging_forward": clean_passes}
+    result["passes"] = {"clean_and_judging_forward": n + sum(r["judging"] for recs in per_attack for r in recs)}
     if keep_records:
         result["records"] = {"label": y.tolist(), "clean_pred": pred.tolist(),
-                             "robust": {nm: torch.cat(robust[nm]).tolist() for nm in names}}
+                             "robust": {nm: robust[nm].tolist() for nm in names}}
     return result

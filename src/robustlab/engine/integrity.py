@@ -70,11 +70,30 @@ def _pgd_accuracy(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float,
         return (model(x_adv).argmax(1) == y).float().mean().item()
 
 
-def check_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tuple[str, Attack]],
-                    robust_first_batch: dict[str, Tensor], accuracies: dict[str, float], *, n_probe: int = N_PROBE,
-                    seed: int = 0) -> dict[str, Any]:
-    """The integrity section of `evaluate`'s result. x, y: the first evaluated batch; robust_first_batch: per attack
-    name, which of its samples survived; accuracies: the final robust accuracy per attack name."""
+def finish_integrity(probe: dict[str, Any], panel: Sequence[Sequence[Any]], accuracies: dict[str, float]) -> dict[str, Any]:
+    """The probe's result (first batch) plus the panel-wide check on the final accuracies: the same attack and norm
+    at a larger budget must not leave more images robust. Sets `ok` and warns once per flag."""
+    out = {**probe, "flags": list(probe["flags"])}
+    flags = out["flags"]
+    series: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
+    for name, kind, norm, eps in panel:
+        if eps is not None and norm:
+            series.setdefault((kind, norm), []).append((eps, accuracies[name], name))
+    for (kind, norm), pts in series.items():
+        pts.sort()
+        for (e0, a0, n0), (e1, a1, n1) in zip(pts, pts[1:]):
+            if e1 > e0 and a1 > a0 + MONOTONE_TOLERANCE:
+                flags.append(f"{kind} {norm}: robust accuracy rises from {a0:.1%} at eps {e0:g} ({n0}) to {a1:.1%} at "
+                             f"eps {e1:g} ({n1})")
+    out["ok"] = not flags
+    for f in flags:
+        warnings.warn(f, IntegrityWarning, stacklevel=4)  # the caller of evaluate / merge_evaluations
+    return out
+
+
+def probe_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tuple[str, Attack]],
+                    robust_first_batch: dict[str, Tensor], *, n_probe: int = N_PROBE, seed: int = 0) -> dict[str, Any]:
+    """The checks that need the model, on a probe of the first batch (no warnings yet: `finish_integrity`)."""
     flags: list[str] = []
     with attack_mode(model), torch.no_grad():
         logits = model(x)
@@ -150,23 +169,8 @@ def check_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tu
             per_norm[norm] = entry
         out["per_norm"] = per_norm
 
-    # across the panel: the same attack and norm at a larger budget must not leave more images robust
-    series: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
-    for name, atk in attacks:
-        eps = attack_budget(atk)
-        if eps is not None and atk.norm:
-            series.setdefault((atk.name, atk.norm), []).append((eps, accuracies[name], name))
-    for (kind, norm), pts in series.items():
-        pts.sort()
-        for (e0, a0, n0), (e1, a1, n1) in zip(pts, pts[1:]):
-            if e1 > e0 and a1 > a0 + MONOTONE_TOLERANCE:
-                flags.append(f"{kind} {norm}: robust accuracy rises from {a0:.1%} at eps {e0:g} ({n0}) to {a1:.1%} at "
-                             f"eps {e1:g} ({n1})")
     out["flags"] = flags
-    out["ok"] = not flags
-    for f in flags:
-        warnings.warn(f, IntegrityWarning, stacklevel=3)
     return out
 
 
-__all__ = ["check_integrity", "attack_budget", "N_PROBE"]
+__all__ = ["probe_integrity", "finish_integrity", "attack_budget", "N_PROBE"]

@@ -134,12 +134,13 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, split: Any, specs: list[str], n: int | None, *, batch_size: int = 32,
                  checks: bool = True, examples: int = 0, progress: bool | None = False, precision: str = "fp32",
-                 compile: bool = False, keep_adversarials: bool = False, keep_records: bool = False) -> dict[str, Any]:
+                 compile: bool = False, keep_adversarials: bool = False, keep_records: bool = False,
+                 state: str | Path | None = None, shard: tuple[int, int] | None = None) -> dict[str, Any]:
         """The task's metric on the first n items of `split`, clean and under each attack spec. checks: the
         task's integrity checks of the setup and the result (classification); examples: keep the first images
         with their predictions for a report (detection); precision, compile: how the attacks run the model's
-        forward; keep_adversarials / keep_records: the adversarial examples / per-sample flags in the result
-        (classification)."""
+        forward; keep_adversarials / keep_records: the adversarial examples / per-sample flags in the result;
+        state / shard: a resumable, shardable run (classification, `robustlab.evaluate`)."""
 
     @abstractmethod
     def epoch_row(self, result: dict[str, Any], panel: list[str]) -> dict[str, Any]:
@@ -226,7 +227,7 @@ class Classification(Task):
         return panel
 
     def evaluate(self, model, split, specs, n, *, batch_size=500, checks=True, examples=0, progress=False,
-                 precision="fp32", compile=False, keep_adversarials=False, keep_records=False):
+                 precision="fp32", compile=False, keep_adversarials=False, keep_records=False, state=None, shard=None):
         if examples:
             raise InputError("classification evaluation keeps no example images (examples applies to detection)")
         x, y = split
@@ -235,7 +236,8 @@ class Classification(Task):
         with torch.autocast(device.type, enabled=False):
             return evaluate(model, x[:n].to(device), y[:n].to(device), specs, batch_size=batch_size, checks=checks,
                             progress=progress, precision=precision, compile=compile,
-                            keep_adversarials=keep_adversarials, keep_records=keep_records or keep_adversarials)
+                            keep_adversarials=keep_adversarials, keep_records=keep_records or keep_adversarials,
+                            state=state, shard=shard)
 
     def epoch_row(self, result, panel):
         accs = [a["robust_accuracy"] for a in result["attacks"].values()]
@@ -306,11 +308,11 @@ class Detection(Task):
         return ""  # clean mAP selects detectors unless eval_attack (e.g. "cwa") is set
 
     def evaluate(self, model, split, specs, n, *, batch_size=32, checks=True, examples=0, progress=False,
-                 precision="fp32", compile=False, keep_adversarials=False, keep_records=False):
-        if precision != "fp32" or compile or keep_adversarials or keep_records:
-            raise InputError(f"precision={precision!r} / compile={compile!r} / saving adversarial examples or "
-                             "per-sample records: detection attacks run in fp32, eagerly, and keep neither (these "
-                             "apply to classifiers)")
+                 precision="fp32", compile=False, keep_adversarials=False, keep_records=False, state=None, shard=None):
+        if precision != "fp32" or compile or keep_adversarials or keep_records or state is not None or shard:
+            raise InputError(f"precision={precision!r} / compile={compile!r} / saving adversarial examples, "
+                             "per-sample records, a state folder or shards: detection attacks run in fp32, eagerly, "
+                             "in one pass and keep neither (these apply to classifiers)")
         # detection has no integrity checks yet (`checks` has nothing to switch); batches of at most 64 images
         attacks = detection_attacks(specs, model) if specs else None
         return evaluate_detector(model, split, n, batch_size=min(batch_size, 64), ap_mode=self.ap_mode,

@@ -29,6 +29,7 @@ from robustlab.data import ImageData, load_dataset
 from robustlab.data.loading import resolve_workers
 from robustlab.engine.checkpoint import save_model, tensors_sha256, verify_sha256
 from robustlab.engine.config import TrainConfig, validation_count
+from robustlab.engine.distributed import Torchrun
 from robustlab.engine.tasks import Task, task_of
 from robustlab.errors import CheckpointError, ConfigError, DataError, ResumeError, RunExistsError
 from robustlab.methods import create_method
@@ -74,39 +75,6 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     return cfg.gamma ** sum(t >= m for m in marks)
 
 
-class _DDP:
-    """torchrun environment: rank, world size, process group (gloo on CPU, NCCL on GPU)."""
-
-    def __init__(self, device: str) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world > 1
-        if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if device.startswith("cuda") else "gloo"
-            torch.distributed.init_process_group(backend=backend)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
-        if self.enabled:
-            torch.distributed.all_reduce(t)
-        return t
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        """Leave the process group (every rank together): a gloo group left to the interpreter's exit can abort
-        the process ("terminate called without an active exception")."""
-        if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-
-
 class Trainer:
     """Train `cfg.model` with `cfg.method` on `cfg.dataset`; writes checkpoints and logs to run_dir."""
 
@@ -114,7 +82,7 @@ class Trainer:
         self.cfg = cfg
         self.data: Any  # the task's data: ImageData (classification) or DetData (detection)
         check_device(cfg.device)
-        self.ddp = _DDP(cfg.device)
+        self.ddp = Torchrun(cfg.device)
         dev = cfg.device
         if self.ddp.enabled and dev == "cuda":
             dev = f"cuda:{self.ddp.local_rank}"

@@ -1,0 +1,195 @@
+"""`robustlab eval --state DIR` resumes after kill -9 with the uninterrupted run's result; `--shard I/N` +
+`robustlab eval-merge` and `torchrun --nproc_per_node=2` (gloo) give that same result; a state or a shard from
+other settings is refused, naming what differs; an incomplete set of shards names the missing ones."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustlab.cli.main import main
+from robustlab.engine.evaluator import merge_evaluations
+
+pytestmark = pytest.mark.xdist_group("eval-state")
+
+USER_CODE = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+
+    def forward(self, x):
+        return self.body(x)
+'''
+ATTACK = "autoattack:norm=linf,eps=0.1"
+N, BATCH = 96, 16  # 6 batches
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, digits):
+    """A user's model file, its trained weights (safetensors), the data, and the uninterrupted run's JSON."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("state")
+    (folder / "net.py").write_text(USER_CODE)
+    ns: dict = {}
+    exec(compile(USER_CODE, "net.py", "exec"), ns)
+    torch.manual_seed(0)
+    net = ns["Net"]()
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(60):
+        loss = F.cross_entropy(net(digits.x_train), digits.y_train)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "w.safetensors"))
+    np.savez(folder / "data.npz", x=digits.x_test[:N].numpy(), y=digits.y_test[:N].numpy())
+    args = ["eval", "--model", f"{folder / 'net.py'}:Net", "--weights", str(folder / "w.safetensors"),
+            "--data", str(folder / "data.npz"), "--attack", ATTACK, "--batch-size", str(BATCH), "--quiet",
+            "--threads", "1", "--no-store"]
+    assert main([*args, "--json", str(folder / "plain.json")]) == 0
+    return folder, args, json.loads((folder / "plain.json").read_text())
+
+
+def _comparable(result: dict) -> dict:
+    """The result without wall-clock times (a resumed run's seconds are the sum of the work it recorded)."""
+    result = json.loads(json.dumps(result))
+    for entry in result["attacks"].values():
+        entry.pop("seconds")
+        for stage in entry.get("stages", []):
+            stage.pop("seconds")
+    return result
+
+
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "robustlab.cli.main", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_the_plain_run_is_a_real_evaluation(setup):
+    _, _, plain = setup
+    acc = plain["attacks"]["autoattack"]["robust_accuracy"]
+    assert 0 < acc < plain["clean_accuracy"]
+
+
+def test_kill_9_at_a_random_batch_then_resume_gives_the_uninterrupted_result(setup, tmp_path):
+    folder, args, plain = setup
+    state = tmp_path / "state"
+    files_at_kill = random.randint(2, 10)  # of 12 (6 batches x clean + AutoAttack): any point of the run
+    proc = subprocess.Popen(_cli([*args, "--state", str(state)]), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    while proc.poll() is None and len(list(state.glob("batch-*.pt"))) < files_at_kill:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = len(list(state.glob("batch-*.pt")))
+    assert done < 12, done
+    out = tmp_path / "resumed.json"
+    run = subprocess.run(_cli([*args, "--state", str(state), "--json", str(out)]), env=_env(), capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert _comparable(json.loads(out.read_text())) == _comparable(plain), f"killed after {done} files"
+
+
+def test_shards_then_eval_merge_give_the_single_process_result(setup, tmp_path):
+    _, args, plain = setup
+    for i in (1, 0):  # in any order
+        assert main([*args, "--shard", f"{i}/2", "--state", str(tmp_path / f"s{i}")]) == 0
+    out = tmp_path / "merged.json"
+    assert main(["eval-merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--json", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert _comparable(merged) == {k: v for k, v in _comparable(plain).items()
+                                   if k not in ("model", "data", "attack_specs", "device")}
+
+
+def test_an_incomplete_or_mixed_set_of_shards_is_refused(setup, tmp_path, capsys):
+    _, args, _ = setup
+    assert main([*args, "--shard", "0/3", "--state", str(tmp_path / "a")]) == 0
+    assert main(["eval-merge", str(tmp_path / "a")]) == 2
+    assert "missing 1/3, 2/3" in capsys.readouterr().err
+    other = [a if a != ATTACK else "autoattack:norm=linf,eps=0.2" for a in args]
+    assert main([*other, "--shard", "1/3", "--state", str(tmp_path / "b")]) == 0
+    assert main(["eval-merge", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "eps" in capsys.readouterr().err
+    with pytest.raises(Exception, match="missing 1/3, 2/3"):
+        merge_evaluations([tmp_path / "a"])
+
+
+def test_a_state_from_other_weights_or_attacks_is_refused_naming_the_difference(setup, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder, args, _ = setup
+    state = tmp_path / "state"
+    small = [a if a != str(BATCH) else "48" for a in args]
+    assert main([*small, "--n-samples", "48", "--state", str(state)]) == 0
+    weights = load_file(str(folder / "w.safetensors"))
+    weights["body.3.bias"] = weights["body.3.bias"] + 1e-3
+    save_file(weights, str(tmp_path / "other.safetensors"))
+    changed = [a if a != str(folder / "w.safetensors") else str(tmp_path / "other.safetensors") for a in small]
+    assert main([*changed, "--n-samples", "48", "--state", str(state)]) == 2
+    assert "model_sha256" in capsys.readouterr().err
+    assert main([*small, "--n-samples", "48", "--state", str(state), "--attack", "pgd:eps=0.1,steps=3"]) == 2
+    assert "attack panel" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert main([*small, "--n-samples", "48", "--state", str(tmp_path / "busy")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main([*small, "--shard", "0/2"]) == 2
+    assert "--state" in capsys.readouterr().err
+    assert main([*small, "--shard", "2/2", "--state", str(tmp_path / "x")]) == 2
+    assert "0 <= I < N" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+def test_torchrun_two_processes_give_the_single_process_result(setup, tmp_path, with_state):
+    _, args, plain = setup
+    out = tmp_path / "ddp.json"
+    state = ["--state", str(tmp_path / "state")] if with_state else []  # without: a temporary folder, removed
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", "-m", "robustlab.cli.main", *args, "--json", str(out),
+                          *state], env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _comparable(json.loads(out.read_text())) == _comparable(plain)
+    if with_state:
+        assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["rank-0-of-2", "rank-1-of-2"]
+
+
+def test_adversarial_examples_are_kept_in_the_state_and_resumed(digits, tmp_path):
+    """keep_adversarials (--save-adversarials): the state holds the examples; a run resumed from a complete state
+    (nothing recomputed) returns the same tensors as a run without state."""
+    from robustlab import evaluate
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    x, y = digits.x_test[:40], digits.y_test[:40]
+    specs = ["pgd:eps=0.1,steps=3", "fgsm:eps=0.1"]
+    plain = evaluate(net, x, y, specs, batch_size=16, checks=False, keep_adversarials=True)
+    first = evaluate(net, x, y, specs, batch_size=16, checks=False, keep_adversarials=True, state=tmp_path / "s")
+    again = evaluate(net, x, y, specs, batch_size=16, checks=False, keep_adversarials=True, state=tmp_path / "s")
+    for name in plain["adversarials"]:
+        assert torch.equal(plain["adversarials"][name], first["adversarials"][name])
+        assert torch.equal(plain["adversarials"][name], again["adversarials"][name])
+    assert any("adversarial" in torch.load(p, weights_only=True) for p in (tmp_path / "s").glob("batch-*-attack-*.pt"))
