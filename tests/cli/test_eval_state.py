@@ -88,19 +88,26 @@ def test_the_plain_run_is_a_real_evaluation(setup):
     assert 0 < acc < plain["clean_accuracy"]
 
 
+def _kill_9_midway(cmd: list[str], state, total: int) -> int:
+    """Start `cmd` (with its children: torchrun's ranks) and SIGKILL them all once a random number of the `total`
+    record files exist under `state`; returns how many existed."""
+    files_at_kill = random.randint(1, total - 2)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    while proc.poll() is None and len(list(state.rglob("batch-*.pt"))) < files_at_kill:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = len(list(state.rglob("batch-*.pt")))
+    assert done < total, done
+    return done
+
+
 def test_kill_9_at_a_random_batch_then_resume_gives_the_uninterrupted_result(setup, tmp_path):
     folder, args, plain = setup
     state = tmp_path / "state"
-    files_at_kill = random.randint(2, 10)  # of 12 (6 batches x clean + AutoAttack): any point of the run
-    proc = subprocess.Popen(_cli([*args, "--state", str(state)]), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    while proc.poll() is None and len(list(state.glob("batch-*.pt"))) < files_at_kill:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done = len(list(state.glob("batch-*.pt")))
-    assert done < 12, done
+    done = _kill_9_midway(_cli([*args, "--state", str(state)]), state, 12)  # 6 batches x (clean + AutoAttack)
     out = tmp_path / "resumed.json"
     run = subprocess.run(_cli([*args, "--state", str(state), "--json", str(out)]), env=_env(), capture_output=True,
                          text=True)
@@ -109,9 +116,12 @@ def test_kill_9_at_a_random_batch_then_resume_gives_the_uninterrupted_result(set
 
 
 def test_shards_then_eval_merge_give_the_single_process_result(setup, tmp_path):
+    """Shard 1/2 is killed midway and resumed; shard 0/2 runs in one go; the merge equals the plain run."""
     _, args, plain = setup
+    shard1 = [*args, "--shard", "1/2", "--state", str(tmp_path / "s1")]
+    done = _kill_9_midway(_cli(shard1), tmp_path / "s1", 6)  # batches 1, 3, 5
     for i in (1, 0):  # in any order
-        assert main([*args, "--shard", f"{i}/2", "--state", str(tmp_path / f"s{i}")]) == 0
+        assert main([*args, "--shard", f"{i}/2", "--state", str(tmp_path / f"s{i}")]) == 0, done
     out = tmp_path / "merged.json"
     assert main(["eval-merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--json", str(out)]) == 0
     merged = json.loads(out.read_text())
@@ -157,6 +167,21 @@ def test_a_state_from_other_weights_or_attacks_is_refused_naming_the_difference(
     assert "0 <= I < N" in capsys.readouterr().err
 
 
+def test_another_version_or_other_data_is_refused(digits, tmp_path):
+    from robustlab import evaluate
+    from robustlab.errors import ResumeError
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    x, y = digits.x_test[:32], digits.y_test[:32]
+    evaluate(net, x, y, ["fgsm:eps=0.1"], batch_size=16, checks=False, state=tmp_path / "s")
+    with pytest.raises(ResumeError, match="data_sha256"):
+        evaluate(net, x.flip(0), y.flip(0), ["fgsm:eps=0.1"], batch_size=16, checks=False, state=tmp_path / "s")
+    manifest = tmp_path / "s" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"robustlab": "', '"robustlab": "0.0.0-'))
+    with pytest.raises(ResumeError, match='robustlab \\(this folder: "0.0.0-'):
+        evaluate(net, x, y, ["fgsm:eps=0.1"], batch_size=16, checks=False, state=tmp_path / "s")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,12 +190,18 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("with_state", [True, False])
 def test_torchrun_two_processes_give_the_single_process_result(setup, tmp_path, with_state):
+    """With --state: killed midway (every rank), then the same command resumes. Without: a temporary folder."""
     _, args, plain = setup
     out = tmp_path / "ddp.json"
-    state = ["--state", str(tmp_path / "state")] if with_state else []  # without: a temporary folder, removed
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "-m", "robustlab.cli.main", *args, "--json", str(out),
-                          *state], env=_env(), capture_output=True, text=True, timeout=600)
+    state = ["--state", str(tmp_path / "state")] if with_state else []
+
+    def torchrun() -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+                "-m", "robustlab.cli.main", *args, "--json", str(out), *state]
+
+    if with_state:
+        _kill_9_midway(torchrun(), tmp_path / "state", 12)
+    run = subprocess.run(torchrun(), env=_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert _comparable(json.loads(out.read_text())) == _comparable(plain)
     if with_state:

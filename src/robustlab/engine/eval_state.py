@@ -81,7 +81,8 @@ class EvalState:
             if self.folder.exists() and not self.folder.is_dir():
                 raise InputError(f"--state {self.folder} is a file, not a folder")
             self.folder.mkdir(parents=True, exist_ok=True)
-            if any(self.folder.iterdir()):
+            # a kill while the manifest was being written leaves only its temporary file: not the user's
+            if any(not (p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp")) for p in self.folder.iterdir()):
                 raise InputError(f"--state {self.folder} is not empty and holds no evaluation manifest: name a new "
                                  "or empty folder (robustlab never writes into a folder it did not make)")
             atomic_write_text(path, json.dumps(self.manifest, indent=2, sort_keys=True))
