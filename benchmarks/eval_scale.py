@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attacks import adversarially_trained  # noqa: E402  (the same cached PGD-AT model as the AutoAttack table)
 
 from robustlab.data import load_dataset  # noqa: E402
+from robustlab.engine.evaluator import without_seconds  # noqa: E402
 from robustlab.utils import machine_description  # noqa: E402
 
 USER_CODE = '''
@@ -42,15 +43,6 @@ from robustlab.models import create_model
 def net():
     return create_model("small-cnn", width=16, hidden=128)
 '''
-
-
-def comparable(result: dict) -> dict:
-    result = json.loads(json.dumps(result))
-    for entry in result["attacks"].values():
-        entry.pop("seconds")
-        for stage in entry.get("stages", []):
-            stage.pop("seconds")
-    return result
 
 
 def run(cmd: list[str], threads: int) -> float:
@@ -105,7 +97,7 @@ def main() -> None:
                 if "--state" in cmd:
                     shutil.rmtree(folder / "state", ignore_errors=True)
                 seconds = run(cmd + ["--json", str(out)], threads)
-                result = comparable(json.loads(out.read_text()))
+                result = without_seconds(json.loads(out.read_text()))
                 if reference is None:
                     reference = result
                 elif result != reference:

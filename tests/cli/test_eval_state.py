@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from robustlab.cli.main import main
-from robustlab.engine.evaluator import merge_evaluations
+from robustlab.engine.evaluator import merge_evaluations, without_seconds
 
 pytestmark = pytest.mark.xdist_group("eval-state")
 
@@ -64,16 +64,6 @@ def setup(tmp_path_factory, digits):
     return folder, args, json.loads((folder / "plain.json").read_text())
 
 
-def _comparable(result: dict) -> dict:
-    """The result without wall-clock times (a resumed run's seconds are the sum of the work it recorded)."""
-    result = json.loads(json.dumps(result))
-    for entry in result["attacks"].values():
-        entry.pop("seconds")
-        for stage in entry.get("stages", []):
-            stage.pop("seconds")
-    return result
-
-
 def _cli(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "robustlab.cli.main", *args]
 
@@ -112,7 +102,7 @@ def test_kill_9_at_a_random_batch_then_resume_gives_the_uninterrupted_result(set
     run = subprocess.run(_cli([*args, "--state", str(state), "--json", str(out)]), env=_env(), capture_output=True,
                          text=True)
     assert run.returncode == 0, run.stderr
-    assert _comparable(json.loads(out.read_text())) == _comparable(plain), f"killed after {done} files"
+    assert without_seconds(json.loads(out.read_text())) == without_seconds(plain), f"killed after {done} files"
 
 
 def test_shards_then_eval_merge_give_the_single_process_result(setup, tmp_path):
@@ -125,7 +115,7 @@ def test_shards_then_eval_merge_give_the_single_process_result(setup, tmp_path):
     out = tmp_path / "merged.json"
     assert main(["eval-merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--json", str(out)]) == 0
     merged = json.loads(out.read_text())
-    assert _comparable(merged) == {k: v for k, v in _comparable(plain).items()
+    assert without_seconds(merged) == {k: v for k, v in without_seconds(plain).items()
                                    if k not in ("model", "data", "attack_specs", "device")}
 
 
@@ -203,7 +193,7 @@ def test_torchrun_two_processes_give_the_single_process_result(setup, tmp_path, 
         _kill_9_midway(torchrun(), tmp_path / "state", 12)
     run = subprocess.run(torchrun(), env=_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert _comparable(json.loads(out.read_text())) == _comparable(plain)
+    assert without_seconds(json.loads(out.read_text())) == without_seconds(plain)
     if with_state:
         assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["rank-0-of-2", "rank-1-of-2"]
 

@@ -439,6 +439,17 @@ def _result(panel: list[dict[str, Any]], batches: list[dict[str, Any]], first_ch
     return result
 
 
+def without_seconds(result: dict[str, Any]) -> dict[str, Any]:
+    """A JSON copy of an evaluation result without its wall-clock times (per attack and per stage): what a resumed,
+    sharded or multi-process run must reproduce exactly."""
+    result = json.loads(json.dumps(result))
+    for entry in result["attacks"].values():
+        entry.pop("seconds", None)
+        for stage in entry.get("stages", []):
+            stage.pop("seconds", None)
+    return result
+
+
 def merge_evaluations(folders: Sequence[str | Path], keep_records: bool = False) -> dict[str, Any]:
     """The result of an evaluation run in shards (`evaluate(..., state=DIR_I, shard=(I, N))`, `robustlab eval
     --shard I/N --state DIR_I`), equal to the single-process result (per-attack seconds are the sum over shards).
