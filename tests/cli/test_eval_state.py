@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from robustlab.cli.main import main
 from robustlab.engine.evaluator import merge_evaluations, without_seconds
+from robustlab.reports.store import leaderboard
 
 pytestmark = pytest.mark.xdist_group("eval-state")
 
@@ -106,17 +107,22 @@ def test_kill_9_at_a_random_batch_then_resume_gives_the_uninterrupted_result(set
 
 
 def test_shards_then_eval_merge_give_the_single_process_result(setup, tmp_path):
-    """Shard 1/2 is killed midway and resumed; shard 0/2 runs in one go; the merge equals the plain run."""
+    """Shard 1/2 is killed midway and resumed; shard 0/2 runs in one go; the merge equals the plain run and is
+    recorded in the results store as the plain run would have been."""
     _, args, plain = setup
+    args = [a for a in args if a != "--no-store"]  # shards leave the recording to the merge
     shard1 = [*args, "--shard", "1/2", "--state", str(tmp_path / "s1")]
     done = _kill_9_midway(_cli(shard1), tmp_path / "s1", 6)  # batches 1, 3, 5
     for i in (1, 0):  # in any order
         assert main([*args, "--shard", f"{i}/2", "--state", str(tmp_path / f"s{i}")]) == 0, done
-    out = tmp_path / "merged.json"
-    assert main(["eval-merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--json", str(out)]) == 0
+    out, store = tmp_path / "merged.json", tmp_path / "results.sqlite"
+    assert main(["eval-merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--json", str(out),
+                 "--store", str(store)]) == 0
     merged = json.loads(out.read_text())
-    assert without_seconds(merged) == {k: v for k, v in without_seconds(plain).items()
-                                   if k not in ("model", "data", "attack_specs", "device")}
+    assert without_seconds(merged) == {k: v for k, v in without_seconds(plain).items() if k != "device"}
+    (row,) = leaderboard(store)
+    assert row["clean_accuracy"] == plain["clean_accuracy"]
+    assert row["autoattack_accuracy"] == plain["attacks"]["autoattack"]["robust_accuracy"]
 
 
 def test_an_incomplete_or_mixed_set_of_shards_is_refused(setup, tmp_path, capsys):

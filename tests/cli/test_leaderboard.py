@@ -25,7 +25,7 @@ def test_best_known_is_the_per_sample_union(mnist_cnn, mnist, tmp_path):
     flags = []
     for specs in runs:
         r = evaluate(mnist_cnn, x, y, specs, checks=False, keep_records=True)
-        record(store, model=mnist_cnn, model_name="cnn", data="mnist5k:test", result=r, specs=specs,
+        record(store, model_digest=model_hash(mnist_cnn), model_name="cnn", data="mnist5k:test", result=r, specs=specs,
                version=__version__)
         flags.append(torch.tensor(r["records"]["robust"][next(iter(r["attacks"]))]))
     expected = torch.stack(flags).all(0).float().mean().item()
@@ -72,7 +72,7 @@ def test_missing_store_is_a_clear_error(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, torch
     from torch import nn
-    from robustlab.reports.store import record
+    from robustlab.reports.store import model_hash, record
     model = nn.Linear(4, 2)
     with torch.no_grad():
         model.weight.fill_(float(sys.argv[2]))
@@ -80,7 +80,7 @@ WRITER = textwrap.dedent("""
         result = {"clean_accuracy": 1.0, "n_samples": 50,
                   "attacks": {"pgd": {"attack": "pgd", "norm": "linf", "eps": 0.1, "robust_accuracy": 0.5}},
                   "records": {"label": [0] * 50, "clean_pred": [0] * 50, "robust": {"pgd": [j % 2 for j in range(50)]}}}
-        record(sys.argv[1], model=model, model_name=sys.argv[2], data="d", result=result, specs=["pgd"], version="t")
+        record(sys.argv[1], model_digest=model_hash(model), model_name=sys.argv[2], data="d", result=result, specs=["pgd"], version="t")
 """)
 
 

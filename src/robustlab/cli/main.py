@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -133,6 +134,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = task.evaluate(model, split, specs, args.n_samples, batch_size=args.batch_size,
                                progress=None if not args.quiet else False, state=args.state, shard=shard, **options)
     if shard is not None:
+        # what eval-merge needs to write and record the result the way `eval` does
+        from robustlab.outputs import atomic_write_text
+
+        atomic_write_text(args.state / "eval.json", json.dumps({
+            "model": str(args.model), "data": data, "attack_specs": specs,
+            "store_data": data_key(data) if store is not None else None}))
         print(f"shard {shard[0]}/{shard[1]}: batches {', '.join(map(str, result['batches'])) or 'none'} of "
               f"{result['n_batches']} written to {args.state}; when every shard is done: robustlab eval-merge "
               f"DIR... --json OUT.json")
@@ -169,10 +176,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rc = max(rc, report_written(*w))
     if store is not None:  # after the files the user asked for: a store that cannot be written loses none of them
         from robustlab import __version__
-        from robustlab.reports.store import record
+        from robustlab.reports.store import model_hash, record
 
-        record(store, model=model, model_name=str(args.model), data=data_key(data), specs=specs, version=__version__,
-               result={**result, "records": records})
+        record(store, model_digest=model_hash(model), model_name=str(args.model), data=data_key(data), specs=specs,
+               version=__version__, result={**result, "records": records})
         print(f"recorded in {store} (robustlab leaderboard --store {store})")
     return rc
 
@@ -228,20 +235,34 @@ def cmd_eval_merge(args: argparse.Namespace) -> int:
     from robustlab.outputs import atomic_write_text, check_writable, save_result
     from robustlab.reports.json import write_json
     from robustlab.reports.markdown import evaluation_log
+    from robustlab.reports.store import default_store, record
 
     if args.json:
         check_writable(args.json, what="--json file")
     if args.log:
         check_writable(args.log, what="--log file")
-    result = merge_evaluations(args.folders)
+    result = merge_evaluations(args.folders, keep_records=True)
     result.pop("adversarials", None)
+    records = result.pop("records")
+    context_file = args.folders[0] / "eval.json"  # written by `robustlab eval --shard` (absent for torchrun folders)
+    context = json.loads(context_file.read_text()) if context_file.exists() else {}
+    result.update({k: context[k] for k in ("model", "data", "attack_specs") if k in context})
     print(task_named("classification")().table(result))
     written = []
     if args.log:
         written.append(save_result(args.log, lambda p: atomic_write_text(p, evaluation_log(result)), what="log"))
     if args.json:
         written.append(save_result(args.json, lambda p: write_json(p, result), what="result JSON"))
-    return max([0] + [report_written(*w) for w in written])
+    rc = max([0] + [report_written(*w) for w in written])
+    store = None if args.no_store or context.get("store_data") is None else (args.store or default_store())
+    if store is not None:  # as `robustlab eval` would have, had it run in one piece
+        from robustlab.version import __version__
+
+        manifest = json.loads((args.folders[0] / "manifest.json").read_text())
+        record(store, model_digest=manifest["model_sha256"], model_name=context["model"], data=context["store_data"],
+               specs=context["attack_specs"], version=__version__, result={**result, "records": records})
+        print(f"recorded in {store} (robustlab leaderboard --store {store})")
+    return rc
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -343,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("folders", nargs="+", type=Path, metavar="DIR", help="the shards' --state folders")
     pm.add_argument("--json", type=Path, help="write the full results as JSON to this file")
     pm.add_argument("--log", type=Path, help="write the reference AutoAttack's log to this file")
+    pm.add_argument("--store", type=Path, help="results store to record the merged evaluation in (default "
+                                               "$ROBUSTLAB_STORE or ~/.robustlab/results.sqlite; shards run with "
+                                               "--no-store are not recorded)")
+    pm.add_argument("--no-store", action="store_true", help="do not record the merged evaluation in the results store")
     pm.set_defaults(func=cmd_eval_merge)
 
     pb = sub.add_parser("leaderboard", help="the local leaderboard: clean, AutoAttack and best-known robust accuracy",

@@ -86,14 +86,15 @@ def _connect(path: Path) -> Iterator[sqlite3.Connection]:
         con.close()
 
 
-def record(path: str | Path, *, model: nn.Module, model_name: str, data: str, result: dict[str, Any],
+def record(path: str | Path, *, model_digest: str, model_name: str, data: str, result: dict[str, Any],
            specs: list[str], version: str) -> list[int]:
-    """Store one `evaluate` result made with keep_records=True: one row per attack and its per-sample flags, all in
-    one transaction (a reader never sees half an evaluation). Returns the evaluation ids."""
+    """Store one `evaluate` result made with keep_records=True, for the model whose weights hash to `model_digest`
+    (`model_hash`): one row per attack and its per-sample flags, all in one transaction (a reader never sees half
+    an evaluation). Returns the evaluation ids."""
     records = result.get("records")
     if records is None:
         raise ValueError("record() needs an evaluate result made with keep_records=True")
-    digest = model_hash(model)
+    digest = model_digest
     labels, preds = records["label"], records["clean_pred"]
     clean = [int(a == b) for a, b in zip(labels, preds)]
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
