@@ -220,3 +220,14 @@ def test_adversarial_examples_are_kept_in_the_state_and_resumed(digits, tmp_path
         assert torch.equal(plain["adversarials"][name], first["adversarials"][name])
         assert torch.equal(plain["adversarials"][name], again["adversarials"][name])
     assert any("adversarial" in torch.load(p, weights_only=True) for p in (tmp_path / "s").glob("batch-*-attack-*.pt"))
+
+
+def test_a_user_error_under_torchrun_is_one_line_per_rank(setup, tmp_path):
+    _, args, _ = setup
+    bad = [a if a != ATTACK else "autoattak:norm=linf,eps=0.1" for a in args]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", "-m", "robustlab.cli.main", *bad], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert run.stderr.count("robustlab eval: error: unknown attack 'autoattak'") == 2, run.stderr[-2000:]
+    assert "terminate called" not in run.stderr  # no process group left behind at exit

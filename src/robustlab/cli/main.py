@@ -99,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(f"--save-adversarials {args.save_adversarials}: the file must end in .safetensors (float "
                          "tensors; image formats would quantise the perturbations away)")
     set_threads(args.threads)
-    ranks = Torchrun(args.device)  # under torchrun, the ranks take the batches round-robin
+    ranks = Torchrun(args.device, connect=False)  # under torchrun, the ranks take the batches round-robin
     if ranks.enabled:
         if shard is not None:
             raise InputError("--shard splits the work without torchrun; under torchrun the ranks split it")
@@ -127,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    compile=args.compile, keep_adversarials=bool(args.save_adversarials),
                    keep_records=store is not None)
     if ranks.enabled:
-        result = _torchrun_eval(ranks, task, model, split, specs, args, options)
+        result = _torchrun_eval(task, model, split, specs, args, options)
         if result is None:
             return 0  # not rank 0: rank 0 writes the result
     else:
@@ -196,12 +196,13 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _torchrun_eval(ranks, task, model, split, specs, args, options) -> dict | None:
+def _torchrun_eval(task, model, split, specs, args, options) -> dict | None:
     """Rank r evaluates batches k with k % world == r into its own state folder (under --state, or a temporary
     folder rank 0 makes); rank 0 merges them once every rank is done. Returns the result on rank 0, else None."""
     import shutil
     import tempfile
 
+    from robustlab.engine.distributed import Torchrun
     from robustlab.engine.evaluator import merge_evaluations
     from robustlab.errors import InputError
 
@@ -209,10 +210,12 @@ def _torchrun_eval(ranks, task, model, split, specs, args, options) -> dict | No
     if base is not None and (Path(base) / "manifest.json").exists():
         raise InputError(f"--state {base} holds a single-process evaluation: resume it without torchrun, or name a "
                          "new folder")
+    ranks = Torchrun(args.device)  # the process group, from here to the end of this function
     temporary = base is None
     if temporary:
         base = ranks.broadcast(tempfile.mkdtemp(prefix="robustlab-eval-") if ranks.main else None)
     folders = [Path(base) / f"rank-{r}-of-{ranks.world}" for r in range(ranks.world)]
+    finished = False
     try:
         task.evaluate(model, split, specs, args.n_samples, batch_size=args.batch_size,
                       progress=(None if not args.quiet else False) if ranks.main else False,
@@ -221,10 +224,11 @@ def _torchrun_eval(ranks, task, model, split, specs, args, options) -> dict | No
         result = merge_evaluations(folders, keep_records=options["keep_records"] or options["keep_adversarials"]) \
             if ranks.main else None
         ranks.barrier()
+        finished = True
     finally:
         if temporary and ranks.main:
             shutil.rmtree(base, ignore_errors=True)
-    ranks.close()
+        ranks.close(together=finished)
     return result
 
 

@@ -12,12 +12,14 @@ from torch import Tensor
 class Torchrun:
     """torchrun environment: rank, world size, process group (gloo on CPU, NCCL on GPU)."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, connect: bool = True) -> None:
+        """connect=False reads the environment only (no process group yet: cheap, and nothing to leave when a
+        user error stops the command first)."""
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
-        if self.enabled and not torch.distributed.is_initialized():
+        if connect and self.enabled and not torch.distributed.is_initialized():
             backend = "nccl" if device.startswith("cuda") else "gloo"
             torch.distributed.init_process_group(backend=backend)
 
@@ -42,9 +44,11 @@ class Torchrun:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
-    def close(self) -> None:
-        """Leave the process group (every rank together): a gloo group left to the interpreter's exit can abort
-        the process ("terminate called without an active exception")."""
+    def close(self, together: bool = True) -> None:
+        """Leave the process group (every rank together; together=False when this rank stops on an error and the
+        others may never reach the barrier): a gloo group left to the interpreter's exit can abort the process
+        ("terminate called without an active exception")."""
         if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            if together:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
