@@ -243,8 +243,12 @@ def evaluate(
     first_batch: tuple[Tensor, Tensor] | None = None
     checked = False
     seen = k = 0
-    with progress_bar(total=n_samples or (x.shape[0] if x is not None else None), desc="evaluate",
-                      enabled=progress) as bar:
+    total = n_samples or (x.shape[0] if x is not None else None)
+    if total is not None and x is not None:
+        total = min(total, x.shape[0])
+        # a shard counts the samples of its own batches
+        total = sum(min(batch_size, total - s) for s in range(shard_i * batch_size, total, n_shards * batch_size))
+    with progress_bar(total=total, desc="evaluate", enabled=progress) as bar:
         for k, (xb, yb) in enumerate(_batches(x, y, loader, batch_size)):
             if n_samples is not None and seen >= n_samples:
                 k -= 1
