@@ -114,5 +114,7 @@ def compile_module(model: nn.Module, **kwargs) -> nn.Module:
     of one forward (FAB, DeepFool, C&W, MMA: retain_graph / create_graph), which AOTAutograd's donated buffers
     forbid, so they are switched off; the switch is process-wide (read at backward time) and only costs memory
     reuse."""
+    import torch._functorch.config  # not imported by `import torch` until something compiles
+
     torch._functorch.config.donated_buffer = False
     return torch.compile(model, **kwargs)  # type: ignore[return-value]

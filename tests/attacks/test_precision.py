@@ -99,6 +99,18 @@ def test_compiled_attacks_agree_with_eager(mnist_cnn, mnist, fp32_result):
     assert all(e["compile"] is True for e in result["attacks"].values())
 
 
+def test_compile_works_as_the_first_thing_a_process_compiles():
+    """`import torch` does not import torch._functorch.config; compile_module must not rely on an earlier compile
+    having imported it (a fresh `robustlab eval --compile` did)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from robustlab.attacks import PGD; m = torch.nn.Sequential(torch.nn.Flatten(), "
+            "torch.nn.Linear(4, 3)).eval(); PGD(m, eps=0.1, steps=1, compile=True).make_counter()")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_autoattack_bf16_components_and_reference_refusal(mnist_cnn, mnist):
     aa = AutoAttack(mnist_cnn, eps=0.1, precision="bf16")
     assert all(c.precision == "bf16" for c in aa.components())
