@@ -13,12 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from robustlab import rng
-from robustlab.attacks.base import Attack, PassCounter
+from robustlab.attacks.base import Attack, PassCounter, targets_at_once
 from robustlab.errors import InputError
 from robustlab.losses import ce_loss, dlr_loss, dlr_targeted_loss
 from robustlab.registry import ATTACKS
 from robustlab.threat import LpBall, make_threat
 from robustlab.types import AttackOut
+from robustlab.utils import mix_seed
 from robustlab.validation import check_positive_int
 
 _TINY = 1e-12
@@ -28,12 +29,18 @@ def _v(t: Tensor) -> Tensor:
     return t.view(-1, 1, 1, 1)
 
 
-def _apgd_init(threat: LpBall, x: Tensor, gen: torch.Generator) -> Tensor:
+def _apgd_noise(norm: str, x: Tensor, gen: torch.Generator) -> Tensor:
+    """The random start's raw draw for every sample of x: uniform in [-1, 1] (l_inf) or Gaussian (l_2)."""
+    if norm == "linf":
+        return 2 * rng.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
+    return rng.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+
+
+def _apgd_init(threat: LpBall, x: Tensor, t: Tensor) -> Tensor:
+    """The random start from the raw draw t: a point of the ball's surface direction, in the box."""
     eps = threat.eps_like(x)
     if threat.norm == "linf":
-        t = 2 * rng.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
         return (x + eps * t / _v(t.flatten(1).abs().amax(1))).clamp(0, 1)
-    t = rng.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     return (x + eps * t / _v(t.flatten(1).norm(dim=1) + _TINY)).clamp(0, 1)
 
 
@@ -62,7 +69,9 @@ def apgd_single_run(
     steps: int,
     rho: float = 0.75,
     target: Tensor | None = None,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
+    start: Tensor | None = None,
+    group: Tensor | None = None,
     compact: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One APGD run on all of x. Returns (x_adv, fooled): x_adv is a fooling iterate where one was found, else x.
@@ -71,6 +80,9 @@ def apgd_single_run(
     iteration). Every sample's state (step size, checkpoints, loss history) is its own and the random start is
     drawn before the loop, so the fooled set is the same as without compaction; only which fooling iterate is
     returned differs (the first instead of the last).
+    start: the random start's raw draw (`_apgd_noise`), else drawn here from `generator`.
+    group: rows that are copies of one image (APGD-T's targets run side by side): with compact=True, all copies
+    leave the batch once one of them fools the model (the image is broken; only that copy's iterate is kept).
     """
     n_iter_2 = max(int(0.22 * steps), 1)
     n_iter_min = max(int(0.06 * steps), 1)
@@ -81,7 +93,10 @@ def apgd_single_run(
     fooled_all = torch.zeros(n, dtype=torch.bool, device=x.device)
     adv_all = x.clone()
 
-    x_adv = _apgd_init(threat, x, generator)
+    if start is None:
+        assert generator is not None, "apgd_single_run needs a generator or a start"
+        start = _apgd_noise(threat.norm, x, generator)
+    x_adv = _apgd_init(threat, x, start)
     x_best = x_adv.clone()
     x_best_adv = x_adv.clone()
     loss_steps = torch.zeros(steps, n, device=x.device, dtype=x.dtype)
@@ -101,15 +116,21 @@ def apgd_single_run(
     def retire(now: Tensor) -> bool:
         """compact=True: record the samples fooled at x_adv and drop them from the working batch; False when
         none is left."""
-        nonlocal active, x, y, target, threat, x_adv, x_adv_old, x_best, grad, grad_best, loss_steps, loss_indiv
-        nonlocal loss_best, step_size, loss_best_last_check, reduced_last_check
+        nonlocal active, x, y, target, group, threat, x_adv, x_adv_old, x_best, grad, grad_best, loss_steps
+        nonlocal loss_indiv, loss_best, step_size, loss_best_last_check, reduced_last_check
         gone = now.nonzero().squeeze(1)
         adv_all[active[gone]] = x_adv[gone]
         fooled_all[active[gone]] = True
-        keep = (~now).nonzero().squeeze(1)
+        leave = now
+        if group is not None:  # every copy of a broken image leaves with it
+            broken = torch.zeros(n, dtype=torch.bool, device=now.device)
+            broken[group[gone]] = True
+            leave = broken[group]
+        keep = (~leave).nonzero().squeeze(1)
         active, x, y, x_adv, x_adv_old, x_best, grad, grad_best = (
             t[keep] for t in (active, x, y, x_adv, x_adv_old, x_best, grad, grad_best))
         target = target[keep] if target is not None else None
+        group = group[keep] if group is not None else None
         threat = threat_all.subset(active)
         loss_steps, loss_indiv, loss_best = loss_steps[:, keep], loss_indiv[keep], loss_best[keep]
         step_size, loss_best_last_check = step_size[keep], loss_best_last_check[keep]
@@ -235,34 +256,58 @@ def apgd_restarts(counter, x, y, *, threat, loss_fn, steps, rho, restarts, gener
 
 @ATTACKS.register("apgd-t")
 class APGDT(_APGDBase):
-    """Targeted APGD on the targeted DLR loss, targets = the 2nd..(n_targets+1)-th largest clean logits."""
+    """Targeted APGD on the targeted DLR loss, targets = the 2nd..(n_targets+1)-th largest clean logits.
+
+    targets_at_once: how many targets run side by side in one working batch (copies of the images, one per
+    target; memory grows with it); None: as many as fit a budget on a GPU, one on a CPU (`base.targets_at_once`).
+    Every (target, restart) copy draws its random start from its own stream, and an image is broken iff one of
+    its copies fools the model, so the broken set does not depend on this setting; running targets together pays
+    on GPUs, where small batches leave the device idle.
+    """
 
     name = "apgd-t"
     forwards_options_to = (_APGDBase,)
 
-    def __init__(self, model: nn.Module, *, n_targets: int = 9, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, *, n_targets: int = 9, targets_at_once: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         check_positive_int(n_targets, "n_targets")
-        self.n_targets = n_targets
+        if targets_at_once is not None:
+            check_positive_int(targets_at_once, "targets_at_once")
+        self.n_targets, self.targets_at_once = n_targets, targets_at_once
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "n_targets": self.n_targets, "targets_at_once": self.targets_at_once}
 
     def _run(self, counter, x, y, target, gen):
         with torch.no_grad():
             clean_logits = counter.logits(x)
-        k = clean_logits.shape[1]
-        n_targets = min(self.n_targets, k - 1)
+        ranked = clean_logits.sort(dim=1)[1]
+        n_targets = min(self.n_targets, clean_logits.shape[1] - 1)
         robust = clean_logits.argmax(1) == y
         x_adv = x.clone()
-        for rank in range(2, n_targets + 2):
-            for _ in range(self.restarts):
+        base = int(rng.randint(2**62, (1,), generator=gen, device=gen.device).item())  # copies' streams
+        ranks = list(range(2, n_targets + 2))
+        at_once = targets_at_once(self.targets_at_once, n_targets, x, int(robust.sum()))
+        for restart in range(self.restarts):
+            for c in range(0, n_targets, at_once):
+                chunk = ranks[c:c + at_once]
                 idx = robust.nonzero().squeeze(1)
                 if idx.numel() == 0:
                     return AttackOut(x_adv, ~robust)
-                xs, ys = x[idx], y[idx]
-                with torch.no_grad():  # logit ranking recomputed on the points still robust (reference)
-                    tgt = counter.logits(xs).sort(dim=1)[1][:, -rank]
-                adv, fooled = apgd_single_run(counter, xs, ys, threat=self.threat.subset(idx),
-                                              loss_fn=dlr_targeted_loss, steps=self.steps, rho=self.rho,
-                                              target=tgt, generator=gen, compact=self.compact)
-                x_adv[idx] = torch.where(_v(fooled), adv, x_adv[idx])
-                robust[idx] = ~fooled
+                # a copy's start: drawn for the whole batch from the (rank, restart) stream, so it does not
+                # depend on which images are still robust or which targets run beside it
+                starts = torch.cat([_apgd_noise(self.threat.norm, x, rng.device_generator(
+                    x.device, mix_seed(base, rank, restart)))[idx] for rank in chunk])
+                m, rows = idx.numel(), idx.repeat(len(chunk))
+                adv, fooled = apgd_single_run(
+                    counter, x[rows], y[rows], threat=self.threat.subset(rows), loss_fn=dlr_targeted_loss,
+                    steps=self.steps, rho=self.rho, target=torch.cat([ranked[idx, -rank] for rank in chunk]),
+                    start=starts, group=torch.arange(m, device=x.device).repeat(len(chunk)), compact=self.compact)
+                fooled = fooled.view(len(chunk), m)
+                first = fooled.float().argmax(0)  # the first target (in rank order) that broke the image
+                adv = adv.view(len(chunk), m, *x.shape[1:])[first, torch.arange(m, device=x.device)]
+                broken = fooled.any(0)
+                x_adv[idx] = torch.where(_v(broken), adv, x_adv[idx])
+                robust[idx] = ~broken
         return AttackOut(x_adv, ~robust)

@@ -23,7 +23,7 @@ from robustlab.errors import InputError, MissingDependencyError
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat
 from robustlab.types import AttackOut
-from robustlab.validation import check_choice
+from robustlab.validation import check_choice, check_positive_int
 
 RAND_EOT = 20  # EoT passes per APGD step in version="rand" (the reference's eot_iter)
 
@@ -37,23 +37,29 @@ class AutoAttack(Attack):
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float = 8 / 255, version: str = "standard",
                  impl: str = "robustlab", n_targets: int = 9, apgd_steps: int = 100, fab_steps: int = 100,
-                 square_queries: int = 5000, seed: int | None = 0, bn_mode: str = "eval",
+                 square_queries: int = 5000, targets_at_once: int | None = None, seed: int | None = 0,
+                 bn_mode: str = "eval",
                  precision: str = "fp32", compile: bool = False) -> None:
         super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
+        if targets_at_once is not None:
+            check_positive_int(targets_at_once, "targets_at_once")
         if str(norm).lower() not in ("linf", "l2", "inf"):
             raise InputError(f"AutoAttack supports norms linf and l2, got {norm!r}")
         check_choice(version, "AutoAttack version", ("standard", "rand"))
         check_choice(impl, "AutoAttack impl", ("robustlab", "reference", "torchattacks"))
-        if impl != "robustlab" and (precision != "fp32" or compile):
-            raise InputError(f"AutoAttack impl={impl!r} runs another package's code: precision={precision!r} and "
-                             f"compile={compile!r} apply only to impl='robustlab'")
+        if impl != "robustlab" and (precision != "fp32" or compile or targets_at_once is not None):
+            raise InputError(f"AutoAttack impl={impl!r} runs another package's code: precision={precision!r}, "
+                             f"compile={compile!r} and targets_at_once={targets_at_once} apply only to "
+                             f"impl='robustlab'")
         self.ball = make_threat(norm, eps)  # the threat model, never None (self.threat is Optional in the base)
         self.threat = self.ball
         self.impl, self.version = impl, version
         self.n_targets, self.apgd_steps, self.fab_steps, self.square_queries = n_targets, apgd_steps, fab_steps, square_queries
+        self.targets_at_once = targets_at_once  # APGD-T's and FAB-T's (the broken set does not depend on it)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "version": self.version, "impl": self.impl}
+        return {**super().describe(), "version": self.version, "impl": self.impl,
+                "targets_at_once": self.targets_at_once}
 
     def components(self) -> list[Attack]:
         norm, eps = self.ball.norm, self.ball.eps
@@ -64,9 +70,10 @@ class AutoAttack(Attack):
                     APGD(self.model, norm=norm, eps=eps, steps=self.apgd_steps, eot=RAND_EOT, loss="dlr", **common)]
         return [
             APGD(self.model, norm=norm, eps=eps, steps=self.apgd_steps, **common),
-            APGDT(self.model, norm=norm, eps=eps, steps=self.apgd_steps, n_targets=self.n_targets, **common),
+            APGDT(self.model, norm=norm, eps=eps, steps=self.apgd_steps, n_targets=self.n_targets,
+                  targets_at_once=self.targets_at_once, **common),
             FAB(self.model, norm=norm, eps=float(eps), steps=self.fab_steps, targeted=True, n_targets=self.n_targets,
-                compact=True, **common),
+                targets_at_once=self.targets_at_once, compact=True, **common),
             Square(self.model, norm=norm, eps=float(eps), n_queries=self.square_queries, **common),
         ]
 

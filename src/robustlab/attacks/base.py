@@ -143,6 +143,21 @@ def restored_buffers(model: nn.Module) -> Iterator[None]:
                 b.copy_(v)
 
 
+# targets_at_once=None: on a GPU, as many targets side by side as keep the working batch within this many input
+# elements (64 MiB per image-sized fp32 tensor); on a CPU one at a time (arithmetic-bound: no gain, measured)
+TARGETS_AT_ONCE_ELEMENTS = 2**24
+
+
+def targets_at_once(requested: int | None, n_targets: int, x: Tensor, n_images: int) -> int:
+    """How many targets APGD-T / FAB-T run side by side on n_images of x's images (their broken set does not
+    depend on it)."""
+    if requested is not None:
+        return requested
+    if x.device.type != "cuda":
+        return 1
+    return max(1, min(n_targets, TARGETS_AT_ONCE_ELEMENTS // max(n_images * x[0].numel(), 1)))
+
+
 def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """An attack's generator, on the device of the images it perturbs."""
     return rng.device_generator(device, 0 if seed is None else int(seed))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, PassCounter
+from robustlab.attacks.base import Attack, PassCounter, targets_at_once
 from robustlab.errors import InputError
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat, per_sample_norm
@@ -82,11 +82,13 @@ def _diff_and_grad(counter: PassCounter, x: Tensor, y: Tensor, target: Tensor | 
 
 def fab_single_run(counter: PassCounter, x: Tensor, y: Tensor, *, norm: str, steps: int, target: Tensor | None,
                    alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-                   stop_at: float | None = None) -> tuple[Tensor, Tensor]:
+                   stop_at: float | None = None, group: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One FAB run from the clean point. Returns (best adversarial x, its norm; inf where none found).
 
     stop_at: a sample leaves the working batch once it has an adversarial point of norm <= stop_at (its norm is
     then not refined further: enough for "fooled within eps", one host sync per step).
+    group: rows that are copies of one image (FAB-T's targets side by side): with stop_at, all copies leave once
+    one of them is done.
     """
     n = x.shape[0]
     shape = x.shape
@@ -127,11 +129,16 @@ def fab_single_run(counter: PassCounter, x: Tensor, y: Tensor, *, norm: str, ste
             done = best_norm <= stop_at
             if bool(done.any()):
                 best_all[active], best_norm_all[active] = best, best_norm
+                if group is not None:  # every copy of a broken image leaves with it
+                    broken = torch.zeros(n, dtype=torch.bool, device=x.device)
+                    broken[group[done]] = True
+                    done = broken[group]
                 keep = (~done).nonzero().squeeze(1)
                 if keep.numel() == 0:
                     return best_all.view(shape), best_norm_all
                 active, x0, x1, best, best_norm, y = (t[keep] for t in (active, x0, x1, best, best_norm, y))
                 target = target[keep] if target is not None else None
+                group = group[keep] if group is not None else None
     best_all[active], best_norm_all[active] = best, best_norm
     return best_all.view(shape), best_norm_all
 
@@ -145,7 +152,8 @@ class FAB(Attack):
     minimal = True
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float | None = None, steps: int = 100,
-                 targeted: bool = False, n_targets: int = 9, alpha_max: float = 0.1, eta: float = 1.05,
+                 targeted: bool = False, n_targets: int = 9, targets_at_once: int | None = None,
+                 alpha_max: float = 0.1, eta: float = 1.05,
                  beta: float = 0.9, compact: bool = False, seed: int | None = 0, bn_mode: str = "eval",
                  precision: str = "fp32", compile: bool = False) -> None:
         super().__init__(model, seed=seed, bn_mode=bn_mode, precision=precision, compile=compile)
@@ -156,6 +164,12 @@ class FAB(Attack):
             check_eps(eps)
         check_positive_int(steps, "steps")
         check_positive_int(n_targets, "n_targets")
+        if targets_at_once is not None:
+            check_positive_int(targets_at_once, "targets_at_once")
+        if targets_at_once is not None and not targeted:
+            raise InputError(f"FAB targets_at_once={targets_at_once} needs targeted=True (untargeted FAB has no "
+                             f"targets)")
+        self.targets_at_once = targets_at_once
         self._norm = "l2" if key == "l2" else "linf"
         self.threat = make_threat(self._norm, eps) if eps is not None else None
         self.eps_value = eps
@@ -172,7 +186,8 @@ class FAB(Attack):
 
     def describe(self) -> dict[str, Any]:
         return {**self.execution(), "attack": self.name, "norm": self._norm, "eps": self.eps_value, "steps": self.steps,
-                "targeted": self.targeted, "compact": self.compact}
+                "targeted": self.targeted, "n_targets": self.n_targets, "targets_at_once": self.targets_at_once,
+                "compact": self.compact}
 
     def _run(self, counter, x, y, target, gen):
         eps = float("inf") if self.eps_value is None else float(self.eps_value)
@@ -191,13 +206,20 @@ class FAB(Attack):
         else:
             n_targets = min(self.n_targets, clean.shape[1] - 1)
             order = clean.sort(dim=1)[1]
-            for rank in range(2, n_targets + 2):
+            ranks = list(range(2, n_targets + 2))
+            at_once = targets_at_once(self.targets_at_once, n_targets, x, int(correct.sum()))
+            for c in range(0, n_targets, at_once):
+                chunk = ranks[c:c + at_once]
                 # not yet fooled within the budget (norms is inf until an adversarial point is found; with no
                 # budget, eps is inf too, so "norms > eps" would never select anything)
                 idx = (correct & ~(torch.isfinite(norms) & (norms <= eps))).nonzero().squeeze(1)
                 if idx.numel() == 0:
                     break
-                adv, nrm = fab_single_run(counter, x[idx], y[idx], target=order[idx, -rank], **kw)
+                m, rows = idx.numel(), idx.repeat(len(chunk))  # one copy of each image per target
+                adv, nrm = fab_single_run(counter, x[rows], y[rows], target=torch.cat([order[idx, -r] for r in chunk]),
+                                          group=torch.arange(m, device=x.device).repeat(len(chunk)), **kw)
+                nrm, first = nrm.view(len(chunk), m).min(0)  # the smallest norm; ties: the first target
+                adv = adv.view(len(chunk), m, *x.shape[1:])[first, torch.arange(m, device=x.device)]
                 better = nrm < norms[idx]
                 x_adv[idx] = torch.where(better.view(-1, 1, 1, 1), adv, x_adv[idx])
                 norms[idx] = torch.where(better, nrm, norms[idx])
