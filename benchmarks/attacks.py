@@ -157,6 +157,8 @@ def autoattack_table(args, dev) -> None:
             x_adv = aa(x, y)
             sync()
             runs[label] = (time.perf_counter() - t, robust(x_adv))
+            print(f"<!-- {what}, {norm}, {label}: " + ", ".join(  # where the time went (stage: seconds, robust)
+                f"{s['attack']} {s['seconds']:.1f} s ({s['robust_after']})" for s in aa.last_log) + " -->", flush=True)
         ref = Reference(model, norm="Linf" if norm == "linf" else "L2", eps=eps, version="standard", device=str(dev),
                         seed=0)
         ref.verbose = False

@@ -38,8 +38,15 @@ def _rand_sign(shape, gen, device, dtype) -> Tensor:
     return rng.randint(0, 2, shape, generator=gen, device=device).to(dtype) * 2 - 1
 
 
-def _randint(low: int, high: int, gen: torch.Generator, device) -> int:
-    return int(rng.randint(low, high, (1,), generator=gen, device=device).item())
+def _draws(n_queries: int, k: int, gen: torch.Generator, device) -> list[list[float]]:
+    """Every iteration's k uniforms in [0, 1) (square positions, orientations), drawn on the device in one go and
+    brought to the host with one sync, instead of k syncs per iteration."""
+    return rng.rand((n_queries, k), generator=gen, device=device, dtype=torch.float64).cpu().tolist()
+
+
+def _pick(u: float, n: int) -> int:
+    """A uniform integer in [0, n) from a uniform u in [0, 1)."""
+    return min(int(u * n), n - 1)
 
 
 def _eta_rectangles(x: int, y: int, device, dtype) -> Tensor:
@@ -53,14 +60,26 @@ def _eta_rectangles(x: int, y: int, device, dtype) -> Tensor:
     return delta / delta.pow(2).sum().sqrt()
 
 
-def _meta_pseudo_gaussian(s: int, gen, device, dtype) -> Tensor:
+def _meta_pseudo_gaussian(s: int, device, dtype) -> Tensor:
+    """The s x s pseudo-Gaussian square (its transpose is the other orientation)."""
     delta = torch.zeros(s, s, device=device, dtype=dtype)
     delta[: s // 2] = _eta_rectangles(s // 2, s, device, dtype)
     delta[s // 2:] = -_eta_rectangles(s - s // 2, s, device, dtype)
-    delta = delta / delta.pow(2).sum().sqrt()
-    if rng.rand((), generator=gen, device=device).item() > 0.5:
-        delta = delta.t()
-    return delta
+    return delta / delta.pow(2).sum().sqrt()
+
+
+class _Squares:
+    """The pseudo-Gaussian squares by size, built once per run (the schedule reuses a handful of sizes)."""
+
+    def __init__(self, device, dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.built: dict[int, Tensor] = {}
+
+    def __call__(self, s: int, u: float) -> Tensor:
+        """The square of side s, transposed when the uniform u > 0.5 (as the reference's coin)."""
+        if s not in self.built:
+            self.built[s] = _meta_pseudo_gaussian(s, self.device, self.dtype)
+        return self.built[s].t() if u > 0.5 else self.built[s]
 
 
 @ATTACKS.register("square")
@@ -104,33 +123,48 @@ class Square(Attack):
         return AttackOut(x_adv, ~robust)
 
     def _working(self, margin_min: Tensor) -> Tensor:
-        """Indices of the samples queried this iteration (empty when every sample is fooled)."""
-        left = margin_min > 0
-        if not bool(left.any()):
-            return left.nonzero().squeeze(1)
-        return left.nonzero().squeeze(1) if self.compact else torch.arange(left.shape[0], device=left.device)
+        """Indices of the samples queried from now on (empty when every sample is fooled; one host sync)."""
+        left = (margin_min > 0).nonzero().squeeze(1)
+        if left.numel() == 0 or self.compact:
+            return left
+        return torch.arange(margin_min.shape[0], device=margin_min.device)
+
+    def _checks(self) -> set[int]:
+        """The iterations before which fooled samples leave the working batch: every one of the first 100 (most
+        samples fall early), then every 10th. A fooled sample stays fooled (a candidate replaces it only with a
+        lower margin, or, l_inf, another fooling point), so a later check changes which passes run, not which
+        samples are fooled; between checks the loop runs without a host sync."""
+        return set(range(min(100, self.n_queries))) | set(range(0, self.n_queries, 10))
 
     def _linf(self, counter, x, y, eps, gen):
         n, c, h, w = x.shape
         x_best = (x + eps * _rand_sign((n, c, 1, w), gen, x.device, x.dtype)).clamp(0, 1)
         margin_min = margin(counter.logits(x_best), y)
         loss_min = margin_min.clone()
+        draws = _draws(self.n_queries, 2, gen, x.device)
+        # the working batch: the samples queried (idx) and their state (_w), written back at every check
+        idx = torch.arange(n, device=x.device)
+        x_w, xb_w, y_w, l_w, m_w = x, x_best.clone(), y, loss_min.clone(), margin_min.clone()
+        checks = self._checks()
         for i in range(self.n_queries):
-            idx = self._working(margin_min)
-            if idx.numel() == 0:
-                break
-            x_curr, x_best_curr, y_curr = x[idx], x_best[idx], y[idx]
+            if i in checks:  # write the working batch back, then gather the samples still robust
+                margin_min[idx], loss_min[idx], x_best[idx] = m_w, l_w, xb_w
+                idx = self._working(margin_min)
+                if idx.numel() == 0:
+                    break
+                x_w, xb_w, y_w, l_w, m_w = x[idx], x_best[idx], y[idx], loss_min[idx], margin_min[idx]
             p = p_selection(self.p_init, i, self.n_queries, self.rescale)
             s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w))
-            vh, vw = _randint(0, h - s + 1, gen, x.device), _randint(0, w - s + 1, gen, x.device)
+            vh, vw = _pick(draws[i][0], h - s + 1), _pick(draws[i][1], w - s + 1)
             new = torch.zeros(c, h, w, device=x.device, dtype=x.dtype)
             new[:, vh:vh + s, vw:vw + s] = 2.0 * eps * _rand_sign((c, 1, 1), gen, x.device, x.dtype)
-            x_new = torch.min(torch.max(x_best_curr + new, x_curr - eps), x_curr + eps).clamp(0, 1)
-            m = margin(counter.logits(x_new), y_curr)
-            improved = (m < loss_min[idx]) | (m <= 0)
-            loss_min[idx] = torch.where(improved, m, loss_min[idx])
-            margin_min[idx] = torch.where(improved, m, margin_min[idx])
-            x_best[idx] = torch.where(improved.view(-1, 1, 1, 1), x_new, x_best_curr)
+            x_new = torch.min(torch.max(xb_w + new, x_w - eps), x_w + eps).clamp(0, 1)
+            m = margin(counter.logits(x_new), y_w)
+            improved = (m < l_w) | (m <= 0)
+            l_w, m_w = torch.where(improved, m, l_w), torch.where(improved, m, m_w)
+            xb_w = torch.where(improved.view(-1, 1, 1, 1), x_new, xb_w)
+        else:
+            margin_min[idx], loss_min[idx], x_best[idx] = m_w, l_w, xb_w
         return x_best, margin_min <= 0
 
     def _l2(self, counter, x, y, eps, gen):
@@ -140,6 +174,7 @@ class Square(Attack):
         def normalize(d: Tensor) -> Tensor:
             return d / (d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-12)
 
+        squares = _Squares(dev, dt)
         delta = torch.zeros_like(x)
         s = max(h // 5, 1)
         sp = (h - s * 5) // 2 if h >= 5 else 0
@@ -148,46 +183,53 @@ class Square(Attack):
             vw = sp
             for _ in range(w // s):
                 if vh + s <= h and vw + s <= w:
-                    delta[:, :, vh:vh + s, vw:vw + s] += (_meta_pseudo_gaussian(s, gen, dev, dt).view(1, 1, s, s)
+                    coin = float(rng.rand((), generator=gen, device=dev))
+                    delta[:, :, vh:vh + s, vw:vw + s] += (squares(s, coin).view(1, 1, s, s)
                                                           * _rand_sign((n, c, 1, 1), gen, dev, dt))
                 vw += s
             vh += s
         x_best = (x + normalize(delta) * eps).clamp(0, 1)
         margin_min = margin(counter.logits(x_best), y)
         loss_min = margin_min.clone()
+        draws = _draws(self.n_queries, 5, gen, dev)
+        idx = torch.arange(n, device=dev)  # the working batch, as in _linf
+        x_w, xb_w, y_w, l_w, m_w = x, x_best.clone(), y, loss_min.clone(), margin_min.clone()
+        checks = self._checks()
         for i in range(self.n_queries):
-            idx = self._working(margin_min)
-            if idx.numel() == 0:
-                break
-            x_curr, x_best_curr, y_curr = x[idx], x_best[idx], y[idx]
-            delta_curr = x_best_curr - x_curr
+            if i in checks:
+                margin_min[idx], loss_min[idx], x_best[idx] = m_w, l_w, xb_w
+                idx = self._working(margin_min)
+                if idx.numel() == 0:
+                    break
+                x_w, xb_w, y_w, l_w, m_w = x[idx], x_best[idx], y[idx], loss_min[idx], margin_min[idx]
+            delta_curr = xb_w - x_w
             p = p_selection(self.p_init, i, self.n_queries, self.rescale)
             s = max(int(round(math.sqrt(p * h * w))), 3)
             if s % 2 == 0:
                 s += 1
             s = min(s, min(h, w))
-            vh, vw = _randint(0, h - s + 1, gen, dev), _randint(0, w - s + 1, gen, dev)
-            vh2, vw2 = _randint(0, h - s + 1, gen, dev), _randint(0, w - s + 1, gen, dev)
-            mask1 = torch.zeros_like(x_curr)
+            vh, vw, vh2, vw2 = (_pick(u, k) for u, k in zip(draws[i], (h - s + 1, w - s + 1) * 2))
+            mask1 = torch.zeros_like(x_w)
             mask1[:, :, vh:vh + s, vw:vw + s] = 1.0
-            mask2 = torch.zeros_like(x_curr)
+            mask2 = torch.zeros_like(x_w)
             mask2[:, :, vh2:vh2 + s, vw2:vw2 + s] = 1.0
             norms_window_1 = delta_curr[:, :, vh:vh + s, vw:vw + s].pow(2).sum((-2, -1), keepdim=True).sqrt()
             norms_image = delta_curr.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             mask_image = torch.max(mask1, mask2)
             norms_windows = (delta_curr * mask_image).pow(2).sum((-2, -1), keepdim=True).sqrt()
             # signs drawn for the whole batch, so the stream does not depend on which samples are left
-            new = (_meta_pseudo_gaussian(s, gen, dev, dt).view(1, 1, s, s) * _rand_sign((n, c, 1, 1), gen, dev, dt)[idx])
+            new = squares(s, draws[i][4]).view(1, 1, s, s) * _rand_sign((n, c, 1, 1), gen, dev, dt)[idx]
             new = new + delta_curr[:, :, vh:vh + s, vw:vw + s] / (1e-12 + norms_window_1)
             new = new / new.pow(2).sum((-2, -1), keepdim=True).sqrt().clamp_min(1e-12)
             new = new * (torch.clamp(eps ** 2 - norms_image ** 2, min=0) / c + norms_windows ** 2).sqrt()
             delta_curr = delta_curr.clone()
             delta_curr[:, :, vh2:vh2 + s, vw2:vw2 + s] = 0.0
             delta_curr[:, :, vh:vh + s, vw:vw + s] = new
-            x_new = (x_curr + normalize(delta_curr) * eps).clamp(0, 1)
-            m = margin(counter.logits(x_new), y_curr)
-            improved = m < loss_min[idx]
-            loss_min[idx] = torch.where(improved, m, loss_min[idx])
-            margin_min[idx] = torch.where(improved, m, margin_min[idx])
-            x_best[idx] = torch.where(improved.view(-1, 1, 1, 1), x_new, x_best_curr)
+            x_new = (x_w + normalize(delta_curr) * eps).clamp(0, 1)
+            m = margin(counter.logits(x_new), y_w)
+            improved = m < l_w
+            l_w, m_w = torch.where(improved, m, l_w), torch.where(improved, m, m_w)
+            xb_w = torch.where(improved.view(-1, 1, 1, 1), x_new, xb_w)
+        else:
+            margin_min[idx], loss_min[idx], x_best[idx] = m_w, l_w, xb_w
         return x_best, margin_min <= 0
