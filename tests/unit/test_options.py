@@ -35,7 +35,7 @@ BASE = {
     "mma": dict(norm="linf", eps=0.1, steps=3, k=3),
     "pixel-ag": dict(eps=0.1, eps_low=0.05, steps=3, step_size=0.02, cam_layer="conv"),
     "salt-pepper": dict(steps=50),
-    "square": dict(norm="linf", eps=0.05, n_queries=30),
+    "square": dict(norm="linf", eps=0.1, n_queries=100),
 }
 # Changed values per option name (first one that differs from the base is used).
 ALTERNATIVES = {
@@ -47,6 +47,7 @@ ALTERNATIVES = {
     "generator_input": ("image",), "target": ("random",), "cycle_norm": ("l2",), "norms": (("linf", "l2"),),
     "attack_bn_mode": ("eval",), "eps_ramp_epochs": (4.0,), "burn_in_epochs": (1,), "refresh_epochs": (2,),
     "generator_lr": (0.5,), "lookahead_lr": (0.5,), "critic_betas": ((0.9, 0.9),), "precision": ("bf16",),
+    "targets_at_once": (3,),  # the broken set is the same by design; the passes spent differ
 }
 # Options that change how the model's forward runs, not what it computes: each has its own test that it is used.
 EXECUTION_OPTIONS = {"compile": "tests/attacks/test_precision.py runs the gradient attacks compiled (every attack's "
@@ -58,7 +59,9 @@ CONTEXT = {
     ("deepfool", "max_step"): {"project": True},
     # with compaction every sample is fooled (and gone) before the first step-size checkpoint
     **{(a, "rho"): {"compact": False} for a in ("apgd-ce", "apgd-dlr", "apgd-t")},
-    ("fab", "compact"): {"eps": 0.05}, **{("square", o): {"eps": 0.1, "n_queries": 100} for o in ("compact", "precision")},
+    ("fab", "compact"): {"eps": 0.05}, ("square", "precision"): {"eps": 0.15},
+    # APGD-T must break an image APGD-CE left (only then do targets side by side spend other passes)
+    ("autoattack", "targets_at_once"): {"eps": 0.12},
 }
 
 
