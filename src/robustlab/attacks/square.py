@@ -3,8 +3,8 @@
 Uses only the model's outputs (never gradients). Margin loss z_y - max_{j!=y} z_j; a candidate replaces
 the current point when the loss decreases; a sample stops once misclassified (baselines.md 2.7).
 The square-size schedule follows AutoAttack (no rescaling for 5000 queries). Only the samples not
-yet fooled are queried, which needs one host sync per iteration (the standard trade for a
-black-box attack whose cost is dominated by queries on still-robust points).
+yet fooled are queried: the working batch is re-gathered at checks (every query for the first 100,
+then every 10th), the only host syncs of the loop; the positions of all queries are drawn at the start.
 """
 from __future__ import annotations
 
