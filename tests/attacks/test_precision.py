@@ -80,14 +80,17 @@ def test_bf16_forward_really_runs_in_bf16(mnist_cnn, mnist):
     assert torch.bfloat16 in seen and logits.dtype == torch.float32  # losses and gradients stay fp32
 
 
-def test_a_weaker_bf16_attack_warns(mnist_cnn, mnist, monkeypatch):
+def test_a_weaker_bf16_attack_warns_also_when_resumed(mnist_cnn, mnist, monkeypatch, tmp_path):
+    """The check runs once (its result is stored with an evaluation state); the warning comes with every result
+    built from it: the first run and a resumed one."""
     import robustlab.engine.evaluator as ev
 
     monkeypatch.setattr(ev, "BF16_TOLERANCE", -1.0)  # any result counts as weaker: the warning must fire
-    with pytest.warns(RuntimeWarning, match="not trustworthy"):
-        r = evaluate(mnist_cnn, mnist.x_test[:32], mnist.y_test[:32], ["pgd:eps=0.1,steps=5"], checks=False,
-                     precision="bf16")
-    assert r["attacks"]["pgd"]["precision_check"]["trusted"] is False
+    kw = dict(checks=False, precision="bf16", state=tmp_path / "state")
+    for _ in range(2):  # the second run finds every record in the state and computes nothing
+        with pytest.warns(RuntimeWarning, match="not trustworthy"):
+            r = evaluate(mnist_cnn, mnist.x_test[:32], mnist.y_test[:32], ["pgd:eps=0.1,steps=5"], **kw)
+        assert r["attacks"]["pgd"]["precision_check"]["trusted"] is False
 
 
 def test_compiled_attacks_agree_with_eager(mnist_cnn, mnist, fp32_result):

@@ -126,7 +126,8 @@ PRECISION_CHECK_SAMPLES = 200
 def _precision_check(model: nn.Module, atk: Attack, x: Tensor, y: Tensor, robust: Tensor) -> dict[str, Any]:
     """Re-run a reduced-precision attack in fp32 on the first batch: does bf16 find as many adversarial points?
     robust: which of (x, y) survived the bf16 attack. Warns when bf16's robust accuracy is higher by more than
-    BF16_TOLERANCE (the attack is weaker in bf16 on this model: its numbers are not trustworthy)."""
+    BF16_TOLERANCE (the attack is weaker in bf16 on this model: its numbers are not trustworthy; `_result` warns,
+    so a resumed run or a merge warns as the first run did)."""
     x, y, robust = x[:PRECISION_CHECK_SAMPLES], y[:PRECISION_CHECK_SAMPLES], robust[:PRECISION_CHECK_SAMPLES]
     twin = copy.copy(atk)
     twin.precision, twin.compile = "fp32", False
@@ -141,11 +142,8 @@ def _precision_check(model: nn.Module, atk: Attack, x: Tensor, y: Tensor, robust
     n = x.shape[0]
     low, full = robust.float().mean().item(), fp32_robust.float().mean().item()
     trusted = low - full <= BF16_TOLERANCE + 1e-6  # accuracies are float32 fractions: 1 point is 0.01 +- rounding
-    if not trusted:
-        warnings.warn(f"attack {atk.name!r} in {atk.precision} finds robust accuracy {low:.1%} on the first {n} samples, "
-                      f"fp32 finds {full:.1%}: the {atk.precision} evaluation is not trustworthy for this model; "
-                      "use precision='fp32'", RuntimeWarning, stacklevel=3)
-    return {"n": n, "robust_accuracy": low, "fp32_robust_accuracy": full, "trusted": trusted}
+    return {"precision": atk.precision, "n": n, "robust_accuracy": low, "fp32_robust_accuracy": full,
+            "trusted": trusted}
 
 
 def evaluate(
@@ -435,7 +433,12 @@ def _result(panel: list[dict[str, Any]], batches: list[dict[str, Any]], first_ch
         if keep_adversarials:
             result.setdefault("adversarials", {})[m["name"]] = torch.cat([r["adversarial"] for r in recs])
         if first_checks is not None and m["name"] in first_checks["precision"]:
-            entry["precision_check"] = first_checks["precision"][m["name"]]
+            check = entry["precision_check"] = first_checks["precision"][m["name"]]
+            if not check["trusted"]:
+                warnings.warn(f"attack {m['attack']!r} (result {m['name']!r}) in {check['precision']} finds robust accuracy "
+                              f"{check['robust_accuracy']:.1%} on the first {check['n']} samples, fp32 finds "
+                              f"{check['fp32_robust_accuracy']:.1%}: the {check['precision']} evaluation is not "
+                              f"trustworthy for this model; use precision='fp32'", RuntimeWarning, stacklevel=3)
     if first_checks is not None and first_checks["integrity"] is not None:
         accs = {n: result["attacks"][n]["robust_accuracy"] for n in names}
         result["integrity"] = finish_integrity(first_checks["integrity"],
