@@ -160,6 +160,17 @@ def test_bad_data_is_named(tmp_path):
             load_array_data(tmp_path / name)
 
 
+def test_a_split_is_refused_for_an_array_file(tmp_path):
+    """An array file is one set of images: --split train must not pass unnoticed (it used to be ignored)."""
+    from robustlab.engine.tasks import Classification
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 1, 8, 8), np.float32), y=np.zeros(2, np.int64))
+    with pytest.raises(InputError, match="--split train: .* array file"):
+        Classification().eval_data(str(tmp_path / "d.npz"), "train", {})
+    (x, y), meta = Classification().eval_data(str(tmp_path / "d.npz"), "test", {})
+    assert x.shape == (2, 1, 8, 8) and meta["split"] == "file"
+
+
 class _Payload:
     def __reduce__(self):
         return (Path.touch, (Path(_MARKER),))

@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mnist-det:preset=coco, or a file (.npz, .safetensors, .pt) with x (N, C, H, W) "
                                    "float in [0, 1] or uint8 in [0, 255] (N, H, W, C or N, C, H, W) and y (int "
                                    "labels); default: the dataset the checkpoint was trained on")
-    pe.add_argument("--split", default="test", choices=("test", "train"))
+    pe.add_argument("--split", default="test", choices=("test", "train"),
+                    help="which split of a dataset --data names (an array file is one set: test only)")
     pe.add_argument("--attack", action="append", metavar="SPEC",
                     help='attack spec "name:key=value,..." (repeatable), e.g. "pgd:norm=linf,eps=0.3,steps=40", or a '
                          'named panel: critic-rho (DeepFool, C&W, critic attack), part[:eps=E,step_size=A] (PGD-20, MMA, '

@@ -96,6 +96,9 @@ class Task(ABC):
             if self.name != "classification":
                 raise InputError(f"--data {spec}: array files hold classification data; a {self.name} model needs "
                                  f"a {self.name} dataset")
+            if split != "test":  # a file is one set of images: a split it cannot apply must not pass unnoticed
+                raise InputError(f"--split {split}: --data {spec} is an array file, a single set of images with no "
+                                 f"splits; drop --split, or pass the file that holds the {split} images")
             x, y = load_array_data(spec)
             if isinstance(model, Normalized) and model.mean.numel() not in (1, x.shape[1]):
                 raise InputError(f"--normalize gives {model.mean.numel()} channel means; the images in {spec} have "
