@@ -62,11 +62,9 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace: readers see the old
-    file or the new one, never a part. The file gets 0666 minus the umask, like any other new file (mkstemp's
-    temporary file would otherwise leave it 0600)."""
-    path = Path(path)
+def _written_beside(path: Path, data: bytes) -> str:
+    """`data` in a fsynced temporary file in path's folder, with the permissions of a new file (mkstemp's would
+    otherwise stay 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -75,6 +73,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and os.replace: readers see the old
+    file or the new one, never a part."""
+    tmp = _written_beside(Path(path), data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -85,4 +94,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "check_writable", "save_result"]
+def atomic_create_text(path: str | Path, text: str) -> bool:
+    """Create `path` with `text` only if it does not exist yet, atomically (a hard link of a complete temporary
+    file: of two processes creating it at once, the first wins and the other sees its whole file). Returns whether
+    this call created it."""
+    tmp = _written_beside(Path(path), text.encode("utf-8"))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return True
+
+
+__all__ = ["atomic_create_text", "atomic_write_bytes", "atomic_write_text", "check_writable", "save_result"]

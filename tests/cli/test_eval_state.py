@@ -231,3 +231,37 @@ def test_a_user_error_under_torchrun_is_one_line_per_rank(setup, tmp_path):
     assert run.returncode != 0
     assert run.stderr.count("robustlab eval: error: unknown attack 'autoattak'") == 2, run.stderr[-2000:]
     assert "terminate called" not in run.stderr  # no process group left behind at exit
+
+
+def _open_state(folder: str, who: str, manifest: dict, barrier, results) -> None:
+    from robustlab.engine.eval_state import EvalState
+    from robustlab.errors import ResumeError
+
+    barrier.wait()
+    try:
+        EvalState(folder, manifest)
+        results.put((who, "opened"))
+    except ResumeError:
+        results.put((who, "refused"))
+    except Exception as e:  # the assertion below names it
+        results.put((who, f"{type(e).__name__}: {e}"))
+
+
+def test_shards_starting_at_once_on_one_folder(tmp_path):
+    """Processes opening one new state folder at the same moment: one manifest is created (never overwritten by a
+    sibling's), the processes with its settings open it, the others are refused; no false "not empty"."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for round_ in range(8):
+        folder = tmp_path / f"s{round_}"
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_state, args=(str(folder), who, {"settings": who[0]}, barrier, results))
+                 for who in ("a1", "a2", "b1", "b2")]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        got = dict(results.get(timeout=10) for _ in procs)
+        winner = json.loads((folder / "manifest.json").read_text())["settings"]
+        assert got == {who: "opened" if who[0] == winner else "refused" for who in got}, got

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 
 from robustlab.errors import InputError, ResumeError
-from robustlab.outputs import atomic_write_bytes, atomic_write_text
+from robustlab.outputs import atomic_create_text, atomic_write_bytes, atomic_write_text
 
 MANIFEST = "manifest.json"
 CHECKS = "checks.json"
@@ -71,21 +71,24 @@ class EvalState:
         self.folder = Path(folder)
         self.manifest = _canonical(manifest)
         path = self.folder / MANIFEST
-        if path.exists():
-            stored = json.loads(path.read_text())
-            diff = _differences(stored, self.manifest)
-            if diff:
-                raise ResumeError(f"state folder {self.folder} belongs to a different evaluation; it differs in "
-                                  f"{'; '.join(diff)}. Re-run with the same settings to resume, or use a new folder")
-        else:
+        if not path.exists():
             if self.folder.exists() and not self.folder.is_dir():
                 raise InputError(f"--state {self.folder} is a file, not a folder")
             self.folder.mkdir(parents=True, exist_ok=True)
-            # a kill while the manifest was being written leaves only its temporary file: not the user's
-            if any(not (p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp")) for p in self.folder.iterdir()):
+            # a kill while the manifest was being written leaves only its temporary file: not the user's; records
+            # are written only after a manifest exists, so files seen while there is none are someone else's
+            if any(not (p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp")) and p.name != MANIFEST
+                   for p in self.folder.iterdir()) and not path.exists():
                 raise InputError(f"--state {self.folder} is not empty and holds no evaluation manifest: name a new "
                                  "or empty folder (robustlab never writes into a folder it did not make)")
-            atomic_write_text(path, json.dumps(self.manifest, indent=2, sort_keys=True))
+            # created only if absent: of two shards starting on one folder at once, the first manifest stands and
+            # the other is compared with it below
+            atomic_create_text(path, json.dumps(self.manifest, indent=2, sort_keys=True))
+        stored = json.loads(path.read_text())
+        diff = _differences(stored, self.manifest)
+        if diff:
+            raise ResumeError(f"state folder {self.folder} belongs to a different evaluation; it differs in "
+                              f"{'; '.join(diff)}. Re-run with the same settings to resume, or use a new folder")
 
     # records ---------------------------------------------------------------------------------------------------
     @staticmethod
