@@ -201,7 +201,19 @@ def test_torchrun_two_processes_give_the_single_process_result(setup, tmp_path, 
     assert run.returncode == 0, run.stderr[-3000:]
     assert without_seconds(json.loads(out.read_text())) == without_seconds(plain)
     if with_state:
-        assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["rank-0-of-2", "rank-1-of-2"]
+        folders = sorted((tmp_path / "state").iterdir())
+        assert [p.name for p in folders] == ["rank-0-of-2", "rank-1-of-2"]
+        # the ranks' folders merge into the same result, model and data named; rank 0 recorded the run itself
+        # (with --no-store here), so the merge records nothing either
+        store = tmp_path / "store.sqlite"
+        os.environ["ROBUSTLAB_STORE"] = str(store)
+        try:
+            assert main(["eval-merge", *map(str, folders), "--json", str(tmp_path / "merged.json")]) == 0
+        finally:
+            del os.environ["ROBUSTLAB_STORE"]
+        merged = json.loads((tmp_path / "merged.json").read_text())
+        assert without_seconds(merged) == {k: v for k, v in without_seconds(plain).items() if k != "device"}
+        assert not store.exists()
 
 
 def test_adversarial_examples_are_kept_in_the_state_and_resumed(digits, tmp_path):

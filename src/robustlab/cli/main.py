@@ -127,19 +127,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    compile=args.compile, keep_adversarials=bool(args.save_adversarials),
                    keep_records=store is not None)
     if ranks.enabled:
-        result = _torchrun_eval(task, model, split, specs, args, options)
+        result = _torchrun_eval(task, model, split, specs, args, options, data)
         if result is None:
             return 0  # not rank 0: rank 0 writes the result
     else:
         result = task.evaluate(model, split, specs, args.n_samples, batch_size=args.batch_size,
                                progress=None if not args.quiet else False, state=args.state, shard=shard, **options)
     if shard is not None:
-        # what eval-merge needs to write and record the result the way `eval` does
-        from robustlab.outputs import atomic_write_text
-
-        atomic_write_text(args.state / "eval.json", json.dumps({
-            "model": str(args.model), "data": data, "attack_specs": specs,
-            "store_data": data_key(data) if store is not None else None}))
+        _write_eval_context(args.state, args, data, specs, data_key(data) if store is not None else None)
         print(f"shard {shard[0]}/{shard[1]}: batches {', '.join(map(str, result['batches'])) or 'none'} of "
               f"{result['n_batches']} written to {args.state}; when every shard is done: robustlab eval-merge "
               f"DIR... --json OUT.json")
@@ -196,7 +191,17 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _torchrun_eval(task, model, split, specs, args, options) -> dict | None:
+def _write_eval_context(folder: Path, args: argparse.Namespace, data: dict, specs: list[str],
+                        store_data: str | None) -> None:
+    """What eval-merge needs to write (and, with store_data, record) the result of a state folder the way `eval`
+    does: the command's model, data and attack specs."""
+    from robustlab.outputs import atomic_write_text
+
+    atomic_write_text(Path(folder) / "eval.json", json.dumps({
+        "model": str(args.model), "data": data, "attack_specs": specs, "store_data": store_data}))
+
+
+def _torchrun_eval(task, model, split, specs, args, options, data) -> dict | None:
     """Rank r evaluates batches k with k % world == r into its own state folder (under --state, or a temporary
     folder rank 0 makes); rank 0 merges them once every rank is done. Returns the result on rank 0, else None."""
     import shutil
@@ -220,6 +225,9 @@ def _torchrun_eval(task, model, split, specs, args, options) -> dict | None:
         task.evaluate(model, split, specs, args.n_samples, batch_size=args.batch_size,
                       progress=(None if not args.quiet else False) if ranks.main else False,
                       state=folders[ranks.rank], shard=(ranks.rank, ranks.world), **options)
+        # eval-merge on these folders writes what this run writes; rank 0 records the result itself, so the
+        # context names no store data (a merge of them must not record it twice)
+        _write_eval_context(folders[ranks.rank], args, data, specs, None)
         ranks.barrier()
         result = merge_evaluations(folders, keep_records=options["keep_records"] or options["keep_adversarials"]) \
             if ranks.main else None
@@ -248,7 +256,7 @@ def cmd_eval_merge(args: argparse.Namespace) -> int:
     result = merge_evaluations(args.folders, keep_records=True)
     result.pop("adversarials", None)
     records = result.pop("records")
-    context_file = args.folders[0] / "eval.json"  # written by `robustlab eval --shard` (absent for torchrun folders)
+    context_file = args.folders[0] / "eval.json"  # written by `robustlab eval --shard` and by torchrun's ranks
     context = json.loads(context_file.read_text()) if context_file.exists() else {}
     result.update({k: context[k] for k in ("model", "data", "attack_specs") if k in context})
     print(task_named("classification")().table(result))
