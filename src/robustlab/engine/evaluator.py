@@ -125,9 +125,9 @@ PRECISION_CHECK_SAMPLES = 200
 
 def _precision_check(model: nn.Module, atk: Attack, x: Tensor, y: Tensor, robust: Tensor) -> dict[str, Any]:
     """Re-run a reduced-precision attack in fp32 on the first batch: does bf16 find as many adversarial points?
-    robust: which of (x, y) survived the bf16 attack. Warns when bf16's robust accuracy is higher by more than
-    BF16_TOLERANCE (the attack is weaker in bf16 on this model: its numbers are not trustworthy; `_result` warns,
-    so a resumed run or a merge warns as the first run did)."""
+    robust: which of (x, y) survived the bf16 attack. trusted=False when bf16's robust accuracy is higher by more
+    than BF16_TOLERANCE (the attack is weaker in bf16 on this model: its numbers are not trustworthy); `_result`
+    warns from it, so a resumed run or a merge warns as the first run did."""
     x, y, robust = x[:PRECISION_CHECK_SAMPLES], y[:PRECISION_CHECK_SAMPLES], robust[:PRECISION_CHECK_SAMPLES]
     twin = copy.copy(atk)
     twin.precision, twin.compile = "fp32", False
