@@ -67,15 +67,17 @@ def _written_beside(path: Path, data: bytes) -> str:
     otherwise stay 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    written = False
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        written = True
+    finally:
+        if not written:  # whatever stopped the write (a full disk, Ctrl-C) propagates; the partial file goes
+            Path(tmp).unlink(missing_ok=True)
     return tmp
 
 
@@ -83,11 +85,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and os.replace: readers see the old
     file or the new one, never a part."""
     tmp = _written_beside(Path(path), data)
+    replaced = False
     try:
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        replaced = True
+    finally:
+        if not replaced:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
