@@ -41,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     finally:
-        trainer.ddp.close()
+        trainer.close()
     if trainer.ddp.main:
         best = result["best"]
         kept = (f"best.safetensors = epoch {best['epoch']}, {best['metric_description']} {best['score']:.3f} on the "

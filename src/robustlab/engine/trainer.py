@@ -282,6 +282,17 @@ class Trainer:
                     target.unlink(missing_ok=True)
         self.ddp.barrier()
 
+    def close(self) -> None:
+        """Leave torchrun's process group. The DDP wrapper holds the group too: it goes first, so the group (and its
+        gloo worker threads) is destroyed now, not at interpreter exit, where it can abort the process
+        ("terminate called without an active exception")."""
+        if self.ddp.enabled:
+            import gc
+
+            self.train_model = self.model
+            gc.collect()
+        self.ddp.close()
+
     def fit(self, resume: bool = False, stop_at_step: int | None = None, overwrite: bool = False) -> dict[str, Any]:
         """Train to cfg.epochs. resume=True continues from run_dir/train_state.safetensors (refused if the settings
         differ from the stored run's, except RESUMABLE_KEYS); otherwise the run folder must not hold a run yet
