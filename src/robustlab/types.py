@@ -48,7 +48,8 @@ class AttackOut:
     inf where the attack failed). forward/backward: image-passes spent (a batch of B counts B).
     threat: the threat model used for this batch when it depends on the batch (Pixel-AG's per-element budget
     map); the evaluator checks x_adv against it instead of the attack's envelope. stats: attack-specific
-    numbers for reports (DAG's fooled fraction, MDA's choices).
+    numbers for reports (DAG's fooled fraction, MDA's choices). accuracy: for attacks run with eot > 1 (randomised
+    models), per sample the share of the attack's EoT passes that classify x_adv correctly (what it was chosen by).
     """
 
     x_adv: Tensor
@@ -58,6 +59,7 @@ class AttackOut:
     backward: int = 0
     threat: LpBall | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    accuracy: Tensor | None = None
 
 
 __all__ = ["AttackOut", "Batch", "LossOut", "StepContext"]

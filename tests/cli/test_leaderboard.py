@@ -32,7 +32,8 @@ def test_best_known_is_the_per_sample_union(mnist_cnn, mnist, tmp_path):
     worst_single = min(f.float().mean().item() for f in flags)
     (row,) = leaderboard(store)
     assert row["best_known_accuracy"] == pytest.approx(expected)
-    assert row["best_known_accuracy"] <= worst_single  # the union is at least as strong as any one attack
+    # the union is at least as strong as any one attack (the store's share is exact, the flags' mean float32)
+    assert row["best_known_accuracy"] <= worst_single + 1e-6
     assert row["evaluations"] == 3 and row["threat"] == "linf:0.1" and row["n_samples"] == 80
     assert row["model_hash"] == model_hash(mnist_cnn)[:12]
     for fmt in ("md", "csv", "html"):

@@ -74,12 +74,17 @@ def apgd_single_run(
     group: Tensor | None = None,
     compact: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """One APGD run on all of x. Returns (x_adv, fooled): x_adv is a fooling iterate where one was found, else x.
+    """One APGD run on all of x. Returns (x_adv, acc): per sample the model's accuracy at x_adv as the attack
+    estimated it (the share of the counter's `eot` passes that classify x_adv correctly: 0 or 1 with eot=1) and
+    x_adv the iterate with the lowest estimate (ties: the latest, as the reference keeps its last fooling iterate),
+    x itself where no pass was ever fooled (acc 1).
 
-    compact=True drops a sample from the working batch at its first fooling iterate (one host sync per
-    iteration). Every sample's state (step size, checkpoints, loss history) is its own and the random start is
-    drawn before the loop, so the fooled set is the same as without compaction; only which fooling iterate is
-    returned differs (the first instead of the last).
+    An iterate of a randomised model (eot > 1) is judged by the EoT estimate, never by one draw: one fooling draw
+    says little, and keeping that iterate overstates robustness. compact=True drops a sample from the working batch
+    once an iterate fools every pass (acc 0; one host sync per iteration): no later iterate can do better, so the
+    estimates are those of compact=False (with eot=1: the same fooled set; the returned fooling iterate is the
+    first instead of the last). Every sample's state (step size, checkpoints, loss history) is its own and the
+    random start is drawn before the loop.
     start: the random start's raw draw (`_apgd_noise`), else drawn here from `generator`.
     group: rows that are copies of one image (APGD-T's targets run side by side): with compact=True, all copies
     leave the batch once one of them fools the model (the image is broken; only that copy's iterate is kept).
@@ -90,8 +95,12 @@ def apgd_single_run(
     n = x.shape[0]
     x_out, threat_all = x, threat
     active = torch.arange(n, device=x.device)  # original indices of the working batch (compact=True)
-    fooled_all = torch.zeros(n, dtype=torch.bool, device=x.device)
+    acc_all = torch.ones(n, device=x.device, dtype=x.dtype)
     adv_all = x.clone()
+    estimate = counter.eot > 1  # compact runs track their best iterate only when it can fall short of fooling
+
+    def fooling(logits: Tensor) -> Tensor:  # reads the working batch's labels (retire narrows y)
+        return logits.argmax(1) != y
 
     if start is None:
         assert generator is not None, "apgd_single_run needs a generator or a start"
@@ -101,10 +110,11 @@ def apgd_single_run(
     x_best_adv = x_adv.clone()
     loss_steps = torch.zeros(steps, n, device=x.device, dtype=x.dtype)
 
-    logits, loss_indiv, grad = counter.loss_and_grad(x_adv, loss_fn, y, target)
+    rate, loss_indiv, grad = counter.success_and_grad(x_adv, loss_fn, y, target, fooling)
     grad_best = grad.clone()
-    fooled = logits.argmax(1) != y
+    acc = 1 - rate
     # The reference keeps x_best_adv = starting point for all samples; only fooled ones are returned.
+    acc_best = acc.clone()
     loss_best = loss_indiv.clone()
     step_size = _v(2.0 * threat.eps_per_sample(x))
     x_adv_old = x_adv.clone()
@@ -114,18 +124,22 @@ def apgd_single_run(
     reduced_last_check = torch.ones(n, dtype=torch.bool, device=x.device)
 
     def retire(now: Tensor) -> bool:
-        """compact=True: record the samples fooled at x_adv and drop them from the working batch; False when
-        none is left."""
+        """compact=True: record the samples fooled by every pass at x_adv and drop them from the working batch;
+        False when none is left."""
         nonlocal active, x, y, target, group, threat, x_adv, x_adv_old, x_best, grad, grad_best, loss_steps
-        nonlocal loss_indiv, loss_best, step_size, loss_best_last_check, reduced_last_check
+        nonlocal loss_indiv, loss_best, step_size, loss_best_last_check, reduced_last_check, x_best_adv, acc_best
         gone = now.nonzero().squeeze(1)
         adv_all[active[gone]] = x_adv[gone]
-        fooled_all[active[gone]] = True
+        acc_all[active[gone]] = 0
         leave = now
         if group is not None:  # every copy of a broken image leaves with it
             broken = torch.zeros(n, dtype=torch.bool, device=now.device)
             broken[group[gone]] = True
             leave = broken[group]
+            if estimate:  # a copy that leaves unbroken keeps what it found
+                left = (leave & ~now).nonzero().squeeze(1)
+                adv_all[active[left]] = torch.where(_v(acc_best[left] < 1), x_best_adv[left], x[left])
+                acc_all[active[left]] = acc_best[left]
         keep = (~leave).nonzero().squeeze(1)
         active, x, y, x_adv, x_adv_old, x_best, grad, grad_best = (
             t[keep] for t in (active, x, y, x_adv, x_adv_old, x_best, grad, grad_best))
@@ -135,10 +149,20 @@ def apgd_single_run(
         loss_steps, loss_indiv, loss_best = loss_steps[:, keep], loss_indiv[keep], loss_best[keep]
         step_size, loss_best_last_check = step_size[keep], loss_best_last_check[keep]
         reduced_last_check = reduced_last_check[keep]
+        if estimate:
+            x_best_adv, acc_best = x_best_adv[keep], acc_best[keep]
         return keep.numel() > 0
 
-    if compact and bool(fooled.any()) and not retire(fooled):
-        return adv_all, fooled_all
+    def finish() -> tuple[Tensor, Tensor]:
+        if not compact:
+            return torch.where(_v(acc_best < 1), x_best_adv, x_out), acc_best
+        if estimate and active.numel():  # samples still in the batch: their best iterate
+            adv_all[active] = torch.where(_v(acc_best < 1), x_best_adv, x)
+            acc_all[active] = acc_best
+        return adv_all, acc_all
+
+    if compact and bool((acc == 0).any()) and not retire(acc == 0):
+        return finish()
     for i in range(steps):
         grad2 = x_adv - x_adv_old
         x_adv_old = x_adv
@@ -146,14 +170,14 @@ def apgd_single_run(
         z = _apgd_project(threat, x_adv + step_size * _apgd_direction(threat, grad), x)
         x_adv = _apgd_project(threat, x_adv + (z - x_adv) * a + grad2 * (1 - a), x)
 
-        logits, loss_indiv, grad = counter.loss_and_grad(x_adv, loss_fn, y, target)
-        now_fooled = logits.argmax(1) != y
-        if compact:
-            if bool(now_fooled.any()) and not retire(now_fooled):
-                return adv_all, fooled_all
-        else:
-            x_best_adv = torch.where(_v(now_fooled), x_adv, x_best_adv)
-            fooled = fooled | now_fooled
+        rate, loss_indiv, grad = counter.success_and_grad(x_adv, loss_fn, y, target, fooling)
+        acc = 1 - rate
+        if not compact or estimate:
+            better = (acc <= acc_best) & (acc < 1)
+            x_best_adv = torch.where(_v(better), x_adv, x_best_adv)
+            acc_best = torch.minimum(acc_best, acc)
+        if compact and bool((acc == 0).any()) and not retire(acc == 0):
+            return finish()
 
         loss_steps[i] = loss_indiv
         improved = loss_indiv > loss_best
@@ -178,9 +202,7 @@ def apgd_single_run(
             grad = torch.where(_v(reduce), grad_best, grad)
             k = max(k - size_decr, n_iter_min)
             counter3 = 0
-    if compact:
-        return adv_all, fooled_all
-    return torch.where(_v(fooled), x_best_adv, x_out), fooled
+    return finish()
 
 
 class _APGDBase(Attack):
@@ -238,20 +260,26 @@ class APGDDLR(APGD):
 
 
 def apgd_restarts(counter, x, y, *, threat, loss_fn, steps, rho, restarts, generator, compact=False):
-    """Restarts (and, for APGD-T, targets) run only on points not yet fooled."""
-    with torch.no_grad():
-        robust = counter.logits(x).argmax(1) == y
+    """Restarts (and, for APGD-T, targets) run only on points the model may still classify correctly: accuracy
+    above 0 (with eot > 1, by the EoT estimate); a restart's point replaces the kept one only where it estimates
+    a lower accuracy."""
+    acc = counter.accuracy(x, y)
     x_adv = x.clone()
     for _ in range(restarts):
-        idx = robust.nonzero().squeeze(1)
+        idx = (acc > 0).nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        xs, ys = x[idx], y[idx]
-        adv, fooled = apgd_single_run(counter, xs, ys, threat=threat.subset(idx), loss_fn=loss_fn, steps=steps,
-                                      rho=rho, generator=generator, compact=compact)
-        x_adv[idx] = torch.where(_v(fooled), adv, x_adv[idx])
-        robust[idx] = ~fooled
-    return AttackOut(x_adv, ~robust)
+        adv, acc_run = apgd_single_run(counter, x[idx], y[idx], threat=threat.subset(idx), loss_fn=loss_fn,
+                                       steps=steps, rho=rho, generator=generator, compact=compact)
+        x_adv[idx] = torch.where(_v(acc_run < acc[idx]), adv, x_adv[idx])
+        acc[idx] = torch.minimum(acc[idx], acc_run)
+    return _out(counter, x_adv, acc)
+
+
+def _out(counter: PassCounter, x_adv: Tensor, acc: Tensor) -> AttackOut:
+    """The result of an APGD attack from each point's estimated accuracy: success where the estimate is below
+    one half (with eot=1: fooled); the estimates themselves when they are EoT estimates (eot > 1)."""
+    return AttackOut(x_adv, acc < 0.5, accuracy=acc if counter.eot > 1 else None)
 
 
 @ATTACKS.register("apgd-t")
@@ -284,30 +312,33 @@ class APGDT(_APGDBase):
             clean_logits = counter.logits(x)
         ranked = clean_logits.sort(dim=1)[1]
         n_targets = min(self.n_targets, clean_logits.shape[1] - 1)
-        robust = clean_logits.argmax(1) == y
+        # accuracy per image (the EoT estimate with eot > 1); an image is attacked while it is above 0
+        acc = (clean_logits.argmax(1) == y).to(x.dtype)
+        if counter.eot > 1:
+            acc = counter.accuracy(x, y)
         x_adv = x.clone()
         base = int(rng.randint(2**62, (1,), generator=gen, device=gen.device).item())  # copies' streams
         ranks = list(range(2, n_targets + 2))
-        at_once = targets_at_once(self.targets_at_once, n_targets, x, int(robust.sum()))
+        at_once = targets_at_once(self.targets_at_once, n_targets, x, int((acc > 0).sum()))
         for restart in range(self.restarts):
             for c in range(0, n_targets, at_once):
                 chunk = ranks[c:c + at_once]
-                idx = robust.nonzero().squeeze(1)
+                idx = (acc > 0).nonzero().squeeze(1)
                 if idx.numel() == 0:
-                    return AttackOut(x_adv, ~robust)
+                    return _out(counter, x_adv, acc)
                 # a copy's start: drawn for the whole batch from the (rank, restart) stream, so it does not
                 # depend on which images are still robust or which targets run beside it
                 starts = torch.cat([_apgd_noise(self.threat.norm, x, rng.device_generator(
                     x.device, mix_seed(base, rank, restart)))[idx] for rank in chunk])
                 m, rows = idx.numel(), idx.repeat(len(chunk))
-                adv, fooled = apgd_single_run(
+                adv, acc_run = apgd_single_run(
                     counter, x[rows], y[rows], threat=self.threat.subset(rows), loss_fn=dlr_targeted_loss,
                     steps=self.steps, rho=self.rho, target=torch.cat([ranked[idx, -rank] for rank in chunk]),
                     start=starts, group=torch.arange(m, device=x.device).repeat(len(chunk)), compact=self.compact)
-                fooled = fooled.view(len(chunk), m)
-                first = fooled.float().argmax(0)  # the first target (in rank order) that broke the image
+                acc_run = acc_run.view(len(chunk), m)
+                first = (-acc_run).argmax(0)  # the first target (in rank order) with the lowest estimate
                 adv = adv.view(len(chunk), m, *x.shape[1:])[first, torch.arange(m, device=x.device)]
-                broken = fooled.any(0)
-                x_adv[idx] = torch.where(_v(broken), adv, x_adv[idx])
-                robust[idx] = ~broken
-        return AttackOut(x_adv, ~robust)
+                acc_run = acc_run[first, torch.arange(m, device=x.device)]
+                x_adv[idx] = torch.where(_v(acc_run < acc[idx]), adv, x_adv[idx])
+                acc[idx] = torch.minimum(acc[idx], acc_run)
+        return _out(counter, x_adv, acc)

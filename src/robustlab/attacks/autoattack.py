@@ -56,6 +56,8 @@ class AutoAttack(Attack):
         self.impl, self.version = impl, version
         self.n_targets, self.apgd_steps, self.fab_steps, self.square_queries = n_targets, apgd_steps, fab_steps, square_queries
         self.targets_at_once = targets_at_once  # APGD-T's and FAB-T's (the broken set does not depend on it)
+        # version=rand judges images as its stages do: by the share of RAND_EOT passes that classify them correctly
+        self.eot = RAND_EOT if version == "rand" else 1
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "version": self.version, "impl": self.impl,
@@ -80,34 +82,39 @@ class AutoAttack(Attack):
     def _run(self, counter: PassCounter, x: Tensor, y: Tensor, target, gen) -> AttackOut:
         if self.impl != "robustlab":
             return self._run_external(counter, x, y)
-        with torch.no_grad():
-            robust = counter.logits(x).argmax(1) == y
+        # per image the model's accuracy: 0 or 1, or (version=rand) the EoT estimate over RAND_EOT passes, as
+        # every stage judges its iterates; an image goes to the next stage while it is above 0, and a stage's
+        # point replaces the kept one where it is estimated lower
+        acc = counter.accuracy(x, y)
         x_adv = x.clone()
         self.last_log = []
         for attack in self.components():
-            idx = robust.nonzero().squeeze(1)
+            idx = (acc > 0).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
             sub = attack.make_counter()
             start = time.perf_counter()
             # Component attacks share the ensemble's generator stream through their own seeds.
             out = attack._run(sub, x[idx], y[idx], None, gen)
-            with torch.no_grad():
-                fooled = counter.logits(out.x_adv).argmax(1) != y[idx]
+            stage_acc = out.accuracy
+            if stage_acc is None:
+                with torch.no_grad():
+                    stage_acc = (counter.logits(out.x_adv).argmax(1) == y[idx]).to(x.dtype)
             counter.forward += sub.forward
             counter.backward += sub.backward
-            x_adv[idx] = torch.where(fooled.view(-1, 1, 1, 1), out.x_adv, x_adv[idx])
-            robust[idx] = ~fooled
+            x_adv[idx] = torch.where((stage_acc < acc[idx]).view(-1, 1, 1, 1), out.x_adv, x_adv[idx])
+            acc[idx] = torch.minimum(acc[idx], stage_acc)
             stage = attack.name + ("-t" if attack.name == "fab" else "")
             stage = "apgd-dlr" if getattr(attack, "loss_name", "") == "dlr" and stage == "apgd-ce" else stage
-            self.last_log.append({"attack": stage,
-                                  "robust_after": int(robust.sum()),  # a host sync: also ends the timing
+            # robust_after: robust images, or (rand) the sum of their estimated accuracies; a host sync that also
+            # ends the timing
+            after = float(acc.sum()) if self.eot > 1 else int(acc.sum())
+            self.last_log.append({"attack": stage, "robust_after": after,
                                   "seconds": time.perf_counter() - start,
                                   "forward": sub.forward, "backward": sub.backward})
             if self.report_progress is not None:
-                self.report_progress(f"{self.last_log[-1]['attack']}: {self.last_log[-1]['robust_after']} of "
-                                     f"{x.shape[0]} robust")
-        return AttackOut(x_adv, ~robust)
+                self.report_progress(f"{stage}: {after:g} of {x.shape[0]} robust")
+        return AttackOut(x_adv, acc < 0.5, accuracy=acc if self.eot > 1 else None)
 
     def _run_external(self, counter: PassCounter, x: Tensor, y: Tensor) -> AttackOut:
         norm = "Linf" if self.ball.norm == "linf" else "L2"

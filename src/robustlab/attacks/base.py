@@ -83,6 +83,39 @@ class PassCounter:
         self.backward += x.shape[0]
         return g
 
+    def success_rate(self, x: Tensor, success: Callable[[Tensor], Tensor]) -> Tensor:
+        """Per sample, the share of `eot` forward passes at x whose output satisfies `success` (0 or 1 with
+        eot=1): for a randomised model the EoT estimate, never one draw."""
+        with torch.no_grad():
+            hits = [success(self.logits(x)) for _ in range(self.eot)]
+        return hits[0].to(x.dtype) if self.eot == 1 else torch.stack(hits).to(x.dtype).mean(0)
+
+    def accuracy(self, x: Tensor, y: Tensor) -> Tensor:
+        """Per sample, the share of `eot` forward passes at x that predict y (`success_rate`)."""
+        return self.success_rate(x, lambda out: out.argmax(1) == y)
+
+    def success_and_grad(self, x: Tensor, loss_fn, y: Tensor, target: Tensor | None,
+                         success: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The EoT estimates at x, from `eot` forward/backward passes: per sample the share of the passes whose
+        output satisfies `success` (0 or 1 with eot=1), the mean loss and the mean input gradient. Attacks judge
+        an iterate of a randomised model by this share, never by one draw (one fooling draw says little)."""
+        x = x.detach().requires_grad_(True)
+
+        def one_pass() -> tuple[Tensor, Tensor, Tensor]:
+            with torch.enable_grad():
+                out = self.logits(x)
+                loss = loss_fn(out, y, target)
+                g = self.grad(loss.sum(), x)
+            return success(out.detach()).to(x.dtype), loss.detach(), g.detach()
+
+        rate, loss_sum, g_sum = one_pass()
+        for _ in range(self.eot - 1):  # running sums: memory of one gradient whatever eot is
+            hit, loss, g = one_pass()
+            rate, loss_sum, g_sum = rate + hit, loss_sum + loss, g_sum + g
+        if self.eot == 1:
+            return rate, loss_sum, g_sum
+        return rate / self.eot, loss_sum / self.eot, g_sum / self.eot
+
     def loss_and_grad(self, x: Tensor, loss_fn, y: Tensor, target: Tensor | None = None) -> tuple[Any, Tensor, Tensor]:
         """The model's output (logits; a detector's (loc, conf)), the per-sample loss and its input gradient at x
         (one forward, one backward). With `eot` > 1 (expectation over transformation, for models with randomness

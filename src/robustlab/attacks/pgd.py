@@ -50,7 +50,7 @@ def pgd(
     (else the final one), and fooled samples leave the batch (see `_best_iterate_run`)."""
     best_x = x.clone()
     best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
-    best_success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    best_rate = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)  # success share of the kept restart
     start = init if init is not None else threat.random_init
     for _ in range(restarts):
         x_adv = start(x, generator) if random_start else x.clone()
@@ -64,12 +64,14 @@ def pgd(
         with torch.no_grad():
             logits = counter.logits(x_adv)
             loss = loss_fn(logits, y, target)
-            success = _success(logits, y, target)
-        better = (success & ~best_success) | ((success == best_success) & (loss > best_loss))
+        # with eot > 1 a restart is judged by the share of eot passes it succeeds on, never by one draw
+        rate = (_success(logits, y, target).to(x.dtype) if counter.eot == 1
+                else counter.success_rate(x_adv, lambda out: _success(out, y, target)))
+        better = (rate > best_rate) | ((rate == best_rate) & (loss > best_loss))
         best_x = torch.where(better.view(-1, 1, 1, 1), x_adv, best_x)
         best_loss = torch.where(better, loss, best_loss)
-        best_success = best_success | success
-    return AttackOut(best_x, best_success)
+        best_rate = torch.maximum(best_rate, rate)
+    return AttackOut(best_x, best_rate > 0.5)
 
 
 def _best_iterate_run(counter: PassCounter, x: Tensor, y: Tensor, x_adv: Tensor, threat: LpBall, loss_fn,
@@ -79,15 +81,28 @@ def _best_iterate_run(counter: PassCounter, x: Tensor, y: Tensor, x_adv: Tensor,
     costs no extra pass; a fooled sample leaves the working batch, which shrinks the later passes. Samples never
     interact (the model is in eval mode, the loss is per sample, the random start is drawn before the loop), so
     leaving the batch changes no other sample's trajectory. With a per-sample budget or step size the batch
-    keeps its size and fooled samples are frozen instead."""
+    keeps its size and fooled samples are frozen instead.
+    With eot > 1 (randomised models) an iterate fools the model only when it fools every one of the eot passes;
+    a sample never fooled so returns its iterate with the lowest share of correct passes (ties: the latest),
+    the final one where every pass of every iterate was correct."""
     per_sample = any(isinstance(v, Tensor) and v.numel() > 1 for v in (threat.eps, step_size))
+    estimate = counter.eot > 1
     out = x_adv.clone()
     active = torch.arange(x.shape[0], device=x.device)
     xa, x0, ya, ta = x_adv, x, y, target
     done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    best, acc_best = x_adv.clone(), torch.ones(x.shape[0], device=x.device, dtype=x.dtype)  # eot > 1 only
+
+    def fooling(logits: Tensor) -> Tensor:  # reads the working batch (ya, ta narrow as samples leave)
+        return _success(logits, ya, ta)
+
     for _ in range(steps):
-        logits, _, g = counter.loss_and_grad(xa, loss_fn, ya, ta)
-        fooled = _success(logits, ya, ta)
+        rate, _, g = counter.success_and_grad(xa, loss_fn, ya, ta, fooling)
+        fooled = rate == 1
+        if estimate:
+            better = (rate > 0) & (1 - rate <= acc_best)
+            best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), xa, best)
+            acc_best = torch.minimum(acc_best, 1 - rate)
         if per_sample:
             newly = fooled & ~done
             out[newly] = xa[newly]
@@ -98,9 +113,13 @@ def _best_iterate_run(counter: PassCounter, x: Tensor, y: Tensor, x_adv: Tensor,
         keep = ~fooled
         active, xa, x0, ya, g = active[keep], xa[keep], x0[keep], ya[keep], g[keep]
         ta = ta[keep] if ta is not None else None
+        if estimate:
+            best, acc_best = best[keep], acc_best[keep]
         if active.numel() == 0:
             return out
         xa = threat.step(xa, g, step_size, x0)
+    if estimate:  # never fooled by every pass: the iterate with the lowest estimate, if any pass was fooled
+        xa = torch.where((acc_best < 1).view(-1, *([1] * (x.dim() - 1))), best, xa)
     if per_sample:
         return torch.where(done.view(-1, *([1] * (x.dim() - 1))), out, xa)
     out[active] = xa
