@@ -27,6 +27,7 @@ done
 # torch first, pinned: an unpinned torch, or one pulled in by a dependency, can be a different (CUDA) build.
 if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
   wheel=$(ls /opt/wheels/torch-2.13.0*.whl 2>/dev/null | head -n1 || true)
+  echo "setup: installing torch 2.13.0${wheel:+ from $wheel} (a minute or more)"
   if [ -n "$wheel" ]; then
     pip install -q "$wheel"
   elif [ "$cpu_only" = 1 ]; then
@@ -37,10 +38,14 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2
 fi
 
 if [ "$test_extra" = 1 ]; then
+  echo "setup: installing robustlab with the test tools, linters and docs builder (about a minute)"
   pip install -q -e ".[test]"
+  echo "setup: installing the reference implementations the tests cross-check against"
   # Test-only reference implementations; --no-deps keeps torchvision (and a second torch) out.
   pip install -q --no-deps torchattacks==3.5.1 pyautoattack==0.2.0 \
       foolbox==3.3.4 eagerpy==0.30.0 GitPython==3.1.45 gitdb==4.0.12 smmap==5.0.2
 else
+  echo "setup: installing robustlab and its dependencies (about a minute)"
   pip install -q -e .
 fi
+echo "setup: done ($(python -c 'import robustlab; print("robustlab", robustlab.__version__)'))"

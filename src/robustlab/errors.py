@@ -76,6 +76,15 @@ class UnknownNameError(RobustlabError, KeyError):
         return str(self.args[0])
 
 
+class UserCodeError(InputError):
+    """The user's own code (a `--model FILE.py:NAME` file, their model's forward on their data) raised: their bug,
+    not robustlab's. The CLI prints the message as one line, then `user_traceback`, the frames of their code."""
+
+    def __init__(self, message: str, user_traceback: str = "") -> None:
+        super().__init__(message)
+        self.user_traceback = user_traceback
+
+
 class IntegrityWarning(RuntimeWarning):
     """An evaluation result shows a sign of gradient masking or a broken attack: the number may be too high."""
 

@@ -118,8 +118,10 @@ def main_job(opts: MainJobOptions = MainJobOptions(), *, overwrite: bool = False
     for label, model in models.items():
         log(f"[{time.time() - t0:5.0f}s] evaluating {label} on the test split: {', '.join(specs)}")
         results[label] = evaluate(model, x, y, specs, progress=None)
+        log(f"[{time.time() - t0:5.0f}s] accuracy-vs-eps curve of {label}: PGD-20 at eps "
+            f"{', '.join(f'{e:g}' for e in eps_grid)} on {min(opts.n_curve, data.x_test.shape[0])} test images")
         curve = evaluate(model, data.x_test[: opts.n_curve], data.y_test[: opts.n_curve],
-                         [f"pgd:eps={e},steps=20,step_size={e / 8}" for e in eps_grid], progress=False,
+                         [f"pgd:eps={e},steps=20,step_size={e / 8}" for e in eps_grid], progress=None,
                          integrity=False)
         curves[label] = (eps_grid, [a["robust_accuracy"] for a in curve["attacks"].values()])
     figures = {

@@ -6,6 +6,7 @@ import contextlib
 import os
 import platform
 import sys
+import threading
 import time
 from typing import Iterator
 
@@ -22,14 +23,23 @@ class _NullBar:
 
 
 class _LogBar:
-    """Progress for logs (no terminal): one line on stderr at most every `interval` seconds and one at the end,
-    so a batch job's log shows that a long evaluation or epoch is moving."""
+    """Progress for logs (no terminal): one line on stderr at least every `interval` seconds while the job runs
+    (a heartbeat thread prints when nothing else did, so a long attack inside one batch is not silent) and one at
+    the end, so a batch job's log shows that a long evaluation or epoch is moving."""
 
     def __init__(self, total: int | None, desc: str, interval: float) -> None:
         self.total, self.desc, self.interval = total, desc, interval
         self.n = 0
         self.postfix: dict[str, object] = {}
         self.start = self.last = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True, name=f"progress {desc}")
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(max(self.interval / 4, 0.05)):
+            self._maybe_print()
 
     def _line(self) -> str:
         elapsed = time.monotonic() - self.start
@@ -41,10 +51,12 @@ class _LogBar:
         return f"{self.desc}: {done}{extra} ({elapsed:.0f} s{eta})"
 
     def _maybe_print(self) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.interval:
+        with self._lock:  # the heartbeat thread and the job's own updates
+            now = time.monotonic()
+            if now - self.last < self.interval:
+                return
             self.last = now
-            print(self._line(), file=sys.stderr, flush=True)
+        print(self._line(), file=sys.stderr, flush=True)
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -56,6 +68,8 @@ class _LogBar:
         self._maybe_print()
 
     def close(self) -> None:
+        self._stop.set()
+        self._beat.join()
         if time.monotonic() - self.start >= self.interval:  # short jobs stay silent
             print(self._line(), file=sys.stderr, flush=True)
 

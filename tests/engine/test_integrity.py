@@ -96,3 +96,49 @@ def test_integrity_can_be_turned_off_and_is_off_in_training_evaluations(mnist_cn
     assert "integrity" not in r
     r = evaluate(mnist_cnn, mnist.x_test[:20], mnist.y_test[:20], ["fgsm:eps=0.1"], checks=False)
     assert "integrity" not in r
+
+
+def test_the_probe_costs_a_share_of_the_panel():
+    """quick: the probe's passes within a quarter of the panel's (down to MIN_PLAN); an AutoAttack-sized panel
+    affords the full probe; full: always FULL_PLAN."""
+    from robustlab.engine.integrity import FULL_PLAN, MIN_PLAN, PROBE_SHARE, probe_plan
+
+    pgd10 = 100 * 22  # PGD-10 on 100 images
+    for panel, norms in ((pgd10, 1), (20 * pgd10, 2), (10**9, 1)):
+        plan = probe_plan("quick", panel, norms)
+        assert plan.passes(norms) <= max(PROBE_SHARE * panel, MIN_PLAN.passes(norms)), (panel, plan)
+    assert probe_plan("quick", 100 * 3000, 1, 3000) == FULL_PLAN  # AutoAttack: ~3,000 passes per attacked image
+    assert probe_plan("full", pgd10, 1) == FULL_PLAN
+    assert probe_plan("quick", 0, 1) == MIN_PLAN
+
+
+def test_integrity_modes_in_evaluate(mnist_cnn, mnist):
+    """The result names the mode and the plan and times the probe; "off" by name warns; a bad mode is refused."""
+    from robustlab.engine.integrity import FULL_PLAN
+    from robustlab.errors import InputError
+
+    x, y = mnist.x_test[:50], mnist.y_test[:50]
+    quick = evaluate(mnist_cnn, x, y, ["pgd:eps=0.1,steps=5"], progress=False)["integrity"]
+    full = evaluate(mnist_cnn, x, y, ["pgd:eps=0.1,steps=5"], progress=False, integrity="full")["integrity"]
+    assert quick["mode"] == "quick" and quick["plan"]["n_probe"] < FULL_PLAN.n_probe and quick["seconds"] > 0
+    assert full["mode"] == "full" and full["plan"] == FULL_PLAN.__dict__ and full["seconds"] > quick["seconds"]
+    with pytest.warns(RuntimeWarning, match="gradient masking goes unchecked"):
+        r = evaluate(mnist_cnn, x, y, ["pgd:eps=0.1,steps=5"], progress=False, integrity="off")
+    assert "integrity" not in r
+    with pytest.raises(InputError, match="integrity"):
+        evaluate(mnist_cnn, x, y, ["pgd:eps=0.1,steps=5"], progress=False, integrity="fast")
+
+
+def test_a_log_hears_from_a_long_job_every_interval(monkeypatch, capsys):
+    """Off a terminal, progress prints at least every ROBUSTLAB_PROGRESS_SECONDS even when the job itself reports
+    nothing (one long attack inside a batch)."""
+    import time
+
+    from robustlab.utils import progress_bar
+
+    monkeypatch.setenv("ROBUSTLAB_PROGRESS_SECONDS", "0.2")
+    with progress_bar(total=10, desc="evaluate") as bar:
+        bar.set_postfix(attack="apgd-t")
+        time.sleep(1.1)  # no update at all
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate:")]
+    assert len(lines) >= 4 and "apgd-t" in lines[0], lines

@@ -142,8 +142,15 @@ def files(tmp_path_factory, digits_tiny_cnn):
     (root / "a-file").write_text("")
     (root / "bad.yaml").write_text("epochz: 3\n")
     (root / "garbage.safetensors").write_bytes(b"not a checkpoint at all")
+    import numpy as np
+
+    from robustlab.reports.store import store_problem
+
+    np.savez(root / "data.npz", x=np.zeros((4, 1, 8, 8), dtype=np.float32), y=np.zeros(4, dtype=np.int64))
+    assert store_problem(root / "r.sqlite") is None  # an empty store
     return {"ckpt": str(ckpt), "pt": str(pt), "file": str(root / "a-file"), "yaml": str(root / "bad.yaml"),
-            "garbage": str(root / "garbage.safetensors"), "root": root}
+            "garbage": str(root / "garbage.safetensors"), "root": root, "npz": str(root / "data.npz"),
+            "store": str(root / "r.sqlite")}
 
 
 # (id, argv with {placeholders}, text the one-line error must contain)
@@ -168,6 +175,22 @@ CLI = [
      "detection dataset"),
     ("eval-threads-zero", ["eval", "--model", "{ckpt}", "--threads", "0"], "--threads"),
     ("eval-ap-mode-for-classifier", ["eval", "--model", "{ckpt}", "--ap-mode", "coco"], "ap_mode 'coco'"),
+    # issue 34: found before the work, one line, the value named
+    ("eval-unwritable-store", ["eval", "--model", "{ckpt}", "--store", "{file}/r.sqlite"], "{file}/r.sqlite"),
+    ("eval-model-is-a-folder", ["eval", "--model", "{root}"], "is a folder"),
+    ("eval-option-without-value", ["eval", "--model", "{ckpt}", "--attack", "pgd:eps="], "'pgd:eps='"),
+    ("eval-eps-no-budget", ["eval", "--model", "{ckpt}", "--attack", "pgd:eps=1e6"], "eps 1e+06"),
+    ("eval-normalize-units", ["eval", "--model", "{ckpt}", "--normalize", "0.5/0.25", "--input-range", "255"],
+     "127.5/63.75"),
+    ("eval-draws-zero", ["eval", "--model", "{ckpt}", "--draws", "0"], "--draws"),
+    ("eval-robustbench-info-alone", ["eval", "--model", "{ckpt}", "--robustbench-info", "venue=x"],
+     "--robustbench-json"),
+    ("eval-robustbench-info-unknown-key", ["eval", "--model", "{ckpt}", "--robustbench-json", "rb.json",
+                                          "--robustbench-info", "veneu=x"], "'veneu=x'"),
+    ("eval-array-file-without-attack", ["eval", "--model", "{ckpt}", "--data", "{npz}"], "--attack"),
+    ("leaderboard-threat-not-a-budget", ["leaderboard", "--store", "{store}", "--threat", "linf:abc"], "'abc'"),
+    ("leaderboard-threat-unknown-norm", ["leaderboard", "--store", "{store}", "--threat", "lnf:0.3"], "'lnf'"),
+    ("train-dict-override", ["train", "method_kwargs={{eps: 0.2}}"], "method_kwargs.KEY=VALUE"),
     ("train-config-missing", ["train", "--config", "/nonexistent/c.yaml"], "/nonexistent/c.yaml"),
     ("train-config-unknown-key", ["train", "--config", "{yaml}"], "'epochz'"),
     ("train-override-bad", ["train", "epochs=-1"], "'epochs'"),

@@ -55,6 +55,8 @@ def _options(rest: str, where: str) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise AttackSpecError(f"bad option {part!r} in {where}; expected key=value")
+        if not value.strip():
+            raise AttackSpecError(f"option {key!r} has no value in {where}; expected {key}=VALUE")
         if key in kwargs:
             raise AttackSpecError(f"option {key!r} is given twice in {where} ({kwargs[key]!r} and "
                                   f"{parse_value(value)!r}); give it once")

@@ -206,17 +206,17 @@ def add_commands(sub) -> None:
                         description="t-SNE (scikit-learn, PCA init, seeded) of the input of each model's last Linear "
                                     "layer, coloured by class, with the silhouette score of the features.")
     _common(t)
-    t.add_argument("--per-class", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--per-class", type=int, default=100, help="test images per class")
+    t.add_argument("--seed", type=int, default=0, help="seed of the sample draw and of t-SNE")
     t.set_defaults(func=cmd_tsne)
     y = asub.add_parser("toy", help="the 3-class 2-D problem: CE, PGD and WPGD boundaries at several eps",
                         description="Cost [[0,10,0.01],[10,0,1],[0.01,1,0]]; MLP 2-64-64-3 trained full batch with CE, "
                                     "PGD (l2, CE inner loss) and WPGD (Wasserstein inner loss); deterministic per seed.")
     y.add_argument("--out", type=Path, required=True, help="PNG path (JSON beside it)")
-    y.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.25, 0.5])
-    y.add_argument("--epochs", type=int, default=2000)
+    y.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="l_2 budgets, one panel each")
+    y.add_argument("--epochs", type=int, default=2000, help="full-batch training steps")
     y.add_argument("--p", type=float, default=1.0, help="metric exponent")
-    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisation and the attacks")
     y.add_argument("--threads", type=int, help="torch CPU threads")
     y.set_defaults(func=cmd_toy)
     w = asub.add_parser("two-class", help="balanced and unbalanced two-class training curves, CE vs PGD",
@@ -224,9 +224,9 @@ def add_commands(sub) -> None:
                                     "--ratio of b's training images; validation error per epoch.")
     w.add_argument("--data", default="mnist5k", help="dataset NAME[:key=value,...]")
     w.add_argument("--pair", action="append", required=True, help="two class ids, e.g. 4,9 (repeatable)")
-    w.add_argument("--ratio", type=float, default=0.3)
-    w.add_argument("--eps", type=float, default=0.3)
-    w.add_argument("--epochs", type=int, default=5)
+    w.add_argument("--ratio", type=float, default=0.3, help="share of the second class kept (unbalanced run)")
+    w.add_argument("--eps", type=float, default=0.3, help="l_inf budget of PGD-AT")
+    w.add_argument("--epochs", type=int, default=5, help="training epochs")
     w.add_argument("--out", type=Path, required=True, help="PNG path (JSON beside it)")
     w.add_argument("--threads", type=int, help="torch CPU threads")
     w.set_defaults(func=cmd_two_class)
@@ -236,8 +236,8 @@ def add_commands(sub) -> None:
                                     "relative to the reference (the seed's Table 3).")
     _common(s)
     s.add_argument("--metric", required=True, help=METRIC_HELP)
-    s.add_argument("--eps", type=float, required=True)
-    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--eps", type=float, required=True, help="l_inf budget of the attack")
+    s.add_argument("--steps", type=int, default=20, help="PGD steps")
     s.add_argument("--attack-p", type=float, default=1.0, help="the attacker's metric exponent")
     s.add_argument("--reference", help="label of the reference model (default: the first)")
     s.set_defaults(func=cmd_score)
@@ -245,8 +245,8 @@ def add_commands(sub) -> None:
                         description="1 - M_ij under CE PGD for two models (e.g. PGD and WPGD) and their difference "
                                     "(the seed's Fig. 11).")
     _common(d)
-    d.add_argument("--eps", type=float, required=True)
-    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--eps", type=float, required=True, help="l_inf budget of the attack")
+    d.add_argument("--steps", type=int, default=20, help="PGD steps")
     d.set_defaults(func=cmd_directional)
 
     pm = sub.add_parser("metric", help="build label metrics (WordNet, visual) as .npy files",
@@ -256,10 +256,13 @@ def add_commands(sub) -> None:
     mw = msub.add_parser("wordnet", help="pairwise WordNet distances of a class list",
                          description="One class per line: a synset name (dog.n.01), a wnid (n02084071) or a word. "
                                      "Needs nltk and Debian's wordnet-base files (copied under --wordnet-root).")
-    mw.add_argument("--classes", type=Path, required=True)
+    mw.add_argument("--classes", type=Path, required=True,
+                    help="text file, one class per line (synset name, wnid or word), in label order")
     mw.add_argument("--out", type=Path, required=True, help=".npy path")
-    mw.add_argument("--wordnet-root", type=Path, default=Path.home() / ".cache" / "robustlab" / "nltk_data")
-    mw.add_argument("--measure", default="shortest_path", choices=("shortest_path", "path", "wup"))
+    mw.add_argument("--wordnet-root", type=Path, default=Path.home() / ".cache" / "robustlab" / "nltk_data",
+                    help="folder holding NLTK's wordnet corpus")
+    mw.add_argument("--measure", default="shortest_path", choices=("shortest_path", "path", "wup"),
+                    help="WordNet distance: shortest-path length, 1 - path similarity, or 1 - Wu-Palmer")
     mw.add_argument("--no-normalize", action="store_true", help="keep raw distances (default: divide by the max)")
     mw.set_defaults(func=cmd_metric_wordnet)
     mv = msub.add_parser("visual", help="the visual metric of a trained standard model",
@@ -267,7 +270,8 @@ def add_commands(sub) -> None:
                                      "classified test images, symmetrised and normalised (exact for linear models).")
     mv.add_argument("--model", required=True, help="checkpoint of a standard (CE) model")
     mv.add_argument("--data", help="dataset NAME[:key=value,...]; default: the checkpoint's training data")
-    mv.add_argument("--method", default="deepfool", choices=("deepfool", "linear_exact", "linearized"))
-    mv.add_argument("--per-class", type=int, default=200)
+    mv.add_argument("--method", default="deepfool", choices=("deepfool", "linear_exact", "linearized"),
+                    help="how the minimal targeted distance is found")
+    mv.add_argument("--per-class", type=int, default=200, help="test images per class")
     mv.add_argument("--out", type=Path, required=True, help=".npy path")
     mv.set_defaults(func=cmd_metric_visual)

@@ -66,7 +66,7 @@ def add_commands(sub) -> None:
     pg.add_argument("--out", type=Path, required=True, help="output folder")
     pg.add_argument("--n-samples", type=int, help="only the first N test images")
     pg.add_argument("--corruption", action="append", help="only these corruptions (repeatable)")
-    pg.add_argument("--seed", type=int, default=0)
+    pg.add_argument("--seed", type=int, default=0, help="seed of the corruptions' random parameters")
     pg.add_argument("--quiet", action="store_true", help="no progress bar")
     pg.set_defaults(func=cmd_generate)
     pe = csub.add_parser("eval", help="accuracy per corruption of one or more checkpoints",
@@ -78,6 +78,6 @@ def add_commands(sub) -> None:
     pe.add_argument("--corruption", action="append", help="only these corruptions (default: all present)")
     pe.add_argument("--n-samples", type=int, help="only the first N images of each severity")
     pe.add_argument("--out", type=Path, help="write corruptions.md and corruptions.json here")
-    pe.add_argument("--device", default="cpu")
+    pe.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     pe.add_argument("--threads", type=int, help="torch CPU threads")
     pe.set_defaults(func=cmd_eval)

@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from robustlab.errors import RobustlabError
+from robustlab.errors import RobustlabError, UserCodeError
 
 KINDS = ("attacks", "models", "datasets", "methods", "panels")
 
@@ -68,7 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from robustlab.errors import InputError
     from robustlab.outputs import check_writable, save_result
     from robustlab.reports.json import write_json
-    from robustlab.reports.store import data_key, default_store
+    from robustlab.reports.store import data_key
     from robustlab.utils import machine_description, set_threads
     from robustlab.validation import check_device, check_positive_int
 
@@ -77,6 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.n_samples is not None:
         check_positive_int(args.n_samples, "--n-samples")
     check_positive_int(args.batch_size, "--batch-size")
+    check_positive_int(args.draws, "--draws")
     if args.json:
         check_writable(args.json, what="--json file")
     if args.report:
@@ -85,6 +86,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        ("--save-adversarials", args.save_adversarials)):
         if path:
             check_writable(path, what=f"{flag} file")
+    rb_info = {}
+    if args.robustbench_info:
+        from robustlab.reports.exports import parse_robustbench_info
+
+        if not args.robustbench_json:
+            raise InputError("--robustbench-info fills keys of the --robustbench-json entry: add --robustbench-json FILE")
+        rb_info = parse_robustbench_info(args.robustbench_info)
     shard = _parse_shard(args.shard) if args.shard else None
     if shard is not None:
         if args.state is None:
@@ -112,20 +120,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "(a dataset NAME or an .npz / .safetensors / .pt file with x and y)")
     task = task_of(model, args)  # classification or detection: data, metric, attacks and report follow from it
     split, data = task.eval_data(args.data, args.split, extra or {}, model)
-    specs = task.expand_specs(args.attack) if args.attack else list(task.default_specs)
+    task.probe(model, split, args.model, f"--data {args.data}" if args.data else f"dataset {data['name']!r}")
+    specs = task.expand_specs(args.attack) if args.attack else task.default_attacks(data)
     if args.robustbench_json and not any(s.split(":")[0] == "autoattack" for s in specs):
         raise InputError("--robustbench-json reports AutoAttack accuracy: add --attack \"autoattack:norm=linf,eps=8/255\"")
-    store = None if args.no_store else (args.store or default_store())
-    if store is not None and not task.per_sample_records:
-        if args.store:
-            raise InputError(f"--store records per-sample robustness; {task.name} evaluations have none")
-        store = None
+    if args.store and not args.no_store and not task.per_sample_records:
+        raise InputError(f"--store records per-sample robustness; {task.name} evaluations have none")
+    store = _results_store(args, wanted=task.per_sample_records)
     if (args.state is not None or shard is not None or ranks.enabled) and not task.per_sample_records:
         raise InputError(f"--state, --shard and torchrun split the work by batch; {task.name} evaluations run in one "
                          "pass")
     options = dict(examples=task.report_examples if args.report else 0, precision=args.precision,
                    compile=args.compile, keep_adversarials=bool(args.save_adversarials),
-                   keep_records=store is not None)
+                   keep_records=store is not None, draws=args.draws, integrity=args.integrity)
     if ranks.enabled:
         result = _torchrun_eval(task, model, split, specs, args, options, data)
         if result is None:
@@ -157,7 +164,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.robustbench_json:
         from robustlab.reports.exports import robustbench_entry
 
-        entry = robustbench_entry(result, model_name=str(args.model), dataset=data.get("name"))
+        entry = robustbench_entry(result, model_name=str(args.model), info=rb_info,
+                                  dataset=None if data.get("name") == "file" else data.get("name"))
         written.append(save_result(args.robustbench_json, lambda p: write_json(p, entry), what="RobustBench JSON"))
     if args.save_adversarials:
         from robustlab.reports.exports import save_adversarials
@@ -195,10 +203,13 @@ def _write_eval_context(folder: Path, args: argparse.Namespace, data: dict, spec
                         store_data: str | None) -> None:
     """What eval-merge needs to write (and, with store_data, record) the result of a state folder the way `eval`
     does: the command's model, data and attack specs."""
+    import torch
+
     from robustlab.outputs import atomic_write_text
 
     atomic_write_text(Path(folder) / "eval.json", json.dumps({
-        "model": str(args.model), "data": data, "attack_specs": specs, "store_data": store_data}))
+        "model": str(args.model), "data": data, "attack_specs": specs, "store_data": store_data,
+        "device": str(torch.device(args.device))}))
 
 
 def _torchrun_eval(task, model, split, specs, args, options, data) -> dict | None:
@@ -240,6 +251,35 @@ def _torchrun_eval(task, model, split, specs, args, options, data) -> dict | Non
     return result
 
 
+def _results_store(args: argparse.Namespace, wanted: bool) -> Path | None:
+    """The results store an evaluation records in, checked before the work: a --store that cannot be written is a
+    user error; the default store that cannot be written is a warning, and the evaluation goes on unrecorded."""
+    from robustlab.errors import OutputError
+    from robustlab.reports.store import default_store, store_problem
+
+    if args.no_store or not wanted:
+        return None
+    store = Path(args.store or default_store())
+    problem = store_problem(store)
+    if problem is None:
+        return store
+    if args.store:
+        raise OutputError(f"--store {store} cannot be written ({problem}); give a writable path, or --no-store")
+    print(f"robustlab {args.command}: warning: the default results store {store} cannot be written ({problem}); "
+          "this evaluation will not be recorded (--store PATH records elsewhere, --no-store silences this)",
+          file=sys.stderr)
+    return None
+
+
+def _eval_interrupted(args: argparse.Namespace) -> str:
+    from robustlab.cli.common import command_line
+
+    if args.state is not None:
+        return f"every finished batch is kept in {args.state}; the same command resumes: {command_line()}"
+    return ("nothing was kept: the batches evaluated so far are lost (with --state DIR each batch is kept the moment "
+            "it is done, and the same command resumes)")
+
+
 def cmd_eval_merge(args: argparse.Namespace) -> int:
     from robustlab.cli.common import report_written
     from robustlab.engine.evaluator import merge_evaluations
@@ -247,18 +287,19 @@ def cmd_eval_merge(args: argparse.Namespace) -> int:
     from robustlab.outputs import atomic_write_text, check_writable, save_result
     from robustlab.reports.json import write_json
     from robustlab.reports.markdown import evaluation_log
-    from robustlab.reports.store import default_store, record
+    from robustlab.reports.store import record
 
     if args.json:
         check_writable(args.json, what="--json file")
     if args.log:
         check_writable(args.log, what="--log file")
+    context_file = args.folders[0] / "eval.json"  # written by `robustlab eval --shard` and by torchrun's ranks
+    context = json.loads(context_file.read_text()) if context_file.exists() else {}
+    store = _results_store(args, wanted=context.get("store_data") is not None)
     result = merge_evaluations(args.folders, keep_records=True)
     result.pop("adversarials", None)
     records = result.pop("records")
-    context_file = args.folders[0] / "eval.json"  # written by `robustlab eval --shard` and by torchrun's ranks
-    context = json.loads(context_file.read_text()) if context_file.exists() else {}
-    result.update({k: context[k] for k in ("model", "data", "attack_specs") if k in context})
+    result.update({k: context[k] for k in ("model", "data", "attack_specs", "device") if k in context})
     print(task_named("classification")().table(result))
     written = []
     if args.log:
@@ -266,7 +307,6 @@ def cmd_eval_merge(args: argparse.Namespace) -> int:
     if args.json:
         written.append(save_result(args.json, lambda p: write_json(p, result), what="result JSON"))
     rc = max([0] + [report_written(*w) for w in written])
-    store = None if args.no_store or context.get("store_data") is None else (args.store or default_store())
     if store is not None:  # as `robustlab eval` would have, had it run in one piece
         from robustlab.version import __version__
 
@@ -278,10 +318,17 @@ def cmd_eval_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from robustlab.reports.store import default_store, format_leaderboard, leaderboard
+    from robustlab.reports.store import default_store, format_leaderboard, leaderboard, store_contents
 
-    rows = leaderboard(args.store or default_store(), data=args.data, threat=args.threat)
+    store = args.store or default_store()
+    rows = leaderboard(store, data=args.data, threat=args.threat)
     print(format_leaderboard(rows, args.format), end="")
+    if not rows:  # say so, with what a filter could have matched (stdout stays a valid, empty table)
+        held = store_contents(store)
+        asked = " ".join(f"{flag} {v}" for flag, v in (("--data", args.data), ("--threat", args.threat)) if v)
+        print(f"robustlab leaderboard: no evaluation in {store}" + (f" matches {asked}" if asked else "")
+              + (f"; it holds data {', '.join(held['data'])} and threats {', '.join(held['threat'])}"
+                 if held["data"] else " (it is empty)"), file=sys.stderr)
     return 0
 
 
@@ -338,22 +385,39 @@ def build_parser() -> argparse.ArgumentParser:
                     help='attack spec "name:key=value,..." (repeatable), e.g. "pgd:norm=linf,eps=0.3,steps=40", or a '
                          'named panel: critic-rho (DeepFool, C&W, critic attack), part[:eps=E,step_size=A] (PGD-20, MMA, '
                          'AutoAttack); detectors: "cwa", '
-                         '"det-pgd:objective=reg,eps=8", or the seed\'s panels table1 / table3')
+                         '"det-pgd:objective=reg,eps=8", or the seed\'s panels table1 / table3. Default: a classifier '
+                         'gets PGD-40 at its dataset\'s standard l_inf budget (mnist, mnist5k 0.3; digits 0.1; cifar10, '
+                         'cifar100, svhn 8/255; tiny-imagenet 4/255); an array file or image folder needs --attack; a '
+                         'detector gets clean mAP only')
     pe.add_argument("--json", type=Path, help="write the full results as JSON to this file")
     pe.add_argument("--n-samples", type=int, help="evaluate only the first N test samples")
-    pe.add_argument("--batch-size", type=int, default=500)
+    pe.add_argument("--batch-size", type=int, default=500,
+                    help="images per batch (the unit of work that --state keeps and --shard splits)")
     pe.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     pe.add_argument("--threads", type=int, help="torch CPU threads (set 1-2 on small machines)")
     pe.add_argument("--quiet", action="store_true", help="no progress bar")
     pe.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                     help="the attacks' forward passes: bf16 autocast (gradients, projections and the judging of "
                          "adversarial points stay fp32; checked against fp32 on the first batch, with a warning)")
+    pe.add_argument("--integrity", default="quick", choices=("quick", "full", "off"),
+                    help="the integrity probe on the first batch (gradient masking, an unbounded attack, black-box vs "
+                         "white-box, accuracy vs eps): quick keeps its cost within a quarter of the attacks' (an "
+                         "AutoAttack panel affords the full probe), full always runs the whole probe, off skips it "
+                         "with a warning (classifiers)")
+    pe.add_argument("--draws", type=int, default=20,
+                    help="a randomised model (two forward passes differ) has each adversarial image judged by this "
+                         "many forward passes: robust accuracy is the expected accuracy, with its spread (a "
+                         "deterministic model is judged by one pass)")
     pe.add_argument("--compile", action="store_true",
                     help="run the attacks' forward through torch.compile (pays off on long evaluations)")
     pe.add_argument("--log", type=Path, help="write the reference AutoAttack's log (initial accuracy, robust accuracy "
                                              "after each attack with its time, max perturbation) to this file")
     pe.add_argument("--robustbench-json", type=Path,
                     help="write a RobustBench model_info-style entry (clean_acc, autoattack_acc, eps as \"8/255\") here")
+    pe.add_argument("--robustbench-info", action="append", metavar="KEY=VALUE",
+                    help="a key of the RobustBench entry only you know (repeatable): name, link, authors, venue, "
+                         "architecture, reported, footnote, dataset, additional_data (true/false), "
+                         "number_forward_passes; keys not given are written as null")
     pe.add_argument("--save-adversarials", type=Path, metavar="FILE.safetensors",
                     help="store every attack's adversarial examples as floats, with the labels and per-sample flags")
     pe.add_argument("--store", type=Path, help="results store to record this evaluation in (SQLite; default "
@@ -368,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "from it (a folder written with other settings is refused, naming what differs)")
     pe.add_argument("--shard", metavar="I/N", help="evaluate only batches k with k %% N == I into --state (job arrays, "
                                                    "separate machines); robustlab eval-merge builds the result")
-    pe.set_defaults(func=cmd_eval)
+    pe.set_defaults(func=cmd_eval, on_interrupt=_eval_interrupted)
 
     pm = sub.add_parser("eval-merge", help="merge the state folders of a sharded evaluation into its result",
                         description="The result of `robustlab eval --shard I/N --state DIR_I` runs, equal to a "
@@ -387,10 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Every recorded `robustlab eval`, per model (weight hash), data and threat model: "
                                     "clean accuracy, the latest AutoAttack robust accuracy and the best-known robust "
                                     "accuracy (per sample, the worst case over every attack ever run).")
-    pb.add_argument("--data", help="only this data (as recorded, e.g. mnist5k:test or file:<sha256 prefix>)")
-    pb.add_argument("--threat", help="only this threat model, e.g. linf:8/255 or l2:0.5")
+    pb.add_argument("--data", help="only this data (as recorded, e.g. mnist5k:test or file:<sha256 prefix>; a name "
+                                   "without its split matches every split)")
+    pb.add_argument("--threat", help="only this threat model, e.g. linf:8/255 or l2:0.5 (budgets are compared as "
+                                     "numbers: linf:0.30 = linf:0.3 = linf:76.5/255)")
     pb.add_argument("--store", type=Path, help="results store (default $ROBUSTLAB_STORE or ~/.robustlab/results.sqlite)")
-    pb.add_argument("--format", default="md", choices=("md", "csv", "json", "html"))
+    pb.add_argument("--format", default="md", choices=("md", "csv", "json", "html"), help="output format")
     pb.set_defaults(func=cmd_leaderboard)
 
     from robustlab.cli import analyze, compare, corruptions, detection, training
@@ -428,9 +494,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line that says what was kept (`train` says it itself)
+        hint = getattr(args, "on_interrupt", None)
+        print(f"robustlab {args.command}: interrupted; "
+              + (hint(args) if hint else "files it finished are complete (every write is atomic); the work in "
+                 "progress is lost"), file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `robustlab list | head`: the reader left; not an error
         sys.stdout = open(os.devnull, "w")
         return 0
+    except UserCodeError as e:  # the user's code raised: one line, then their traceback (not robustlab's)
+        rc = _user_error(args.command, str(e), verbose)
+        print(e.user_traceback, end="", file=sys.stderr)
+        return rc
     except RobustlabError as e:
         return _user_error(args.command, str(e), verbose)
     except OSError as e:

@@ -122,19 +122,19 @@ def add_commands(sub) -> None:
                                     "report.md, report.html, PNG plots).")
     pr.add_argument("--name", default="mnist5k-pgd-at", help="run folder name under --out-dir (a folder that holds a "
                     "run is never written over: the run goes to NAME-2, ... unless --overwrite)")
-    pr.add_argument("--out-dir", default="runs")
+    pr.add_argument("--out-dir", default="runs", help="folder that holds the run folder")
     pr.add_argument("--overwrite", action="store_true", help="replace the run folder if it holds a run")
     pr.add_argument("--validation", type=int, default=500,
                     help="training images held out to choose each model's best epoch (never the test images)")
     pr.add_argument("--eps", type=float, default=0.3, help="l_inf budget for training and evaluation")
-    pr.add_argument("--epochs", type=int, default=8)
+    pr.add_argument("--epochs", type=int, default=8, help="training epochs of each model")
     pr.add_argument("--train-steps", type=int, default=7, help="PGD steps in training")
     pr.add_argument("--eps-ramp", type=float, default=2.0, help="epochs over which PGD-AT's eps grows from 0")
     pr.add_argument("--width", type=int, default=16, help="small-cnn width")
     pr.add_argument("--n-eval", type=int, default=200,
                     help="test images for the PGD-40/AutoAttack panel (AutoAttack dominates the run's time)")
     pr.add_argument("--n-curve", type=int, default=300, help="test images for the accuracy-vs-eps curve")
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and training")
     pr.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     pr.set_defaults(func=cmd_run)
 

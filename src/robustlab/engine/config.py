@@ -87,7 +87,11 @@ def _check(cfg: TrainConfig) -> None:
         v = getattr(cfg, f.name)
         t = hints[f.name]
         if not _type_ok(v, t):
-            raise ConfigError(f"config key {f.name!r} must be {_type_name(t)}, got {v!r}")
+            hint = ""
+            if _type_name(t) == "dict" and isinstance(v, str) and v.strip().startswith("{"):
+                hint = (f"; set its entries one by one in the dotted form, e.g. {f.name}.KEY=VALUE (or write a "
+                        "Python dict literal with quoted keys, {'KEY': VALUE})")
+            raise ConfigError(f"config key {f.name!r} must be {_type_name(t)}, got {v!r}{hint}")
     for k, choices in _CHOICES.items():
         if getattr(cfg, k) not in choices:
             raise ConfigError(f"config key {k!r} must be one of {', '.join(choices)}, got {getattr(cfg, k)!r}")

@@ -9,13 +9,14 @@ model (and the [0, 1] box) before it is judged: a violation is an error, never a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +24,19 @@ from torch import Tensor, nn
 
 from robustlab.attacks.base import PRECISIONS, Attack, attack_mode
 from robustlab.attacks.spec import create_attack, parse_attack_spec
-from robustlab.engine.integrity import attack_budget, finish_integrity, probe_integrity
+from robustlab.engine.integrity import (
+    INTEGRITY_MODES,
+    attack_budget,
+    bounded_norms,
+    finish_integrity,
+    probe_integrity,
+    probe_plan,
+)
 from robustlab.errors import InputError, InputTypeError, ResumeError
 from robustlab.registry import ATTACKS
 from robustlab.threat import make_threat, per_sample_norm
 from robustlab.types import AttackOut
-from robustlab.utils import progress_bar
+from robustlab.utils import mix_seed, progress_bar
 from robustlab.validation import check_choice, check_fits_model, check_images, check_labels, check_logits, check_positive_int
 
 
@@ -53,6 +61,15 @@ def _unique_names(attacks: Sequence[Attack]) -> list[str]:
     return out
 
 
+def is_randomised(model: nn.Module, x: Tensor) -> bool:
+    """Two forward passes (eval mode, up to 32 images of x) that differ: the model has randomness in its forward
+    pass, and its robust accuracy is an expectation over that randomness."""
+    with attack_mode(model), torch.no_grad():
+        xs = x[: min(32, x.shape[0])].detach()
+        a, b = check_logits(model(xs), xs.shape[0]), check_logits(model(xs), xs.shape[0])
+    return not torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def check_setup(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
     """AutoAttack-style sanity checks on one batch; returns (and warns) the problems found."""
     problems: list[str] = []
@@ -62,13 +79,14 @@ def check_setup(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
     with attack_mode(model):
         xs = x[: min(32, x.shape[0])].detach()
         with torch.no_grad():
-            a, b = check_logits(model(xs), xs.shape[0]), check_logits(model(xs), xs.shape[0])
+            a = check_logits(model(xs), xs.shape[0])
         check_labels(y, y.shape[0], num_classes=a.shape[1])
-        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+        if is_randomised(model, xs):
             problems.append("two forward passes on the same input differ: the model is randomised, and attacks that "
                             "follow one noisy gradient overestimate its robustness; use "
                             "\"autoattack:version=rand\" (APGD-CE and APGD-DLR with 20 EoT passes per step) or eot=K "
-                            "on pgd / apgd-ce")
+                            "on pgd / apgd-ce (robust accuracy is judged as the expected accuracy over `draws` "
+                            "forward passes per image)")
         if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones_like(a.sum(1)), atol=1e-4):
             problems.append("the model seems to output probabilities (rows are non-negative and sum to 1); "
                             "attacks expect logits. Remove the final softmax.")
@@ -156,7 +174,7 @@ def evaluate(
     device: str | torch.device | None = None,
     n_samples: int | None = None,
     checks: bool = True,
-    integrity: bool | None = None,
+    integrity: bool | str | None = None,
     keep_records: bool = False,
     keep_adversarials: bool = False,
     progress: bool | None = None,
@@ -164,13 +182,16 @@ def evaluate(
     compile: bool = False,
     state: str | Path | None = None,
     shard: tuple[int, int] | None = None,
+    draws: int = 20,
 ) -> dict[str, Any]:
     """Evaluate `model` on (x, y) tensors or a DataLoader `x` yielding (x, y) batches.
 
     attacks: Attack objects bound to `model`, or spec strings ("pgd:norm=linf,eps=0.3,steps=40").
     checks: warn on suspicious setups (train mode, randomness, probabilities, zero gradients) before attacking.
-    integrity (default: as `checks`): the integrity checks of `robustlab.engine.integrity` on a probe of the first
-    batch (zero-gradient share, unbounded attack, black-box vs white-box, monotonicity in eps).
+    integrity: "quick" (the default when `checks`; True), "full" or "off" (False; the default without `checks`): the
+    integrity checks of `robustlab.engine.integrity` on a probe of the first batch (zero-gradient share, unbounded
+    attack, black-box vs white-box, monotonicity in eps); "quick" keeps the probe within a quarter of the panel's
+    passes, "full" runs the whole probe, "off" warns that gradient masking goes unchecked.
     Returns a JSON-serialisable dict: clean_accuracy, attacks{name: robust_accuracy, norm, eps, passes, ...},
     union_accuracy, average_accuracy (over attacks), per_norm, norm_average_accuracy (over norms), per_class,
     confusion, n_samples, integrity (when run; `integrity.ok` false means: do not trust the numbers)
@@ -186,15 +207,21 @@ def evaluate(
     same call resumes from it (refusing a folder written with other settings) and returns the result an
     uninterrupted run returns (per-attack seconds: the sum of the recorded work). shard=(I, N): only batches
     k with k % N == I, into `state`; the return value then says which, and `merge_evaluations` builds the result.
+    draws: a randomised model (two forward passes on the same images differ) has each adversarial image judged by
+    this many forward passes: its robust accuracy is the expected accuracy (per image the share of correct passes,
+    0 where the clean pass misclassified, averaged), with the spread of the per-pass accuracies
+    (`attacks.NAME.expected_over_draws`, `randomised`). Each batch's passes draw from a seed of the batch, so
+    resumed, sharded and single runs agree. A deterministic model is judged by one pass, whatever `draws` says.
     """
     check_positive_int(batch_size, "batch_size")
+    check_positive_int(draws, "draws")
     if n_samples is not None:
         check_positive_int(n_samples, "n_samples")
     if isinstance(attacks, (str, Attack)) or not isinstance(attacks, (list, tuple)):
         raise InputTypeError(f"attacks must be a list of attack specs or Attack objects, got {attacks!r}; "
                              f"e.g. attacks=[{attacks!r}]" if isinstance(attacks, (str, Attack))
                              else f"attacks must be a list of attack specs or Attack objects, got {type(attacks).__name__}")
-    integrity = checks if integrity is None else integrity
+    integrity = _integrity_mode(checks if integrity is None else integrity)
     loader = None
     if x is not None and not isinstance(x, Tensor):
         loader, x = x, None
@@ -219,6 +246,9 @@ def evaluate(
                              "object: build it with precision=/compile= instead")
         if a.model is not model:
             raise InputError(f"attack {a.name!r} is bound to a different model than the one evaluated")
+    if not built:
+        warnings.warn("evaluate was given no attacks: only the clean accuracy is measured (union_accuracy and "
+                      "average_accuracy are None)", RuntimeWarning, stacklevel=2)
     names = _unique_names(built)
     panel = [_attack_meta(name, atk) for name, atk in zip(names, built)]
     shard_i, n_shards = _check_shard(shard, state)
@@ -234,12 +264,13 @@ def evaluate(
             "robustlab": __version__, "model_sha256": tensors_sha256(dict(model.state_dict())),
             "data_sha256": data_hash, "n_samples": n_samples, "batch_size": batch_size,
             "attacks": panel, "precision": precision, "compile": bool(compile),
-            "adversarials": keep_adversarials, "checks": checks, "integrity": integrity})
+            "adversarials": keep_adversarials, "checks": checks, "integrity": integrity, "draws": draws})
     was_training = model.training
 
     batches: list[dict[str, Any]] = []  # the records of the batches this process owns, in batch order
     first_batch: tuple[Tensor, Tensor] | None = None
     checked = False
+    judge_draws = 1  # forward passes judging each image: `draws` for a randomised model (found on the first batch)
     seen = k = 0
     total = n_samples or (x.shape[0] if x is not None else None)
     if total is not None and x is not None:
@@ -264,36 +295,63 @@ def evaluate(
                     check_fits_model(model, xb.float() if xb.dtype == torch.float64 else xb)
             if not checked and checks:
                 check_setup(model, xb, yb)
+            if not checked and is_randomised(model, xb):
+                judge_draws = draws
             checked = True
-            batches.append(_batch_record(k, xb, yb, model, names, built, bar, saved, keep_adversarials))
+            batches.append(_batch_record(k, xb, yb, model, names, built, bar, saved, keep_adversarials, judge_draws))
             if k == 0:
                 first_batch = (xb, yb)
             bar.update(xb.shape[0])
+        if seen == 0:
+            raise InputError("no samples to evaluate")
+        n_batches = k + 1
+        first_checks = None
+        if first_batch is not None:  # batch 0's owner runs the first-batch checks (stored with the state)
+            first_checks = saved.load_checks() if saved is not None else None
+            if first_checks is None:
+                first_checks = _first_checks(model, first_batch, batches[0], names, built, integrity, n_batches, bar)
+                if saved is not None:
+                    saved.save_checks(first_checks)
     model.train(was_training)
-    if seen == 0:
-        raise InputError("no samples to evaluate")
-    n_batches = k + 1
-    first_checks = None
-    if first_batch is not None:  # batch 0's owner runs the first-batch checks (stored with the state)
-        first_checks = saved.load_checks() if saved is not None else None
-        if first_checks is None:
-            xb, yb = first_batch
-            rob_first = {n: batches[0]["attacks"][j]["robust"].to(device) for j, n in enumerate(names)}
-            first_checks = {"precision": {}, "integrity": None}
-            for name, atk in zip(names, built):
-                if atk.precision != "fp32":
-                    first_checks["precision"][name] = _precision_check(model, atk, xb, yb, rob_first[name])
-            if integrity:
-                first_checks["integrity"] = probe_integrity(model, xb, yb, list(zip(names, built)), rob_first)
-            model.train(was_training)
-            if saved is not None:
-                saved.save_checks(first_checks)
     if saved is not None:
         saved.mark_done(shard_i, n_shards, n_batches)
     if n_shards > 1:
         return {"shard": [shard_i, n_shards], "batches": [b["k"] for b in batches], "n_batches": n_batches,
                 "state": str(saved.folder) if saved is not None else None}
     return _result(panel, batches, first_checks, keep_records, keep_adversarials)
+
+
+def _integrity_mode(value: bool | str) -> str:
+    """integrity= as a mode: True -> "quick", False -> "off" (robustlab's own evaluations, quietly); "off" by name
+    (the user's choice) warns that masking goes unchecked."""
+    mode = ("quick" if value else "off") if isinstance(value, bool) else value
+    check_choice(mode, "integrity", INTEGRITY_MODES)
+    if value == "off":
+        warnings.warn("integrity checks are off: gradient masking goes unchecked, and a too-high robust accuracy will "
+                      "not be flagged", RuntimeWarning, stacklevel=3)
+    return mode
+
+
+def _first_checks(model: nn.Module, first_batch: tuple[Tensor, Tensor], record: dict[str, Any], names: list[str],
+                  built: list[Attack], integrity: str, n_batches: int, bar: Any) -> dict[str, Any]:
+    """The checks of the first batch: bf16 attacks against fp32, and the integrity probe, sized by batch 0's passes
+    times the number of batches (the same in any sharding or resume), shown on the progress bar."""
+    xb, yb = first_batch
+    # survived: robust, or (randomised model) correct on at least half of the judging passes
+    rob_first = {n: _survived(record["attacks"][j]["robust"]).to(xb.device) for j, n in enumerate(names)}
+    checks: dict[str, Any] = {"precision": {}, "integrity": None}
+    for name, atk in zip(names, built):
+        if atk.precision != "fp32":
+            bar.set_postfix(attack=f"{name}: fp32 check of {atk.precision}")
+            checks["precision"][name] = _precision_check(model, atk, xb, yb, rob_first[name])
+    if integrity != "off":
+        attacks = list(zip(names, built))
+        batch_passes = sum(sum(r["passes"]) for r in record["attacks"])
+        attacked = max(int((record["clean"]["pred"] == record["clean"]["y"]).sum()), 1)
+        plan = probe_plan(integrity, n_batches * batch_passes, len(bounded_norms(attacks)), batch_passes / attacked)
+        bar.set_postfix(attack=f"integrity probe ({integrity}: {plan.n_probe} images)")
+        checks["integrity"] = probe_integrity(model, xb, yb, attacks, rob_first, plan=plan, mode=integrity)
+    return checks
 
 
 def _check_shard(shard: tuple[int, int] | None, state: Any) -> tuple[int, int]:
@@ -316,10 +374,33 @@ def _attack_meta(name: str, atk: Attack) -> dict[str, Any]:
             "describe": describe}
 
 
+def _survived(robust: Tensor) -> Tensor:
+    """Per sample robust (bool records), or correct on at least half of the judging passes (a randomised model's
+    expected accuracies)."""
+    return robust if robust.dtype == torch.bool else robust >= 0.5
+
+
+@contextlib.contextmanager
+def _batch_randomness(enabled: bool, device: torch.device, *key: int) -> Iterator[None]:
+    """A randomised model's own draws (torch's global generator) seeded from the batch's key (batch index, attack)
+    for the batch's work, the caller's generator state restored after: batch k's result does not depend on the
+    process, the shard or a resume."""
+    if not enabled:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(mix_seed(RANDOMISED_SEED, *key))
+        yield
+
+
+RANDOMISED_SEED = 20_000_000  # the base of the batch seeds of a randomised model's draws
+
+
 def _batch_record(k: int, xb: Tensor, yb: Tensor, model: nn.Module, names: list[str], built: list[Attack], bar: Any,
-                  saved: Any, keep_adversarials: bool) -> dict[str, Any]:
+                  saved: Any, keep_adversarials: bool, draws: int = 1) -> dict[str, Any]:
     """Batch k: its clean record and one record per attack, each loaded from the state folder when it holds it
-    (resume) and otherwise computed and saved there the moment it is done."""
+    (resume) and otherwise computed and saved there the moment it is done. draws > 1: a randomised model, each
+    image judged by that many forward passes."""
     from robustlab.engine.checkpoint import tensors_sha256
 
     data_hash = tensors_sha256({"x": xb, "y": yb}) if saved is not None else None
@@ -328,13 +409,16 @@ def _batch_record(k: int, xb: Tensor, yb: Tensor, model: nn.Module, names: list[
         raise ResumeError(f"state folder {saved.folder}: batch {k} holds different images or labels than this run's "
                           "(the data changed); use a new folder")
     if clean is None:
-        with attack_mode(model):
+        with attack_mode(model), _batch_randomness(draws > 1, xb.device, k):
             with torch.no_grad():
                 logits = check_logits(model(xb), xb.shape[0])
+                hits = _judge(model, xb, yb, draws - 1) if draws > 1 else None
             check_labels(yb, xb.shape[0], num_classes=logits.shape[1])
         clean = {"k": k, "y": yb.cpu(), "pred": logits.argmax(1).cpu(), "num_classes": int(logits.shape[1]),
                  "xnorm": torch.stack([per_sample_norm(xb, "l2"), per_sample_norm(xb - 0.5, "l2")], 1).cpu(),
                  "data_sha256": data_hash}
+        if hits is not None:  # a randomised model: the clean pass and draws - 1 more, per sample the share correct
+            clean["expected"] = ((hits.sum(0) + (logits.argmax(1) == yb).to(hits.dtype)) / draws).cpu()
         if saved is not None:
             saved.save(saved.clean_name(k), clean)
     correct = (clean["pred"] == clean["y"]).to(xb.device)
@@ -346,7 +430,9 @@ def _batch_record(k: int, xb: Tensor, yb: Tensor, model: nn.Module, names: list[
             bar.set_postfix(attack=name)
             atk.report_progress = lambda msg, name=name: bar.set_postfix(attack=f"{name} ({msg})")
             try:
-                rec = _attack_batch(atk, name, model, xb, yb, clean["pred"].to(xb.device), idx, keep_adversarials)
+                with _batch_randomness(draws > 1, xb.device, k, j + 1):
+                    rec = _attack_batch(atk, name, model, xb, yb, clean["pred"].to(xb.device), idx,
+                                        keep_adversarials, draws)
             finally:
                 atk.report_progress = None
             if saved is not None:
@@ -355,12 +441,20 @@ def _batch_record(k: int, xb: Tensor, yb: Tensor, model: nn.Module, names: list[
     return {"k": k, "clean": clean, "attacks": records}
 
 
+def _judge(model: nn.Module, x: Tensor, y: Tensor, draws: int) -> Tensor:
+    """(draws, N): whether each of `draws` forward passes classifies each image correctly (as float)."""
+    return torch.stack([model(x).argmax(1) == y for _ in range(draws)]).float()
+
+
 def _attack_batch(atk: Attack, name: str, model: nn.Module, xb: Tensor, yb: Tensor, pred: Tensor, idx: Tensor,
-                  keep_adversarials: bool) -> dict[str, Any]:
+                  keep_adversarials: bool, draws: int = 1) -> dict[str, Any]:
     """One attack on one batch (its clean-correct samples): per-sample robustness, predictions and norms, passes,
-    seconds, AutoAttack-style stages and the closing check of the adversarial points."""
+    seconds, AutoAttack-style stages and the closing check of the adversarial points. draws > 1 (a randomised
+    model): robustness is per sample the share of `draws` passes that classify the adversarial image correctly,
+    and `draw_correct` counts, per pass, the samples it classified correctly."""
     device = xb.device
-    rob = torch.zeros(xb.shape[0], dtype=torch.bool, device=device)
+    rob = torch.zeros(xb.shape[0], dtype=torch.bool if draws == 1 else torch.float32, device=device)
+    draw_correct = torch.zeros(draws, device=device)
     ap = pred.clone()
     nrm = torch.zeros(xb.shape[0], device=device)
     r2 = torch.zeros(xb.shape[0], device=device)
@@ -379,8 +473,12 @@ def _attack_batch(atk: Attack, name: str, model: nn.Module, xb: Tensor, yb: Tens
         _check_threat(atk, out, xs, name)
         with attack_mode(model), torch.no_grad():
             p_adv = model(out.x_adv).argmax(1)
-        rec["judging"] = int(xs.shape[0])
-        rob[idx] = p_adv == ys
+            hits = (p_adv == ys).float()[None]
+            if draws > 1:
+                hits = torch.cat([hits, _judge(model, out.x_adv, ys, draws - 1)])
+        rec["judging"] = int(xs.shape[0]) * draws
+        rob[idx] = p_adv == ys if draws == 1 else hits.mean(0)
+        draw_correct = hits.sum(1)
         ap[idx] = p_adv
         r2[idx] = per_sample_norm(out.x_adv - xs, "l2")
         dist = per_sample_norm(out.x_adv - xs, atk.norm or "l2")
@@ -396,6 +494,8 @@ def _attack_batch(atk: Attack, name: str, model: nn.Module, xb: Tensor, yb: Tens
             x_keep = xb.clone()
             x_keep[idx] = out.x_adv
     rec.update(robust=rob.cpu(), adv_pred=ap.cpu(), norms=nrm.cpu(), l2=r2.cpu())
+    if draws > 1:
+        rec["draw_correct"] = draw_correct.cpu()
     rec["seconds"] = time.perf_counter() - start  # .cpu() above waited for the device
     if keep_adversarials:
         rec["adversarial"] = x_keep.cpu()
@@ -454,6 +554,8 @@ def without_seconds(result: dict[str, Any]) -> dict[str, Any]:
         entry.pop("seconds", None)
         for stage in entry.get("stages", []):
             stage.pop("seconds", None)
+    if result.get("integrity"):
+        result["integrity"].pop("seconds", None)
     return result
 
 
@@ -509,14 +611,16 @@ def _aggregate(panel: list[dict[str, Any]], clean: list[dict[str, Any]], per_att
     robust = {m["name"]: torch.cat([r["robust"] for r in recs]) for m, recs in zip(panel, per_attack)}
     xn, xgray = torch.cat([c["xnorm"] for c in clean]).unbind(1)  # ||x||_2, ||x - 0.5||_2 (C&W's failure image)
     result: dict[str, Any] = {"n_samples": n, "num_classes": k, "clean_accuracy": correct.float().mean().item(), "attacks": {}}
-    union = correct.clone()
+    # per sample robust (0 or 1) or, for a randomised model, its expected accuracy: the union and each norm's worst
+    # case take per sample the lowest over the attacks (for 0 or 1: "survives every attack")
+    union = correct.float()
     per_norm: dict[str, Tensor] = {}
     for m, recs in zip(panel, per_attack):
         name = m["name"]
-        rob = robust[name]
-        union &= rob
+        rob = robust[name].float()
+        union = torch.minimum(union, rob)
         if m["norm"]:
-            per_norm[m["norm"]] = per_norm.get(m["norm"], correct.clone()) & rob
+            per_norm[m["norm"]] = torch.minimum(per_norm.get(m["norm"], correct.float()), rob)
         n_att = int(correct.sum())
         forward, backward = sum(r["passes"][0] for r in recs), sum(r["passes"][1] for r in recs)
         entry: dict[str, Any] = {
@@ -526,6 +630,10 @@ def _aggregate(panel: list[dict[str, Any]], clean: list[dict[str, Any]], per_att
             "passes": {"forward": forward, "backward": backward, "per_attacked_image": (forward + backward) / max(n_att, 1)},
             "confusion": _confusion(y, torch.cat([r["adv_pred"] for r in recs]), k),
         }
+        if "draw_correct" in recs[0]:  # a randomised model: the accuracy of each judging pass over all samples
+            per_draw = sum(r["draw_correct"] for r in recs) / n
+            entry["expected_over_draws"] = {"draws": int(per_draw.numel()), "std": per_draw.std().item(),
+                                            "min": per_draw.min().item(), "max": per_draw.max().item()}
         if m["minimal"]:
             nr = torch.cat([r["norms"] for r in recs])
             r2 = torch.cat([r["l2"] for r in recs])
@@ -551,7 +659,8 @@ def _aggregate(panel: list[dict[str, Any]], clean: list[dict[str, Any]], per_att
                                   "each failure as the constant 0.5 image the original C&W code returns",
             }
         result["attacks"][name] = entry
-    result["union_accuracy"] = union.float().mean().item()
+    # no attack, no union: None rather than the clean accuracy under another name (evaluate warns)
+    result["union_accuracy"] = union.float().mean().item() if panel else None
     accs = [e["robust_accuracy"] for e in result["attacks"].values()]
     result["average_accuracy"] = sum(accs) / len(accs) if accs else None
     result["per_norm"] = {p: v.float().mean().item() for p, v in per_norm.items()}
@@ -565,10 +674,20 @@ def _aggregate(panel: list[dict[str, Any]], clean: list[dict[str, Any]], per_att
         per_class[str(c)] = {
             "n": int(in_class.sum()),
             "clean_accuracy": correct[in_class].float().mean().item(),
-            "union_accuracy": union[in_class].float().mean().item(),
+            "union_accuracy": union[in_class].float().mean().item() if panel else None,
             "attacks": {name: robust[name][in_class].float().mean().item() for name in names},
         }
     result["per_class"] = per_class
+    if "expected" in clean[0]:
+        draws = next(iter(result["attacks"].values()))["expected_over_draws"]["draws"] if names else None
+        result["randomised"] = {
+            "draws": draws,
+            "clean_accuracy_expected": torch.cat([c["expected"] for c in clean]).mean().item(),
+            "judged_as": "the model is randomised (two forward passes differ): each adversarial image is judged by "
+                         f"{draws} forward passes, robust accuracy is the mean over images of the share of correct "
+                         "passes (0 where the clean pass misclassified); union and per-norm accuracies take per image "
+                         "the lowest share over the attacks; clean_accuracy is one pass, clean_accuracy_expected "
+                         "the same share on the clean images"}
     result["confusion"] = {"clean": _confusion(y, pred, k)}
     result["passes"] = {"clean_and_judging_forward": n + sum(r["judging"] for recs in per_attack for r in recs)}
     if keep_records:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from robustlab.engine.checkpoint import file_kind
-from robustlab.errors import CheckpointError, InputError, InputTypeError
+from robustlab.errors import CheckpointError, InputError, InputTypeError, UserCodeError
 
 # where a state dict hides inside a training checkpoint, and the prefixes DataParallel / torch.compile add
 STATE_KEYS = ("state_dict", "model", "model_state_dict", "net")
@@ -66,6 +66,44 @@ def parse_normalize(text: str) -> tuple[list[float], list[float]]:
     return mean, std
 
 
+def _check_normalize_units(text: str, mean: list[float], std: list[float], input_range: float) -> None:
+    """The mean and std must be in the units the model is fed: [0, 1], or [0, 255] with --input-range 255. Means
+    all <= 1 with --input-range 255 are [0, 1] units (the model would see x * 255 normalised by them)."""
+    scale = 255.0 if input_range == 255.0 else 1.0
+    if scale == 255.0 and max(mean) <= 1 and max(std) <= 1:
+        scaled = ",".join(f"{255 * v:.4g}" for v in mean) + "/" + ",".join(f"{255 * v:.4g}" for v in std)
+        raise InputError(f"--normalize {text} is in [0, 1] units but --input-range 255 feeds the model [0, 255] "
+                         f"images: give it in [0, 255] units ({scaled}), or drop --input-range 255")
+    if scale == 1.0 and (max(mean) > 1 or max(std) > 1):
+        scaled = ",".join(f"{v / 255:.4g}" for v in mean) + "/" + ",".join(f"{v / 255:.4g}" for v in std)
+        raise InputError(f"--normalize {text} is in [0, 255] units but the model is fed [0, 1] images: give it in "
+                         f"[0, 1] units ({scaled}), or add --input-range 255 if the model wants [0, 255] inputs")
+    if min(mean) < 0 or max(mean) > scale:
+        raise InputError(f"--normalize {text}: channel means must lie in [0, {scale:g}] (the input range)")
+
+
+def probe_model(model: nn.Module, x: Tensor, model_spec: str, data_name: str) -> None:
+    """One forward pass of the model on one image of the data before any work: a model that cannot take the
+    data's images (channels, size) fails here in one line instead of inside an attack."""
+    from robustlab.attacks.base import attack_mode
+    from robustlab.validation import check_fits_model
+
+    p = next(model.parameters(), None)
+    x1 = x[:1].to(p.device if p is not None else "cpu")
+    check_fits_model(model, x1, name=data_name)  # a robustlab model knows its input shape: the plainer message
+    try:
+        with attack_mode(model), torch.no_grad():
+            out = model(x1)
+    except Exception as e:  # the user's model on the user's data: their mismatch or their bug, their traceback
+        raise UserCodeError(f"--model {model_spec} does not run on one image of {data_name} (shape "
+                            f"{tuple(x1.shape[1:])}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                            "check the model's expected channels and size", user_traceback(e)) from None
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        raise InputError(f"--model {model_spec} returns {type(out).__name__}"
+                         + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else "")
+                         + f" on one image of {data_name}; a classifier returns logits of shape (N, classes)")
+
+
 def _import_target(spec: str) -> Any:
     where, _, name = spec.rpartition(":")
     if not where or not name.isidentifier():
@@ -81,7 +119,15 @@ def _import_target(spec: str) -> Any:
             raise InputError(f"--model {spec!r}: {path} cannot be imported as Python")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[module_name] = module  # dataclasses and pickling look modules up here
-        loader_spec.loader.exec_module(module)  # the user's own file, at the user's explicit request
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:  # as `python FILE.py` would: FILE's neighbours import
+            sys.path.insert(0, folder)
+        try:
+            loader_spec.loader.exec_module(module)  # the user's own file, at the user's explicit request
+        except Exception as e:  # anything their file raises is their bug: one line, then their traceback
+            sys.modules.pop(module_name, None)
+            raise UserCodeError(f"--model {spec!r}: importing {path} failed: {type(e).__name__}: {e}",
+                                user_traceback(e)) from None
     else:
         try:
             module = importlib.import_module(where)
@@ -91,6 +137,19 @@ def _import_target(spec: str) -> Any:
         public = sorted(n for n in vars(module) if not n.startswith("_"))[:10]
         raise InputError(f"--model {spec!r}: {where} has no {name!r} (it has: {', '.join(public)})")
     return getattr(module, name)
+
+
+def user_traceback(e: BaseException) -> str:
+    """The traceback of an exception raised in the user's code, without robustlab's own frames (and importlib's)."""
+    import traceback
+
+    robustlab_dir = str(Path(__file__).resolve().parents[1])
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(robustlab_dir) and "importlib" not in f.filename
+              and not f.filename.endswith("torch/nn/modules/module.py")]  # nn.Module's call plumbing
+    lines = ["Traceback (most recent call last), the user's code:\n", *traceback.format_list(frames),
+             *traceback.format_exception_only(type(e), e)]
+    return "".join(lines)
 
 
 def read_weights(path: str | Path) -> dict[str, Tensor]:
@@ -164,8 +223,14 @@ def load_any_model(spec: str, *, model_kwargs: str | None = None, weights: str |
     if input_range not in (1.0, 255.0):
         raise InputError(f"--input-range must be 1 or 255, got {input_range!r}")
     mean_std = parse_normalize(normalize) if normalize else None
+    if mean_std is not None:
+        _check_normalize_units(normalize or "", *mean_std, input_range)
     path = Path(spec)
     extra: dict[str, Any] | None = None
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))[:5]
+        raise CheckpointError(f"--model {path} is a folder; give a model file"
+                              + (f" in it ({', '.join(inside)})" if inside else ""))
     if not path.is_file() and (":" not in spec or path.suffix in (".safetensors", ".pt", ".pth", ".pt2", ".ckpt")):
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_file():
@@ -196,7 +261,11 @@ def load_any_model(spec: str, *, model_kwargs: str | None = None, weights: str |
             raise InputError(f"--model {spec!r} with --model-kwargs {kwargs}: {e}") from None
         except ValueError:  # no signature to read (some builtins): let the call itself say what is wrong
             pass
-        model = target(**kwargs)
+        try:
+            model = target(**kwargs)
+        except Exception as e:  # raised inside the user's code: their bug, with their traceback
+            raise UserCodeError(f"--model {spec!r}: building the model failed: {type(e).__name__}: {e}",
+                                user_traceback(e)) from None
         if not isinstance(model, nn.Module):
             raise InputTypeError(f"--model {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
         if weights:

@@ -18,11 +18,18 @@ Carlini et al., "On Evaluating Adversarial Robustness", 2019), run cheaply on a 
 
 Each failed check adds a line to `flags`, sets `ok` to false and raises an `IntegrityWarning`. The thresholds
 are deliberately loose (a flag means "do not trust this number", not "probably fine").
+
+The probe's cost follows the evaluation's (`mode`): "full" runs FULL_PLAN (100 images, PGD-20 at three budgets,
+PGD-50 unbounded, Square with 1,000 queries); "quick" (the default) shrinks it until its passes are at most
+PROBE_SHARE of the panel's own (an AutoAttack-sized panel affords the full probe), down to MIN_PLAN; "off" skips
+it, with a warning that masking goes unchecked.
 """
 from __future__ import annotations
 
 import math
+import time
 import warnings
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -45,6 +52,54 @@ BLACK_BOX_QUERIES = 1000
 CURVE_FRACTIONS = (0.25, 0.5, 1.0)
 GRADIENT_FREE = ("square", "salt-pepper")  # attacks that never read gradients
 MIXED = ("autoattack",)  # white-box and black-box together: neither side of the black-box comparison
+
+
+INTEGRITY_MODES = ("quick", "full", "off")
+PROBE_SHARE = 0.25  # "quick": the probe's passes at most this share of the panel's
+AUTOATTACK_SIZED = 1000  # passes per attacked image from which "quick" runs the full probe (AutoAttack: thousands)
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    """How much the probe does: images, PGD steps of the eps curve and of the unbounded attack, Square queries
+    (0: no black-box check)."""
+
+    n_probe: int
+    curve_steps: int
+    unbounded_steps: int
+    square_queries: int
+
+    def passes(self, n_norms: int) -> int:
+        """Image-passes (forward + backward) the probe spends at most: the zero-gradient check, and per norm the
+        eps curve, the unbounded attack and Square on every image (an upper bound: Square runs on survivors)."""
+        per_norm = 2 * len(CURVE_FRACTIONS) * (self.curve_steps + 1) + 2 * (self.unbounded_steps + 1) + \
+            self.square_queries
+        return self.n_probe * (2 + n_norms * per_norm)
+
+
+FULL_PLAN = ProbePlan(N_PROBE, 20, 50, BLACK_BOX_QUERIES)
+MIN_PLAN = ProbePlan(8, 5, 10, 0)
+
+
+def probe_plan(mode: str, panel_passes: float, n_norms: int, per_image: float = 0.0) -> ProbePlan:
+    """The probe for a mode: FULL_PLAN, or ("quick") the largest plan within PROBE_SHARE of `panel_passes` (the
+    panel's image-passes on this evaluation), halving Square's queries, then the images, then the steps. A panel
+    of AutoAttack's size (`per_image`, its passes per attacked image, >= AUTOATTACK_SIZED) gets the full probe:
+    those are the evaluations whose numbers get published."""
+    if mode == "full" or per_image >= AUTOATTACK_SIZED:
+        return FULL_PLAN
+    plan, budget = FULL_PLAN, PROBE_SHARE * panel_passes
+    while plan.passes(max(n_norms, 1)) > budget and plan != MIN_PLAN:
+        if plan.square_queries > 100:
+            plan = replace(plan, square_queries=plan.square_queries // 2)
+        elif plan.n_probe > MIN_PLAN.n_probe:
+            plan = replace(plan, n_probe=max(MIN_PLAN.n_probe, plan.n_probe // 2))
+        elif plan.curve_steps > MIN_PLAN.curve_steps or plan.unbounded_steps > MIN_PLAN.unbounded_steps:
+            plan = replace(plan, curve_steps=max(MIN_PLAN.curve_steps, plan.curve_steps // 2),
+                           unbounded_steps=max(MIN_PLAN.unbounded_steps, plan.unbounded_steps // 2))
+        else:
+            plan = replace(plan, square_queries=0)
+    return plan
 
 
 def attack_budget(atk: Attack) -> float | None:
@@ -91,15 +146,27 @@ def finish_integrity(probe: dict[str, Any], panel: Sequence[Sequence[Any]], accu
     return out
 
 
+def bounded_norms(attacks: Sequence[tuple[str, Attack]]) -> dict[str, float]:
+    """The largest scalar budget of the panel per norm (what the probe checks)."""
+    bounded: dict[str, float] = {}
+    for _, atk in attacks:
+        eps = attack_budget(atk)
+        if atk.norm in ("linf", "l2", "l1") and eps is not None and eps > 0:
+            bounded[atk.norm] = max(bounded.get(atk.norm, 0.0), eps)
+    return bounded
+
+
 def probe_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tuple[str, Attack]],
-                    robust_first_batch: dict[str, Tensor], *, n_probe: int = N_PROBE, seed: int = 0) -> dict[str, Any]:
+                    robust_first_batch: dict[str, Tensor], *, plan: ProbePlan = FULL_PLAN, mode: str = "full",
+                    seed: int = 0) -> dict[str, Any]:
     """The checks that need the model, on a probe of the first batch (no warnings yet: `finish_integrity`)."""
+    start = time.perf_counter()
     flags: list[str] = []
     with attack_mode(model), torch.no_grad():
         logits = model(x)
     correct = logits.argmax(1) == y
-    probe = correct.nonzero().squeeze(1)[:n_probe]
-    out: dict[str, Any] = {"n_probe": int(probe.numel())}
+    probe = correct.nonzero().squeeze(1)[:plan.n_probe]
+    out: dict[str, Any] = {"mode": mode, "plan": asdict(plan), "n_probe": int(probe.numel())}
 
     probs = bool((logits >= 0).all()) and bool(torch.allclose(logits.sum(1), torch.ones_like(logits[:, 0]), atol=1e-4))
     out["output_probabilities"] = probs
@@ -107,11 +174,7 @@ def probe_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tu
         flags.append("the model outputs probabilities (rows are non-negative and sum to 1), not logits: "
                      "cross-entropy attacks see a squashed loss; remove the final softmax")
 
-    bounded: dict[str, float] = {}
-    for _, atk in attacks:
-        eps = attack_budget(atk)
-        if atk.norm in ("linf", "l2", "l1") and eps is not None and eps > 0:
-            bounded[atk.norm] = max(bounded.get(atk.norm, 0.0), eps)
+    bounded = bounded_norms(attacks)
 
     if probe.numel():
         xp, yp = x[probe], y[probe]
@@ -133,9 +196,11 @@ def probe_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tu
         for i, (norm, eps) in enumerate(bounded.items()):
             entry: dict[str, Any] = {"eps": eps}
             curve_eps = [eps * f for f in CURVE_FRACTIONS] + [_unbounded_eps(norm, xp)]
-            curve = [_pgd_accuracy(model, xp, yp, norm, e, 20, "ce", seed + i) for e in curve_eps[:-1]]
-            curve.append(_pgd_accuracy(model, xp, yp, norm, curve_eps[-1], 50, "cw", seed + i))
-            entry["eps_curve"] = {"eps": curve_eps, "accuracy": curve, "attack": "PGD-20 (CE); unbounded: PGD-50 (CW margin)"}
+            curve = [_pgd_accuracy(model, xp, yp, norm, e, plan.curve_steps, "ce", seed + i) for e in curve_eps[:-1]]
+            curve.append(_pgd_accuracy(model, xp, yp, norm, curve_eps[-1], plan.unbounded_steps, "cw", seed + i))
+            entry["eps_curve"] = {"eps": curve_eps, "accuracy": curve,
+                                  "attack": f"PGD-{plan.curve_steps} (CE); unbounded: PGD-{plan.unbounded_steps} "
+                                            "(CW margin)"}
             entry["unbounded_accuracy"] = curve[-1]
             tol = max(MONOTONE_TOLERANCE, 1.0 / probe.numel())
             if curve[-1] > UNBOUNDED_FLAG:
@@ -145,9 +210,10 @@ def probe_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tu
             rises = [(curve_eps[j], curve_eps[j + 1]) for j in range(len(curve) - 1) if curve[j + 1] > curve[j] + tol]
             if rises:
                 a, b = rises[0]
-                flags.append(f"{norm}: robust accuracy rises with the budget (PGD-20 at eps {a:g} -> {b:g}): the attack "
+                flags.append(f"{norm}: robust accuracy rises with the budget (PGD-{plan.curve_steps} at eps {a:g} -> "
+                             f"{b:g}): the attack "
                              f"is not converging (gradient masking or a bad step size)")
-            if norm in ("linf", "l2"):
+            if norm in ("linf", "l2") and plan.square_queries:
                 white = [name for name, atk in attacks if atk.norm == norm and atk.name not in GRADIENT_FREE + MIXED
                          and attack_budget(atk) == eps]
                 if white:
@@ -157,10 +223,10 @@ def probe_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tu
                     if cand.numel():
                         from robustlab.attacks.square import Square
 
-                        sq = Square(model, norm=norm, eps=eps, n_queries=BLACK_BOX_QUERIES, seed=seed)
+                        sq = Square(model, norm=norm, eps=eps, n_queries=plan.square_queries, seed=seed)
                         fooled = sq.run(xp[cand], yp[cand]).success
                         broken = int(fooled.sum()) if fooled is not None else 0
-                    entry["black_box"] = {"attack": f"square ({BLACK_BOX_QUERIES} queries)", "after": white,
+                    entry["black_box"] = {"attack": f"square ({plan.square_queries} queries)", "after": white,
                                           "candidates": int(cand.numel()), "broken": broken}
                     if broken > max(2, BLACK_BOX_FLAG * probe.numel()):
                         flags.append(f"{norm} eps {eps:g}: Square (black-box, no gradients) broke {broken} of the "
@@ -170,7 +236,9 @@ def probe_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tu
         out["per_norm"] = per_norm
 
     out["flags"] = flags
+    out["seconds"] = time.perf_counter() - start
     return out
 
 
-__all__ = ["probe_integrity", "finish_integrity", "attack_budget", "N_PROBE"]
+__all__ = ["probe_integrity", "finish_integrity", "attack_budget", "bounded_norms", "probe_plan", "ProbePlan",
+           "FULL_PLAN", "MIN_PLAN", "INTEGRITY_MODES", "N_PROBE"]

@@ -31,7 +31,7 @@ from robustlab.detection.attacks import detection_attacks
 from robustlab.detection.evaluate import evaluate_detector
 from robustlab.detection.report import ap_table, write_detection_report
 from robustlab.engine.evaluator import evaluate
-from robustlab.engine.external import Normalized, is_array_file, load_array_data
+from robustlab.engine.external import Normalized, is_array_file, load_array_data, probe_model
 from robustlab.errors import ConfigError, InputError
 from robustlab.methods.base import Method
 from robustlab.outputs import atomic_write_text
@@ -84,7 +84,10 @@ class Task(ABC):
         """The attacks of one per-epoch evaluation: the selection attack, and what else the task watches."""
         return [spec] if spec else []
 
-    default_specs: ClassVar[tuple[str, ...]] = ()  # what `robustlab eval` runs when no --attack is given
+    def default_attacks(self, data: dict[str, Any]) -> list[str]:
+        """The attack specs `robustlab eval` runs on `data` (its {"name", ...}) when no --attack is given: none
+        (the clean metric) unless the task knows the data's threat model."""
+        return []
 
     def eval_data(self, spec: str | None, split: str, extra: dict[str, Any],
                   model: nn.Module | None = None) -> tuple[Any, dict]:
@@ -138,12 +141,20 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, split: Any, specs: list[str], n: int | None, *, batch_size: int = 32,
                  checks: bool = True, examples: int = 0, progress: bool | None = False, precision: str = "fp32",
                  compile: bool = False, keep_adversarials: bool = False, keep_records: bool = False,
-                 state: str | Path | None = None, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+                 state: str | Path | None = None, shard: tuple[int, int] | None = None,
+                 draws: int = 20, integrity: str = "quick") -> dict[str, Any]:
         """The task's metric on the first n items of `split`, clean and under each attack spec. checks: the
         task's integrity checks of the setup and the result (classification); examples: keep the first images
         with their predictions for a report (detection); precision, compile: how the attacks run the model's
         forward; keep_adversarials / keep_records: the adversarial examples / per-sample flags in the result;
-        state / shard: a resumable, shardable run (classification, `robustlab.evaluate`)."""
+        state / shard: a resumable, shardable run (classification, `robustlab.evaluate`); draws: forward passes
+        judging each image of a randomised model (classification); integrity: quick | full | off, the integrity
+        probe (classification)."""
+
+    def probe(self, model: nn.Module, split: Any, model_spec: str, data_name: str) -> None:
+        """Before any work: one forward pass of the model on one item of the split, so that a model that does not
+        take the data fails in one line (classification: `external.probe_model`; detection: none yet)."""
+        return None
 
     @abstractmethod
     def epoch_row(self, result: dict[str, Any], panel: list[str]) -> dict[str, Any]:
@@ -199,8 +210,20 @@ class Classification(Task):
     def test_split(self, data):
         return data.x_test, data.y_test
 
-    default_specs = ("pgd:norm=linf,eps=0.3,steps=40",)
     fallback_dataset = "mnist5k"
+    # the field's standard l_inf budget per dataset (docs/cli.md): without --attack, eval runs PGD-40 at it; data
+    # with none documented (an array file, an image folder) needs --attack
+    STANDARD_LINF: ClassVar[dict[str, str]] = {
+        "mnist": "0.3", "mnist5k": "0.3", "digits": "0.1", "cifar10": "8/255", "cifar10-c": "8/255",
+        "cifar100": "8/255", "svhn": "8/255", "tiny-imagenet": "4/255"}
+
+    def default_attacks(self, data):
+        eps = self.STANDARD_LINF.get(data.get("name", ""))
+        if eps is None:
+            where = f"--data {data['path']}" if data.get("path") else f"dataset {data.get('name')!r}"
+            raise InputError(f"{where} has no documented threat model: pass --attack, e.g. --attack "
+                             "\"autoattack:norm=linf,eps=8/255\" or --attack \"pgd:norm=linf,eps=8/255,steps=40\"")
+        return [f"pgd:norm=linf,eps={eps},steps=40"]
 
     @classmethod
     def from_config(cls, cfg):
@@ -230,7 +253,8 @@ class Classification(Task):
         return panel
 
     def evaluate(self, model, split, specs, n, *, batch_size=500, checks=True, examples=0, progress=False,
-                 precision="fp32", compile=False, keep_adversarials=False, keep_records=False, state=None, shard=None):
+                 precision="fp32", compile=False, keep_adversarials=False, keep_records=False, state=None, shard=None,
+                 draws=20, integrity="quick"):
         if examples:
             raise InputError("classification evaluation keeps no example images (examples applies to detection)")
         x, y = split
@@ -240,7 +264,10 @@ class Classification(Task):
             return evaluate(model, x[:n].to(device), y[:n].to(device), specs, batch_size=batch_size, checks=checks,
                             progress=progress, precision=precision, compile=compile,
                             keep_adversarials=keep_adversarials, keep_records=keep_records or keep_adversarials,
-                            state=state, shard=shard)
+                            state=state, shard=shard, draws=draws, integrity=integrity if checks else False)
+
+    def probe(self, model, split, model_spec, data_name):
+        probe_model(model, split[0], model_spec, data_name)
 
     def epoch_row(self, result, panel):
         accs = [a["robust_accuracy"] for a in result["attacks"].values()]
@@ -311,11 +338,18 @@ class Detection(Task):
         return ""  # clean mAP selects detectors unless eval_attack (e.g. "cwa") is set
 
     def evaluate(self, model, split, specs, n, *, batch_size=32, checks=True, examples=0, progress=False,
-                 precision="fp32", compile=False, keep_adversarials=False, keep_records=False, state=None, shard=None):
+                 precision="fp32", compile=False, keep_adversarials=False, keep_records=False, state=None, shard=None,
+                 draws=20, integrity="quick"):
         if precision != "fp32" or compile or keep_adversarials or keep_records or state is not None or shard:
             raise InputError(f"precision={precision!r} / compile={compile!r} / saving adversarial examples, "
                              "per-sample records, a state folder or shards: detection attacks run in fp32, eagerly, "
                              "in one pass and keep neither (these apply to classifiers)")
+        if draws != 20:
+            raise InputError(f"draws={draws}: judging a randomised model by several forward passes applies to "
+                             "classifiers (detectors are judged by one pass)")
+        if integrity == "full":
+            raise InputError("integrity='full': detectors have no integrity probe yet (the classifier checks do not "
+                             "apply to mAP); use quick or off")
         # detection has no integrity checks yet (`checks` has nothing to switch); batches of at most 64 images
         attacks = detection_attacks(specs, model) if specs else None
         return evaluate_detector(model, split, n, batch_size=min(batch_size, 64), ap_mode=self.ap_mode,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from robustlab.errors import InputError
 from robustlab.outputs import atomic_write_bytes
 
 
@@ -17,12 +18,44 @@ def eps_text(eps: float) -> str:
     return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 and eps < 1 else f"{eps:g}"
 
 
-def robustbench_entry(result: dict[str, Any], *, model_name: str, dataset: str | None) -> dict[str, Any]:
+# the keys of RobustBench's model_info files that only the user knows (`--robustbench-info KEY=VALUE`); null when
+# not given, so the entry drops into model_info/<dataset>/<threat>/ as it is and shows what is missing
+ROBUSTBENCH_INFO = ("name", "link", "authors", "venue", "architecture", "reported", "footnote", "dataset",
+                    "additional_data", "number_forward_passes")
+
+
+def parse_robustbench_info(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` items -> {key: value}: additional_data true/false, number_forward_passes an integer, the rest
+    strings (RobustBench writes accuracies and budgets as strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ROBUSTBENCH_INFO:
+            raise InputError(f"--robustbench-info {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(ROBUSTBENCH_INFO)}")
+        if key == "additional_data":
+            if value.lower() not in ("true", "false"):
+                raise InputError(f"--robustbench-info {item!r}: additional_data is true or false")
+            out[key] = value.lower() == "true"
+        elif key == "number_forward_passes":
+            if not value.isdigit() or int(value) < 1:
+                raise InputError(f"--robustbench-info {item!r}: number_forward_passes is a positive integer")
+            out[key] = int(value)
+        else:
+            out[key] = value
+    return out
+
+
+def robustbench_entry(result: dict[str, Any], *, model_name: str, dataset: str | None,
+                      info: dict[str, Any] | None = None) -> dict[str, Any]:
     """The entry RobustBench's `model_info/<dataset>/<threat>/<name>.json` files hold, from an `evaluate` result with
-    an AutoAttack attack: accuracies as percent strings with two decimals, eps as a string."""
+    an AutoAttack attack: accuracies as percent strings with two decimals, eps as a string; `info` gives the keys
+    only the user knows (ROBUSTBENCH_INFO; null where not given). dataset: a named dataset, None for a file."""
     name, aa = next((n, a) for n, a in result["attacks"].items() if a.get("attack") == "autoattack")
     threat = {"linf": "Linf", "l2": "L2"}[aa["norm"]]
-    return {
+    entry: dict[str, Any] = {key: None for key in ROBUSTBENCH_INFO}
+    entry.update({
         "name": model_name,
         "dataset": dataset,
         "threat_model": threat,
@@ -31,9 +64,11 @@ def robustbench_entry(result: dict[str, Any], *, model_name: str, dataset: str |
         "autoattack_acc": f"{100 * aa['robust_accuracy']:.2f}",
         "number_forward_passes": 1,  # forward passes the model makes per prediction (RobustBench's field)
         "additional_data": False,
-        "n_samples": result["n_samples"],
-        "evaluated_with": f"robustlab {name} ({aa.get('version', 'standard')})",
-    }
+    })
+    entry.update(info or {})
+    entry.update({"n_samples": result["n_samples"],
+                  "evaluated_with": f"robustlab {name} ({aa.get('version', 'standard')})"})
+    return entry
 
 
 def save_adversarials(path: str | Path, adversarials: dict[str, Tensor], records: dict[str, Any],
@@ -47,5 +82,7 @@ def save_adversarials(path: str | Path, adversarials: dict[str, Tensor], records
     tensors = {"y": y, "clean_correct": (torch.tensor(records["clean_pred"]) == y).to(torch.uint8)}
     for name, x_adv in adversarials.items():
         tensors[f"{name}.x_adv"] = x_adv.float().contiguous()
-        tensors[f"{name}.robust"] = torch.tensor(records["robust"][name], dtype=torch.uint8)
+        flags = records["robust"][name]  # 0/1, or a randomised model's expected accuracies (float32 shares)
+        tensors[f"{name}.robust"] = torch.tensor(flags, dtype=torch.float32 if any(isinstance(v, float) for v in flags)
+                                                 else torch.uint8)
     atomic_write_bytes(path, save(tensors, metadata={"attack_specs": json.dumps(specs)}))

@@ -13,8 +13,9 @@ def _seconds(v: float | None) -> str:
 
 
 def attack_log(result: dict[str, Any], name: str) -> list[str]:
-    """The reference AutoAttack's log for one attack of an `evaluate` result (its stages when it has them), with
-    passes per attacked image added to each line."""
+    """The reference AutoAttack's log for one attack of an `evaluate` result (its stages when it has them), its lines
+    in the reference's exact format (parsers written for it keep working); robustlab's extras (passes per attacked
+    image, how a randomised model was judged) on lines of their own."""
     a = result["attacks"][name]
     stages = a.get("stages") or [{"attack": a.get("attack", name), "robust_accuracy": a["robust_accuracy"],
                                   "seconds": a.get("seconds") or 0.0,
@@ -24,13 +25,21 @@ def attack_log(result: dict[str, Any], name: str) -> list[str]:
     for stage in stages:
         total += stage["seconds"]
         lines.append(f"robust accuracy after {stage['attack'].upper()}: {100 * stage['robust_accuracy']:.2f}% "
-                     f"(total time {total:.1f} s; {stage['passes_per_attacked_image']:.1f} passes/img)")
+                     f"(total time {total:.1f} s)")
     check = a.get("adversarial_check")
     if check and check.get("min") is not None:
         norm = {"linf": "Linf", "l2": "L2", "l1": "L1"}.get(a.get("norm") or "", a.get("norm") or "l2")
         lines.append(f"max {norm} perturbation: {check['max_perturbation']:.5f}, nan in tensor: {check['nan']}, "
                      f"max: {check['max']:.5f}, min: {check['min']:.5f}")
     lines.append(f"robust accuracy: {100 * a['robust_accuracy']:.2f}%")
+    lines.append("passes per attacked image: " + ", ".join(
+        f"{stage['attack']} {stage['passes_per_attacked_image']:.1f}" for stage in stages))
+    spread = a.get("expected_over_draws")
+    if spread:  # a randomised model: how the last line was judged, and why it may differ from the stage lines
+        lines.append(f"judged as the expected accuracy over {spread['draws']} forward passes per image (accuracy of "
+                     f"one pass: std {100 * spread['std']:.2f}, range {100 * spread['min']:.2f}-"
+                     f"{100 * spread['max']:.2f}%)" + ("; the lines 'after' are the attack's own EoT estimates at "
+                                                       "the points it kept" if a.get("stages") else ""))
     return lines
 
 
@@ -61,6 +70,10 @@ def eval_table(result: dict[str, Any]) -> str:
     if len(result.get("per_norm") or {}) > 1:  # the multi-perturbation layout: worst case per norm, their mean
         per = "   ".join(f"{p}: {_pct(v)}%" for p, v in result["per_norm"].items())
         lines += [f"per norm: {per}   mean over norms: {_pct(result['norm_average_accuracy'])}%"]
+    rand = result.get("randomised")
+    if rand:
+        lines += [f"randomised model: accuracies are expected accuracies over {rand['draws']} forward passes per "
+                  f"image (clean, expected: {_pct(rand['clean_accuracy_expected'])}%)"]
     for name, a in result["attacks"].items():
         if a.get("stages"):  # attacks made of stages (AutoAttack) also print the reference's log
             lines += ["", f"{name}:", *(f"  {line}" for line in attack_log(result, name))]

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from robustlab.errors import InputError
+from robustlab.errors import InputError, RobustlabError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -73,6 +73,49 @@ def threat_key(norm: str | None, eps: Any) -> str:
     return f"{norm}:{eps_text(float(eps))}"
 
 
+def parse_threat(text: str) -> str:
+    """A threat filter as the store writes it: 'linf:0.30', 'Linf:76.5/255' -> 'linf:0.3'; 'l2:unbounded' as is.
+    A filter that is not NORM:BUDGET is refused (it would match nothing, silently)."""
+    from robustlab.attacks.spec import parse_value
+    from robustlab.threat.lp import normalise_norm
+
+    norm, sep, budget = str(text).partition(":")
+    if not sep or not budget.strip():
+        raise InputError(f"--threat {text!r}: expected NORM:BUDGET, e.g. linf:8/255, linf:0.3 or l2:0.5")
+    norm = normalise_norm(norm.strip())
+    if budget.strip() in ("unbounded", "per-sample"):
+        return f"{norm}:{budget.strip()}"
+    try:
+        value = parse_value(budget)
+    except RobustlabError:
+        value = None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InputError(f"--threat {text!r}: the budget {budget!r} is not a positive number (e.g. 0.3, 8/255), "
+                         "'unbounded' or 'per-sample'")
+    return threat_key(norm, float(value))
+
+
+def store_contents(path: str | Path) -> dict[str, list[str]]:
+    """The data and threat keys the store holds (what a filter can match)."""
+    with _connect(Path(path)) as con:
+        return {"data": [r[0] for r in con.execute("SELECT DISTINCT data FROM evaluations ORDER BY data")],
+                "threat": [r[0] for r in con.execute("SELECT DISTINCT threat FROM evaluations ORDER BY threat")]}
+
+
+def store_problem(path: str | Path) -> str | None:
+    """Why the store at `path` cannot be written (None when it can): its folder is made if missing, the schema
+    created and a write lock taken and released, so a command learns it before its work, not after."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _connect(path) as con:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+    except (sqlite3.Error, OSError) as e:  # a read-only folder or file, a path through a file, a full disk
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 @contextlib.contextmanager
 def _connect(path: Path) -> Iterator[sqlite3.Connection]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +154,11 @@ def record(path: str | Path, *, model_digest: str, model_name: str, data: str, r
                      spec, result["clean_accuracy"], entry["robust_accuracy"], result["n_samples"], now, version))
                 eid = int(cur.lastrowid or 0)
                 ids.append(eid)
+                # robust: 0 or 1, or a randomised model's expected accuracy (a share; SQLite keeps it REAL), so the
+                # best-known accuracy takes per sample the lowest over the evaluations, as evaluate's union does
                 con.executemany("INSERT INTO samples (evaluation_id, idx, clean_correct, robust) VALUES (?, ?, ?, ?)",
-                                [(eid, i, c, int(r)) for i, (c, r) in enumerate(zip(clean, records["robust"][name]))])
+                                [(eid, i, c, r if isinstance(r, float) else int(r))
+                                 for i, (c, r) in enumerate(zip(clean, records["robust"][name]))])
             con.execute("COMMIT")
             committed = True
         finally:
@@ -128,10 +174,11 @@ def leaderboard(path: str | Path, *, data: str | None = None, threat: str | None
     if not path.exists():
         raise InputError(f"no results store at {path}; `robustlab eval` records there (or pass --store PATH)")
     where, args = [], []
-    if data:
-        where.append("e.data = ?")
-        args.append(data)
+    if data:  # "mnist5k" matches every split of it ("mnist5k:test"), "mnist5k:test" only that
+        where.append("(e.data = ? OR substr(e.data, 1, length(?) + 1) = ? || ':')")
+        args += [data, data, data]
     if threat:
+        threat = parse_threat(threat)
         where.append("e.threat = ?")
         args.append(threat)
     cond = ("WHERE " + " AND ".join(where)) if where else ""

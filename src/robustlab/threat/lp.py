@@ -144,9 +144,11 @@ class LinfBall(LpBall):
         largest = float(self.eps.max()) if isinstance(self.eps, Tensor) and self.eps.numel() else self.eps
         if isinstance(largest, (int, float)) and largest > 1 and self.box == (0.0, 1.0):
             # inputs live in [0, 1]: an l_inf budget above 1 is almost always a pixel-unit budget (8 for 8/255)
+            # suggest /255 only where the result is a plausible budget (8 -> 8/255); 1e6 is no pixel budget
+            hint = (f", so eps={largest:g} is probably meant as {largest:g}/255 = {largest / 255:.4g} (write "
+                    f"eps={largest:g}/255)" if largest <= 64 else "; an l_inf budget lies in (0, 1]")
             raise InputError(f"l_inf eps {largest:g} is larger than the [0, 1] input range; budgets are in the "
-                             f"input's unit, so eps={largest:g} is probably meant as {largest:g}/255 "
-                             f"= {largest / 255:.4g} (write eps={largest:g}/255)")
+                             f"input's unit{hint}")
 
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         eps = self.eps_like(x)
