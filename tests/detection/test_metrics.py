@@ -1,12 +1,13 @@
 """Post-processing and mAP (cwat.md 1.6, 5.1; invariants 7-10) against brute-force references and COCOeval."""
 import importlib.util
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from robustlab.detection.boxes import TINYSSD_96, make_priors, nms, nms_sorted
-from robustlab.detection.metrics import average_precision, coco_ap50, detection_map
+from robustlab.detection.metrics import coco_ap50, detection_map
 from robustlab.detection.postprocess import detect
 from robustlab.detection.targets import pad_targets, unpad
 
@@ -113,7 +114,36 @@ def _voc_eval_reference(dets, gts, c, thr=0.5, use_07=True):
     fp, tp = np.cumsum(fp), np.cumsum(tp)
     rec = tp / npos
     prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-    return average_precision(rec, prec, "11pt" if use_07 else "area")
+    return _devkit_voc_ap(rec, prec, use_07)
+
+
+def _devkit_voc_ap(rec, prec, use_07):
+    """The official VOC devkit's AP, transcribed here so that robustlab's `average_precision` is checked against it
+    and not against itself: VOC2007's 11-point rule (VOCevaldet.m: for t = 0:0.1:1, the largest precision at
+    recall >= t, 0 if none, averaged over the 11 points) and VOC2010's area rule (VOCap.m: recall framed by 0 and
+    1, precision by 0 and 0, the precision envelope made monotone from the right, summed over the recall steps)."""
+    if use_07:
+        total = 0.0
+        for t in np.arange(0.0, 1.1, 0.1):
+            above = prec[rec >= t]
+            total += (above.max() if above.size else 0.0) / 11.0
+        return total
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    for i in range(mpre.size - 2, -1, -1):
+        mpre[i] = max(mpre[i], mpre[i + 1])
+    steps = np.nonzero(mrec[1:] != mrec[:-1])[0] + 1
+    return float(np.sum((mrec[steps] - mrec[steps - 1]) * mpre[steps]))
+
+
+@pytest.mark.parametrize("use_07", [True, False])
+def test_the_transcribed_devkit_ap_on_known_curves(use_07):
+    """The transcription itself on curves whose AP is known by hand, so that the cross-check cannot agree on a
+    shared mistake: perfect detection, and precision 1/2 at full recall."""
+    assert _devkit_voc_ap(np.array([0.5, 1.0]), np.array([1.0, 1.0]), use_07) == pytest.approx(1.0)
+    assert _devkit_voc_ap(np.array([0.0, 1.0]), np.array([0.0, 0.5]), use_07) == pytest.approx(0.5)
+    # recall 1/2 at precision 1, never more: 6 of the 11 points, or area 1/2
+    assert _devkit_voc_ap(np.array([0.5]), np.array([1.0]), use_07) == pytest.approx(6 / 11 if use_07 else 0.5)
 
 
 def _random_problem(seed, n_img=25, k=3, difficult=True):
@@ -154,6 +184,12 @@ def test_shuffled_labels_give_near_zero_map():
 
 
 BACKENDS = [b for b in ("faster_coco_eval", "pycocotools") if importlib.util.find_spec(b)]
+# both are test dependencies: in CI a missing one is a failed install, not a reason to skip the cross-check
+MISSING_IN_CI = bool(os.environ.get("CI")) and len(BACKENDS) < 2
+
+
+def test_the_cocoeval_backends_are_installed_in_ci():
+    assert not MISSING_IN_CI, f"COCOeval backends installed: {BACKENDS or 'none'} (CI needs both: scripts/setup.sh --test)"
 
 
 @pytest.mark.reference

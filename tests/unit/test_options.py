@@ -59,9 +59,15 @@ CONTEXT = {
     ("deepfool", "max_step"): {"project": True},
     # with compaction every sample is fooled (and gone) before the first step-size checkpoint
     **{(a, "rho"): {"compact": False} for a in ("apgd-ce", "apgd-dlr", "apgd-t")},
-    ("fab", "compact"): {"eps": 0.05}, ("square", "precision"): {"eps": 0.15},
-    # APGD-T must break an image APGD-CE left (only then do targets side by side spend other passes)
-    ("autoattack", "targets_at_once"): {"eps": 0.12},
+    ("fab", "compact"): {"eps": 0.05},
+    # bf16 shows in the points where the step reads the gradient's magnitude (l_2), not only its signs (l_inf: on
+    # some machines' fixture weights every sign, and so every point, came out equal); a black-box attack shows it
+    # through its margins, given enough queries to meet a near tie
+    **{(a, "precision"): {"norm": "l2", "eps": 0.5} for a in ("apgd-dlr", "apgd-t")},
+    ("square", "precision"): {"n_queries": 1000}, ("salt-pepper", "precision"): {"steps": 1000},
+    # APGD-T or FAB-T must break an image APGD-CE left (only then do targets side by side spend other passes): a
+    # one-step APGD leaves them the work
+    ("autoattack", "targets_at_once"): {"eps": 0.08, "apgd_steps": 1},
 }
 
 
