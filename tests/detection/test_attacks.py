@@ -10,6 +10,7 @@ from robustlab.detection.attacks import DAG, MDA, DetPGD, select_by_total_loss
 from robustlab.detection.loss import Decomp, decompose
 from robustlab.detection.objectives import Objective
 from robustlab.detection.targets import match_targets, pad_targets
+from robustlab.errors import InputError
 from robustlab.models import create_model
 
 OBJECTIVES = ["cls", "reg", "full", "toat", "owa", "cwa"]
@@ -266,18 +267,16 @@ def test_an_option_the_objective_does_not_read_is_refused(batch):
     create_attack("det-pgd:objective=toat,beta_cls=6,beta_reg=6", model)  # read by TOAT: fine
 
 
-def test_evaluator_attacks_the_model_it_is_given(batch):
-    """detection_attacks' callables attack the model the evaluator passes, not the one the specs were checked on."""
+def test_evaluator_refuses_an_attack_bound_to_another_model(batch):
+    """detection_attacks binds each attack to the model it was given; evaluating another model with them is refused
+    (a white-box number must come from attacking the model that is scored)."""
     from robustlab.detection.attacks import detection_attacks
+    from robustlab.detection.data import mnist_det
+    from robustlab.detection.evaluate import evaluate_detector
 
-    model, x, t = batch
-    other = create_model("tinyssd-96", num_classes=10)
-    other.load_state_dict(model.state_dict())
-    other.eval()
-    calls = []
-    hook = other.register_forward_pre_hook(lambda m, inp: calls.append(1))
+    model, _, _ = batch
+    other = create_model("tinyssd-96", num_classes=10).eval()
     attacks = detection_attacks(["cwa:steps=2"], model)
-    a = attacks["cwa:steps=2"](other, x, t)
-    hook.remove()
-    assert calls, "the attack never ran the model it was given"
-    assert torch.equal(a, attacks["cwa:steps=2"](model, x, t))  # same weights: same result
+    assert attacks["cwa:steps=2"].model is model
+    with pytest.raises(InputError, match="different model"):
+        evaluate_detector(other, mnist_det(preset="voc", n_train=8, n_test=8).test, 4, attacks=attacks)

@@ -7,8 +7,7 @@ from torch import nn
 
 from robustlab import evaluate
 from robustlab.attacks import PGD, Attack, AttackOut
-from robustlab.engine.evaluator import ThreatViolation
-from robustlab.threat import make_threat
+from robustlab.threat import ThreatViolation, make_threat
 from tests.conftest import TinyCNN
 
 

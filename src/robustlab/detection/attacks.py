@@ -38,11 +38,14 @@ PIXEL_MAX = 255.0
 
 class DetectionAttack(Attack):
     """Base of the detection attacks: an `Attack` on a robustlab detector, with pixel-scale images, padded box
-    targets in place of labels (`attack(x, targets) -> x_adv`) and an l_inf ball in [0, 255] as its threat model.
-    `run` returns an AttackOut without success flags (a detector is not "fooled" as a whole) but with `stats`."""
+    targets in place of labels (`attack(x, targets) -> x_adv`) and an l_inf ball in [0, 255] as its threat model
+    (None for an unbounded attack: DAG without eps stays only in the box). `run` returns an AttackOut without
+    success flags (a detector is not "fooled" as a whole) but with `stats`: per batch, counts under keys starting
+    with "n_" (the evaluator sums them) and means over the batch's images otherwise (it averages them, weighted)."""
 
     task = "detection"
     name = ""
+    box = (0.0, PIXEL_MAX)
 
     def __init__(self, model: nn.Module, eps: float = 8.0, seed: int = 0) -> None:
         if getattr(model, "task", None) != "detection":
@@ -111,9 +114,18 @@ class DetPGD(DetectionAttack):
                                    attack_negatives, cwa_scope)
 
     def _run(self, counter, x, y, target, gen):
+        matched = match_targets(y, self.detector.priors)
         x_adv = ascend(counter, x, y, self.objective, cast(LinfBall, self.threat), self.alpha, self.steps,
-                       self.random_start, gen)
-        return AttackOut(x_adv, None, stats={"max_abs_delta": float((x_adv - x).abs().max())})
+                       self.random_start, gen, matched)
+        stats: dict[str, float] = {}
+        if self.objective.clips:  # spec cwat.md 5.2: the share of object terms the clipping cut, at x_adv
+            with torch.no_grad():
+                loc, conf = self.model(x_adv)
+            counter.forward += x.shape[0]
+            d = decompose(loc, conf, y, self.detector.priors, matched)
+            stats["clipped_fraction"] = float(self.objective.clipped_fraction(d, self.detector.num_classes,
+                                                                              y.shape[1]))
+        return AttackOut(x_adv, None, stats=stats)
 
 
 class DetFGSM(DetPGD):
@@ -178,7 +190,8 @@ class MDA(DetectionAttack):
         pick_cls, _ = select_by_total_loss(self.detector, x_cls, x_reg, y, matched)
         counter.forward += 2 * x.shape[0]
         x_adv = torch.where(pick_cls[:, None, None, None], x_cls, x_reg)
-        return AttackOut(x_adv, None, stats={"chose_cls": float(pick_cls.float().mean())})
+        n_cls = int(pick_cls.sum())
+        return AttackOut(x_adv, None, stats={"n_chose_cls": n_cls, "n_chose_reg": x.shape[0] - n_cls})
 
 
 @torch.no_grad()
@@ -212,6 +225,9 @@ class DAG(DetectionAttack):
     def __init__(self, model: nn.Module, eps: float = 0.0, gamma: float = 0.5, max_iter: int = 150,
                  iou_threshold: float = 0.1, prob_threshold: float = 0.1, seed: int = 0) -> None:
         super().__init__(model, eps, seed)
+        self.bound = float(eps)  # 0: unbounded, only the [0, 255] box (the original DAG)
+        if self.bound == 0:
+            self.threat = None
         check_positive(gamma, "gamma")
         check_positive_int(max_iter, "max_iter")
         self.gamma, self.max_iter = float(gamma), max_iter
@@ -235,7 +251,7 @@ class DAG(DetectionAttack):
         return out
 
     def _run(self, counter, x, y, target, _gen):
-        model, targets, eps = self.detector, y, float(cast(LinfBall, self.threat).eps)
+        model, targets, eps = self.detector, y, self.bound
         gen = torch.Generator().manual_seed(self.seed)  # the class map is drawn on the host
         b, p = x.shape[0], model.priors.shape[0]
         valid = (targets[..., 4] >= 0) & (targets[..., 5] <= 0)
@@ -288,8 +304,8 @@ class DAG(DetectionAttack):
                                              "targets_true_before": float(true_before),
                                              "targets_true_after": float(true_after),
                                              "fooled_fraction": float(done.float().mean()),
-                                             "mean_iterations": float(iters.float().mean()),
-                                             "max_abs_delta": float((x_adv - x).abs().max())})
+                                             "n_fooled": int(done.sum()),
+                                             "mean_iterations": float(iters.float().mean())})
 
 
 @ATTACKS.register("dag")
@@ -315,23 +331,12 @@ mda.forwards_options_to = (MDA,)  # type: ignore[attr-defined]
 dag.forwards_options_to = (DAG,)  # type: ignore[attr-defined]
 
 
-def detection_attacks(specs: list[str], model: nn.Module) -> dict[str, Any]:
-    """{label: callable(model, x, targets) -> x_adv} from attack specs or panel names ('table1', 'table3').
-
-    Every spec is checked (built once on `model`) here, before any work; each callable attacks the model the
-    evaluator hands it (the attack is rebuilt when that is another model than the last one)."""
+def detection_attacks(specs: list[str], model: nn.Module) -> dict[str, Attack]:
+    """{label: detection attack bound to `model`} from attack specs or panel names ('table1', 'table3'); every spec
+    is checked (built) here, before any work."""
     from robustlab.attacks.spec import create_attack
 
-    def bound(spec: str, first: Any):
-        cache = {"attack": first}
-
-        def run(m: nn.Module, x: Tensor, t: Tensor) -> Tensor:
-            if cache["attack"].model is not m:
-                cache["attack"] = create_attack(spec, m)
-            return cache["attack"](x, t)
-        return run
-
-    out: dict[str, Any] = {}
+    out: dict[str, Attack] = {}
     for spec in specs:
         items = PANELS[spec].items() if spec in PANELS else [(spec, spec)]
         for label, s in items:
@@ -339,6 +344,5 @@ def detection_attacks(specs: list[str], model: nn.Module) -> dict[str, Any]:
             if getattr(atk, "task", None) != "detection":
                 raise InputError(f"attack {s!r} is a classifier attack; detectors take det-fgsm, det-pgd, owa, cwa, "
                                  "mda, dag (or the panels table1, table3)")
-            out[label] = bound(s, atk)
+            out[label] = atk
     return out
-

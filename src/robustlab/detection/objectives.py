@@ -78,6 +78,30 @@ class Objective:
             return j
         return (terms * weights).sum(1) + ((neg_terms * neg_weights).sum(1) if neg_terms is not None else 0)
 
+    @property
+    def clips(self) -> bool:
+        """Whether the objective clips loss terms (TOAT with a finite beta, OWA, CWA)."""
+        return self.name in ("owa", "cwa") or (self.name == "toat" and not (math.isinf(self.beta_cls)
+                                                                             and math.isinf(self.beta_reg)))
+
+    def clipped_fraction(self, d: Decomp, num_classes: int, num_objects: int | None = None) -> float:
+        """The share of the objective's terms that its clipping cuts at this decomposition (spec cwat.md 5.2): TOAT's
+        per-image task losses above beta_cls / beta_reg; OWA's and CWA's units (matched anchors, or objects with
+        granularity='gt') whose classification or localisation loss is above beta_o. 0 where there is no term."""
+        if self.name == "toat":
+            lcls, lreg = d.task_losses()
+            cut = torch.cat([lcls > self.beta_cls, lreg > self.beta_reg])
+            return float(cut.float().mean()) if cut.numel() else 0.0
+        if self.granularity == "anchor":
+            lc, lr, present = d.lc, d.lr, d.pos
+        else:
+            if num_objects is None:
+                raise InputError("granularity='gt' needs the number of objects (padded targets' M)")
+            lc, lr, count = d.object_losses(num_objects)
+            present = count > 0
+        cut = ((lc > self.beta_o) | (lr > self.beta_o)) & present
+        return float(cut.sum() / present.sum()) if bool(present.any()) else 0.0
+
     def unit_weights(self, d: Decomp, num_classes: int, num_objects: int | None = None) -> tuple[Tensor, Tensor | None]:
         """CWA's weights per unit (B, U) (anchors, or objects for granularity='gt') and per mined negative."""
         _, w, _, nw = self._units(d, num_classes, num_objects)

@@ -61,7 +61,21 @@ def ap_table(result: dict[str, Any]) -> str:
         cells = [("–" if math.isnan(c["ap"][i]) else f"{c['ap'][i]:.3f}") for c in cols.values()]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     rows.append("| **mAP** | " + " | ".join(f"**{c['map']:.3f}**" for c in cols.values()) + " |")
-    return head + "\n".join(rows) + "\n"
+    return head + "\n".join(rows) + "\n" + attack_summary(result)
+
+
+def attack_summary(result: dict[str, Any]) -> str:
+    """One line per attack: its budget, passes and seconds, the perturbation it made and its own statistics."""
+    lines = []
+    for name, a in result.get("attacks", {}).items():
+        if "passes" not in a:
+            continue
+        eps = "unbounded ([0, 255] box only)" if a.get("eps") is None else f"l_inf eps {a['eps']:g}"
+        stats = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in a["stats"].items())
+        lines.append(f"- {name}: {eps}; {a['passes']['per_image']:.1f} passes/img, {a['seconds']:.1f} s; |delta| mean "
+                     f"{a['perturbation']['mean_abs']:.3f}, max {a['perturbation']['max_abs']:.3f}"
+                     + (f"; {stats}" if stats else ""))
+    return ("\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def per_class_ap_plot(result: dict[str, Any], path: str | Path) -> Path:

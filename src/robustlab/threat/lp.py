@@ -316,10 +316,31 @@ def normalise_norm(norm: str) -> str:
     return key
 
 
+class ThreatViolation(RuntimeError):
+    """An attack returned a point outside its threat model (a bug in the attack, never a result)."""
+
+
+def check_within(x_adv: Tensor, x: Tensor, threat: LpBall | None, box: tuple[float, float], name: str,
+                 what: str = "") -> None:
+    """Every point of x_adv inside `threat` (ball and box) or, for an unbounded attack (threat None), inside `box`;
+    else ThreatViolation naming the attack and how many points are out. Evaluators call it on every batch."""
+    if threat is not None:
+        ok = threat.contains(x_adv, x)
+        where = what or f"its {threat.norm} ball"
+    else:
+        lo, hi = box
+        tol = 1e-6 * max(1.0, hi - lo)
+        ok = (x_adv.flatten(1).amin(1) >= lo - tol) & (x_adv.flatten(1).amax(1) <= hi + tol)
+        where = what or f"the [{lo:g}, {hi:g}] box"
+    if not bool(ok.all()):
+        raise ThreatViolation(f"attack {name!r} returned {int((~ok).sum())} point(s) outside {where}; this is a bug "
+                              "in the attack")
+
+
 def make_threat(norm: str, eps: float | Tensor, **kwargs) -> LpBall:
     """Build a threat model by norm name ('linf', 'l2', 'l1'; 'inf', 'Linf', 'L2', 'L1' accepted)."""
     return _BALLS[normalise_norm(norm)](eps, **kwargs)
 
 
-__all__ = ["LpBall", "LinfBall", "L2Ball", "L1Ball", "make_threat", "normalise_norm", "per_sample_norm", "project_l1_ball", "l1_threshold",
-           "NORMS"]
+__all__ = ["LpBall", "LinfBall", "L2Ball", "L1Ball", "make_threat", "normalise_norm", "ThreatViolation", "check_within",
+           "per_sample_norm", "project_l1_ball", "l1_threshold", "NORMS"]
