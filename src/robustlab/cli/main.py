@@ -127,9 +127,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.store and not args.no_store and not task.per_sample_records:
         raise InputError(f"--store records per-sample robustness; {task.name} evaluations have none")
     store = _results_store(args, wanted=task.per_sample_records)
-    if (args.state is not None or shard is not None or ranks.enabled) and not task.per_sample_records:
-        raise InputError(f"--state, --shard and torchrun split the work by batch; {task.name} evaluations run in one "
-                         "pass")
     options = dict(examples=task.report_examples if args.report else 0, precision=args.precision,
                    compile=args.compile, keep_adversarials=bool(args.save_adversarials),
                    keep_records=store is not None, draws=args.draws, integrity=args.integrity)
@@ -298,9 +295,11 @@ def cmd_eval_merge(args: argparse.Namespace) -> int:
     store = _results_store(args, wanted=context.get("store_data") is not None)
     result = merge_evaluations(args.folders, keep_records=True)
     result.pop("adversarials", None)
-    records = result.pop("records")
+    result.pop("examples", None)  # a detector's report images: not JSON
+    records = result.pop("records", None)  # per-sample flags: classifiers only
     result.update({k: context[k] for k in ("model", "data", "attack_specs", "device") if k in context})
-    print(task_named("classification")().table(result))
+    manifest = json.loads((args.folders[0] / "manifest.json").read_text())
+    print(task_named(manifest.get("task", "classification"))().table(result))
     written = []
     if args.log:
         written.append(save_result(args.log, lambda p: atomic_write_text(p, evaluation_log(result)), what="log"))
@@ -310,7 +309,6 @@ def cmd_eval_merge(args: argparse.Namespace) -> int:
     if store is not None:  # as `robustlab eval` would have, had it run in one piece
         from robustlab.version import __version__
 
-        manifest = json.loads((args.folders[0] / "manifest.json").read_text())
         record(store, model_digest=manifest["model_sha256"], model_name=context["model"], data=context["store_data"],
                specs=context["attack_specs"], version=__version__, result={**result, "records": records})
         print(f"recorded in {store} (robustlab leaderboard --store {store})")

@@ -247,7 +247,7 @@ def evaluate(
                       "average_accuracy are None)", RuntimeWarning, stacklevel=2)
     names = _unique_names(built)
     panel = [_attack_meta(name, atk) for name, atk in zip(names, built)]
-    shard_i, n_shards = _check_shard(shard, state)
+    shard_i, n_shards = check_shard(shard, state)
     saved = None
     if state is not None:
         from robustlab.engine.checkpoint import tensors_sha256
@@ -350,7 +350,8 @@ def _first_checks(model: nn.Module, first_batch: tuple[Tensor, Tensor], record: 
     return checks
 
 
-def _check_shard(shard: tuple[int, int] | None, state: Any) -> tuple[int, int]:
+def check_shard(shard: tuple[int, int] | None, state: Any) -> tuple[int, int]:
+    """(I, N) of a shard (0, 1 for none): 0 <= I < N, and a state folder to write a slice of the work to."""
     if shard is None:
         return 0, 1
     if (not isinstance(shard, (tuple, list)) or len(shard) != 2 or not all(isinstance(v, int) for v in shard)
@@ -543,9 +544,11 @@ def _result(panel: list[dict[str, Any]], batches: list[dict[str, Any]], first_ch
 
 
 def without_seconds(result: dict[str, Any]) -> dict[str, Any]:
-    """A JSON copy of an evaluation result without its wall-clock times (per attack and per stage): what a resumed,
-    sharded or multi-process run must reproduce exactly."""
-    result = json.loads(json.dumps(result))
+    """A JSON copy of an evaluation result (a classifier's or a detector's) without its wall-clock times (per attack
+    and per stage) and report images: what a resumed, sharded or multi-process run must reproduce exactly."""
+    result = json.loads(json.dumps({k: v for k, v in result.items() if k != "examples"}))
+    if isinstance(result.get("clean"), dict):  # a detector's clean entry
+        result["clean"].pop("seconds", None)
     for entry in result["attacks"].values():
         entry.pop("seconds", None)
         for stage in entry.get("stages", []):
@@ -566,6 +569,11 @@ def merge_evaluations(folders: Sequence[str | Path], keep_records: bool = False)
     batches = [{"k": k, "clean": find_record(dirs, f"batch-{k:06d}.pt"),
                 "attacks": [find_record(dirs, f"batch-{k:06d}-attack-{j:02d}.pt") for j in range(len(panel))]}
                for k in range(n_batches)]
+    if manifest.get("task") == "detection":  # a detector's records: mAP from the merged detections
+        from robustlab.detection.evaluate import detector_result
+
+        return detector_result(panel, batches, ap_mode=manifest["ap_mode"], class_names=manifest["class_names"],
+                               keep_examples=manifest["examples"])
     checks_path = owner / "checks.json"
     first_checks = json.loads(checks_path.read_text()) if checks_path.exists() else None
     return _result(panel, batches, first_checks, keep_records, bool(manifest["adversarials"]))

@@ -15,6 +15,7 @@ A new task is a `Task` subclass registered with `@TASKS.register("name")`; data 
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -28,9 +29,9 @@ from robustlab.data.augment import augment
 from robustlab.data.embedded import as_float_images, materialise
 from robustlab.data.loading import EpochLoader, ImageFiles, IndexLoader, resolve_workers
 from robustlab.detection.attacks import detection_attacks
-from robustlab.detection.evaluate import evaluate_detector
+from robustlab.detection.evaluate import detector_panel, evaluate_detector
 from robustlab.detection.report import ap_table, write_detection_report
-from robustlab.engine.evaluator import evaluate
+from robustlab.engine.evaluator import check_shard, evaluate
 from robustlab.engine.external import Normalized, is_array_file, load_array_data, probe_model
 from robustlab.errors import ConfigError, InputError
 from robustlab.methods.base import Method
@@ -340,10 +341,10 @@ class Detection(Task):
     def evaluate(self, model, split, specs, n, *, batch_size=32, checks=True, examples=0, progress=False,
                  precision="fp32", compile=False, keep_adversarials=False, keep_records=False, state=None, shard=None,
                  draws=20, integrity="quick"):
-        if precision != "fp32" or compile or keep_adversarials or keep_records or state is not None or shard:
-            raise InputError(f"precision={precision!r} / compile={compile!r} / saving adversarial examples, "
-                             "per-sample records, a state folder or shards: detection attacks run in fp32, eagerly, "
-                             "in one pass and keep neither (these apply to classifiers)")
+        if precision != "fp32" or compile or keep_adversarials or keep_records:
+            raise InputError(f"precision={precision!r} / compile={compile!r} / saving adversarial examples or "
+                             "per-sample records: detection attacks run in fp32, eagerly, and keep neither (these "
+                             "apply to classifiers)")
         if draws != 20:
             raise InputError(f"draws={draws}: judging a randomised model by several forward passes applies to "
                              "classifiers (detectors are judged by one pass)")
@@ -351,9 +352,28 @@ class Detection(Task):
             raise InputError("integrity='full': detectors have no integrity probe yet (the classifier checks do not "
                              "apply to mAP); use quick or off")
         # detection has no integrity checks yet (`checks` has nothing to switch); batches of at most 64 images
-        attacks = detection_attacks(specs, model) if specs else None
-        return evaluate_detector(model, split, n, batch_size=min(batch_size, 64), ap_mode=self.ap_mode,
-                                 attacks=attacks, keep_examples=examples, progress=progress, workers=self.workers)
+        attacks = detection_attacks(specs, model) if specs else {}
+        batch_size = min(batch_size, 64)
+        shard_i, n_shards = check_shard(shard, state)
+        n_images = len(split) if n is None else min(int(n), len(split))
+        saved = None
+        if state is not None:  # the batch is the unit of work: resumable, shardable (engine/eval_state.py)
+            from robustlab.engine.checkpoint import tensors_sha256
+            from robustlab.engine.eval_state import EvalState
+            from robustlab.version import __version__
+
+            saved = EvalState(state, {
+                "robustlab": __version__, "task": self.name, "model_sha256": tensors_sha256(dict(model.state_dict())),
+                "n_images": n_images, "batch_size": batch_size, "ap_mode": self.ap_mode,
+                "attacks": detector_panel(attacks), "class_names": list(model.class_names), "examples": examples})
+        result = evaluate_detector(model, split, n_images, batch_size=batch_size, ap_mode=self.ap_mode,
+                                   attacks=attacks, keep_examples=examples, progress=progress, workers=self.workers,
+                                   state=saved, shard=(shard_i, n_shards))
+        if saved is not None:
+            saved.mark_done(shard_i, n_shards, math.ceil(n_images / batch_size))
+        if n_shards > 1:
+            result["state"] = str(saved.folder) if saved is not None else None
+        return result
 
     def epoch_row(self, result, panel):
         row = {"eval_clean": result["clean"]["map"], "eval_map": result["clean"]["map"]}
