@@ -12,7 +12,8 @@ model passes every candidate through the 0.01 score threshold, the worst case fo
 the typical case.
 
 --eval times an evaluation under CWA (PGD-10, eps 8) three ways in the same process, on the same images: a plain
-loop (attack, forward, post-processing per batch, mAP at the end: the work itself), `evaluate_detector` (which also
+loop (clean forward and post-processing, attack, forward, post-processing per batch, clean and attacked mAP at the
+end: the work itself), `evaluate_detector` (which also
 checks every adversarial batch against the threat model and keeps per-batch records of detections, passes, |delta|
 and statistics) and `evaluate_detector` with a state folder (each record also written to disk): images/s and the
 overhead against the plain loop (issue 29: at most 5%).
@@ -142,16 +143,20 @@ def eval_overhead(args) -> None:
     n, bs = args.n_images, min(args.batch_size, 64)
     attack = detection_attacks(["cwa"], model)["cwa"]
 
-    def plain():
-        dets, gts = [], []
+    def plain():  # what an evaluation must do: clean and attacked detections, both mAPs
+        clean, dets, gts = [], [], []
         for start in range(0, n, bs):
             x, t = source.batch(torch.arange(start, min(start + bs, n)))
             x, t = x.to(dev), t.to(dev)
+            with torch.no_grad():
+                loc, conf = model(x)
+            clean += detect(loc, conf, model.priors)
             xa = attack(x, t)
             with torch.no_grad():
                 loc, conf = model(xa)
             dets += detect(loc, conf, model.priors)
             gts += unpad(t.cpu())
+        detection_map(clean, gts, model.num_classes)
         return detection_map(dets, gts, model.num_classes)["map"]
 
     def robustlab():

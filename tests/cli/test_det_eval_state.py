@@ -76,3 +76,32 @@ def test_torchrun_two_processes_give_the_single_process_result(det_setup, tmp_pa
     run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert without_seconds(json.loads(out.read_text())) == without_seconds(plain)
+
+
+def test_detector_evaluations_are_recorded_and_on_the_leaderboard(det_setup, tmp_path, capsys):
+    """Item 5: each attack's mAP goes into the results store with its threat in pixel units (linf:8px; DAG without
+    a budget none:unbounded) and the weights' digest; the leaderboard lists the detector's clean mAP and its
+    best-known robust mAP (the lowest any attack of that threat reached) beside classifiers, in every format; a
+    sharded run is recorded by its merge exactly as one run is."""
+    from robustlab.reports.store import format_leaderboard, leaderboard
+
+    _, args, plain = det_setup
+    args = [a for a in args if a != "--no-store"]
+    store = tmp_path / "r.sqlite"
+    assert main([*args, "--store", str(store)]) == 0
+    rows = {r["threat"]: r for r in leaderboard(store)}
+    assert set(rows) == {"linf:8px", "none:unbounded"}
+    cwa = rows["linf:8px"]
+    assert cwa["metric"] == "map" and cwa["clean_accuracy"] == plain["clean"]["map"]
+    assert cwa["best_known_accuracy"] == plain["attacks"]["cwa:steps=3"]["map"] and cwa["n_samples"] == N
+    for fmt in ("md", "csv", "html", "json"):
+        assert "linf:8px" in format_leaderboard(list(rows.values()), fmt)
+    capsys.readouterr()
+    assert main(["leaderboard", "--store", str(store), "--threat", "linf:8px", "--format", "json"]) == 0
+    assert [r["threat"] for r in json.loads(capsys.readouterr().out)] == ["linf:8px"]
+    merged_store = tmp_path / "m.sqlite"
+    for i in range(2):
+        assert main([*args, "--shard", f"{i}/2", "--state", str(tmp_path / f"s{i}")]) == 0
+    assert main(["eval-merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--store", str(merged_store)]) == 0
+    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
+    assert strip(leaderboard(merged_store)) == strip(leaderboard(store))

@@ -96,3 +96,25 @@ def test_two_writers_at_once_lose_nothing(tmp_path):
 
     with sqlite3.connect(store) as con:
         assert con.execute("SELECT COUNT(*) FROM samples").fetchone()[0] == 2 * 25 * 50
+
+
+def test_a_store_from_before_detectors_gains_the_metric_column(tmp_path):
+    """A store written by an earlier robustlab (no `metric` column) is read and written: its rows are accuracies."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(str(path))
+    con.executescript("""
+        CREATE TABLE evaluations (id INTEGER PRIMARY KEY AUTOINCREMENT, model_hash TEXT NOT NULL, model TEXT NOT NULL,
+            data TEXT NOT NULL, threat TEXT NOT NULL, attack TEXT NOT NULL, spec TEXT NOT NULL,
+            clean_accuracy REAL NOT NULL, robust_accuracy REAL NOT NULL, n_samples INTEGER NOT NULL,
+            created TEXT NOT NULL, robustlab_version TEXT NOT NULL);
+        CREATE TABLE samples (evaluation_id INTEGER NOT NULL, idx INTEGER NOT NULL, clean_correct INTEGER NOT NULL,
+            robust INTEGER NOT NULL, PRIMARY KEY (evaluation_id, idx));
+        INSERT INTO evaluations VALUES (1, 'abc', 'old', 'digits:test', 'linf:0.1', 'pgd', 'pgd', 0.9, 0.5, 2, 'x', '0.1.0');
+        INSERT INTO samples VALUES (1, 0, 1, 1), (1, 1, 1, 0);
+    """)
+    con.commit()
+    con.close()
+    (row,) = leaderboard(path)
+    assert row["metric"] == "accuracy" and row["best_known_accuracy"] == 0.5

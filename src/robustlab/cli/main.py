@@ -124,12 +124,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     specs = task.expand_specs(args.attack) if args.attack else task.default_attacks(data)
     if args.robustbench_json and not any(s.split(":")[0] == "autoattack" for s in specs):
         raise InputError("--robustbench-json reports AutoAttack accuracy: add --attack \"autoattack:norm=linf,eps=8/255\"")
-    if args.store and not args.no_store and not task.per_sample_records:
-        raise InputError(f"--store records per-sample robustness; {task.name} evaluations have none")
-    store = _results_store(args, wanted=task.per_sample_records)
+    store = _results_store(args, wanted=True)
     options = dict(examples=task.report_examples if args.report else 0, precision=args.precision,
                    compile=args.compile, keep_adversarials=bool(args.save_adversarials),
-                   keep_records=store is not None, draws=args.draws, integrity=args.integrity)
+                   keep_records=store is not None and task.per_sample_records, draws=args.draws,
+                   integrity=args.integrity)
     if ranks.enabled:
         result = _torchrun_eval(task, model, split, specs, args, options, data)
         if result is None:

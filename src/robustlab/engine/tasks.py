@@ -123,7 +123,7 @@ class Task(ABC):
         return self.split_of(data, split), {"name": name, "kwargs": kwargs, "split": split}
 
     fallback_dataset: ClassVar[str] = ""  # the dataset `eval` reads when the checkpoint names none
-    per_sample_records: ClassVar[bool] = False  # evaluate(keep_records=True) works: the results store can record it
+    per_sample_records: ClassVar[bool] = False  # evaluate(keep_records=True) gives per-sample flags (the store's union)
     report_examples: ClassVar[int] = 0  # images with their predictions a report shows
 
     def check_fits(self, model: nn.Module, data: Any, name: str) -> None:

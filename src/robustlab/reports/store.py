@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     model_hash TEXT NOT NULL, model TEXT NOT NULL, data TEXT NOT NULL, threat TEXT NOT NULL,
     attack TEXT NOT NULL, spec TEXT NOT NULL, clean_accuracy REAL NOT NULL, robust_accuracy REAL NOT NULL,
-    n_samples INTEGER NOT NULL, created TEXT NOT NULL, robustlab_version TEXT NOT NULL
+    n_samples INTEGER NOT NULL, created TEXT NOT NULL, robustlab_version TEXT NOT NULL,
+    metric TEXT NOT NULL DEFAULT 'accuracy'
 );
 CREATE TABLE IF NOT EXISTS samples (
     evaluation_id INTEGER NOT NULL REFERENCES evaluations(id), idx INTEGER NOT NULL,
@@ -81,18 +82,24 @@ def parse_threat(text: str) -> str:
 
     norm, sep, budget = str(text).partition(":")
     if not sep or not budget.strip():
-        raise InputError(f"--threat {text!r}: expected NORM:BUDGET, e.g. linf:8/255, linf:0.3 or l2:0.5")
+        raise InputError(f"--threat {text!r}: expected NORM:BUDGET, e.g. linf:8/255, linf:0.3, l2:0.5 or (detectors, "
+                         "pixel units) linf:8px")
+    if norm.strip() == "none" and budget.strip() == "unbounded":  # an unbounded attack without a norm (DAG)
+        return "none:unbounded"
     norm = normalise_norm(norm.strip())
     if budget.strip() in ("unbounded", "per-sample"):
         return f"{norm}:{budget.strip()}"
+    pixels = budget.strip().endswith("px")
+    if pixels:
+        budget = budget.strip()[:-2]
     try:
         value = parse_value(budget)
     except RobustlabError:
         value = None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise InputError(f"--threat {text!r}: the budget {budget!r} is not a positive number (e.g. 0.3, 8/255), "
-                         "'unbounded' or 'per-sample'")
-    return threat_key(norm, float(value))
+        raise InputError(f"--threat {text!r}: the budget {budget!r} is not a positive number (e.g. 0.3, 8/255, "
+                         "8px), 'unbounded' or 'per-sample'")
+    return detector_threat_key(norm, value) if pixels else threat_key(norm, float(value))
 
 
 def store_contents(path: str | Path) -> dict[str, list[str]]:
@@ -124,6 +131,13 @@ def _connect(path: Path) -> Iterator[sqlite3.Connection]:
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA busy_timeout=120000")
         con.executescript(SCHEMA)
+        columns = {row[1] for row in con.execute("PRAGMA table_info(evaluations)")}
+        if "metric" not in columns:  # a store written before detectors were recorded: every row is an accuracy
+            try:
+                con.execute("ALTER TABLE evaluations ADD COLUMN metric TEXT NOT NULL DEFAULT 'accuracy'")
+            except sqlite3.OperationalError as e:  # another writer added it a moment ago
+                if "duplicate column" not in str(e):
+                    raise
         yield con
     finally:
         con.close()
@@ -134,6 +148,9 @@ def record(path: str | Path, *, model_digest: str, model_name: str, data: str, r
     """Store one `evaluate` result made with keep_records=True, for the model whose weights hash to `model_digest`
     (`model_hash`): one row per attack and its per-sample flags, all in one transaction (a reader never sees half
     an evaluation). Returns the evaluation ids."""
+    if "map" in (result.get("clean") or {}):  # a detector: mAP per attack, no per-sample flags
+        return _record_detector(path, model_digest=model_digest, model_name=model_name, data=data, result=result,
+                                specs=specs, version=version)
     records = result.get("records")
     if records is None:
         raise ValueError("record() needs an evaluate result made with keep_records=True")
@@ -167,9 +184,44 @@ def record(path: str | Path, *, model_digest: str, model_name: str, data: str, r
     return ids
 
 
+def detector_threat_key(norm: str | None, eps: Any) -> str:
+    """A detector's threat: the budget in pixel units (0-255), marked so: 'linf:8px'; 'none:unbounded' for DAG."""
+    if eps is None:
+        return f"{norm or 'none'}:unbounded"
+    return f"{norm}:{float(eps):g}px"
+
+
+def _record_detector(path: str | Path, *, model_digest: str, model_name: str, data: str, result: dict[str, Any],
+                     specs: list[str], version: str) -> list[int]:
+    """One row per attack of a detector evaluation (metric 'map': clean and attacked mAP), in one transaction."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    ids = []
+    with _connect(Path(path)) as con:
+        con.execute("BEGIN IMMEDIATE")
+        committed = False
+        try:
+            for name, entry in result["attacks"].items():
+                cur = con.execute(
+                    "INSERT INTO evaluations (model_hash, model, data, threat, attack, spec, clean_accuracy, "
+                    "robust_accuracy, n_samples, created, robustlab_version, metric) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                    "?, ?, ?, 'map')",
+                    (model_digest, model_name, data, detector_threat_key(entry.get("norm"), entry.get("eps")),
+                     entry.get("attack", name), name, result["clean"]["map"], entry["map"], result["n_images"],
+                     now, version))
+                ids.append(int(cur.lastrowid or 0))
+            con.execute("COMMIT")
+            committed = True
+        finally:
+            if not committed:
+                con.execute("ROLLBACK")
+    return ids
+
+
 def leaderboard(path: str | Path, *, data: str | None = None, threat: str | None = None) -> list[dict[str, Any]]:
     """One row per (model, data, threat): clean accuracy, the latest AutoAttack robust accuracy, and the best-known
-    robust accuracy (per sample: clean-correct and robust to every attack ever run), sorted best first."""
+    robust accuracy (per sample: clean-correct and robust to every attack ever run), sorted best first. A detector's
+    row (metric 'map') holds its clean mAP and the best-known robust mAP: the lowest mAP any attack of that threat
+    reached."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"no results store at {path}; `robustlab eval` records there (or pass --store PATH)")
@@ -187,15 +239,24 @@ def leaderboard(path: str | Path, *, data: str | None = None, threat: str | None
         rows = []
         for digest, d, t in keys:
             key = (digest, d, t)
-            evals = con.execute("SELECT id, model, attack, clean_accuracy, robust_accuracy, n_samples FROM evaluations "
-                                "WHERE model_hash = ? AND data = ? AND threat = ? ORDER BY id", key).fetchall()
+            evals = con.execute("SELECT id, model, attack, clean_accuracy, robust_accuracy, n_samples, metric FROM "
+                                "evaluations WHERE model_hash = ? AND data = ? AND threat = ? ORDER BY id",
+                                key).fetchall()
+            if evals[-1][6] == "map":
+                rows.append({
+                    "model": evals[-1][1], "model_hash": digest[:12], "data": d, "threat": t, "metric": "map",
+                    "clean_accuracy": evals[-1][3], "autoattack_accuracy": None,
+                    "best_known_accuracy": min(e[4] for e in evals), "n_samples": evals[-1][5],
+                    "evaluations": len(evals), "attacks": sorted({e[2] for e in evals}),
+                })
+                continue
             best = con.execute(
                 "SELECT COUNT(*), SUM(ok) FROM (SELECT s.idx, MIN(s.clean_correct * s.robust) AS ok FROM samples s "
                 "JOIN evaluations e ON e.id = s.evaluation_id WHERE e.model_hash = ? AND e.data = ? AND e.threat = ? "
                 "GROUP BY s.idx)", key).fetchone()
             aa = [e for e in evals if e[2] == "autoattack"]
             rows.append({
-                "model": evals[-1][1], "model_hash": digest[:12], "data": d, "threat": t,
+                "model": evals[-1][1], "model_hash": digest[:12], "data": d, "threat": t, "metric": "accuracy",
                 "clean_accuracy": evals[-1][3],
                 "autoattack_accuracy": aa[-1][4] if aa else None,
                 "best_known_accuracy": (best[1] or 0) / best[0] if best[0] else None,
@@ -214,11 +275,12 @@ def format_leaderboard(rows: list[dict[str, Any]], fmt: str) -> str:
 
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
-    cols = ["model", "model_hash", "data", "threat", "clean", "autoattack", "best known", "n", "evaluations", "attacks"]
+    cols = ["model", "model_hash", "data", "threat", "metric", "clean", "autoattack", "best known", "n", "evaluations",
+            "attacks"]
 
     def cells(r: dict[str, Any]) -> list[str]:
         pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-        return [r["model"], r["model_hash"], r["data"], r["threat"], pct(r["clean_accuracy"]),
+        return [r["model"], r["model_hash"], r["data"], r["threat"], r["metric"], pct(r["clean_accuracy"]),
                 pct(r["autoattack_accuracy"]), pct(r["best_known_accuracy"]), str(r["n_samples"]),
                 str(r["evaluations"]), " ".join(r["attacks"])]
 
