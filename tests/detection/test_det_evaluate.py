@@ -4,8 +4,12 @@ every registered detection attack no higher than clean, and the attacks' passes,
 the result and the printed table."""
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
+from torch import nn
 
 from robustlab.attacks.spec import create_attack
 from robustlab.detection.attacks import DetPGD, detection_attacks
@@ -78,3 +82,41 @@ def test_dag_is_box_only_without_eps_and_bounded_with_it(trained_std_detector):
     assert bounded.threat is not None and bounded.describe()["eps"] == 4.0
     x = torch.rand(2, 3, 96, 96) * 255
     assert bounded.threat.contains((x + 4).clamp(0, 255), x).all()
+
+
+class Quantise(nn.Module):
+    """Rounds the (mean-subtracted) image to steps of 64 grey levels: zero gradient everywhere."""
+
+    def forward(self, x):
+        return torch.round(x / 64) * 64
+
+
+def test_integrity_flags_a_quantising_detector_and_not_an_honest_one(trained_std_detector):
+    """Item 4: an honest detector raises no alarm; one that quantises its input does (exactly-zero gradients, mAP
+    kept under an unbounded attack), in the JSON, as warnings and in the table."""
+    from robustlab.engine.tasks import Detection
+    from robustlab.errors import IntegrityWarning
+
+    model, data, _ = trained_std_detector
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IntegrityWarning)
+        honest = Detection().evaluate(model, data.test, ["cwa:steps=2"], 16)["integrity"]
+    assert honest["ok"] and honest["unbounded"]["map"] <= 0.25 * honest["unbounded"]["clean_map"], honest
+    quantising = copy.deepcopy(model)
+    quantising.backbone = nn.Sequential(Quantise(), quantising.backbone)
+    with pytest.warns(IntegrityWarning):
+        r = Detection().evaluate(quantising, data.test, ["cwa:steps=2"], 16)
+    integ = r["integrity"]
+    assert not integ["ok"] and integ["zero_gradient"]["entries"] > 0.9
+    assert any("exactly zero" in f for f in integ["flags"]) and any("unbounded" in f for f in integ["flags"])
+    assert "DO NOT TRUST" in ap_table(r)
+
+
+def test_a_panel_whose_map_rises_with_eps_is_flagged():
+    from robustlab.detection.integrity import finish_detector_integrity
+
+    probe = {"flags": []}
+    attacks = {"a": {"attack": "cwa", "norm": "linf", "eps": 4.0, "map": 0.1},
+               "b": {"attack": "cwa", "norm": "linf", "eps": 8.0, "map": 0.3}}
+    with pytest.warns(Warning, match="mAP rises"):
+        assert not finish_detector_integrity(probe, attacks)["ok"]

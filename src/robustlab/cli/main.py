@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the integrity probe on the first batch (gradient masking, an unbounded attack, black-box vs "
                          "white-box, accuracy vs eps): quick keeps its cost within a quarter of the attacks' (an "
                          "AutoAttack panel affords the full probe), full always runs the whole probe, off skips it "
-                         "with a warning (classifiers)")
+                         "with a warning; detectors: zero gradients, an unbounded PGD and mAP vs eps on 16 images of "
+                         "the first batch (full: up to 64)")
     pe.add_argument("--draws", type=int, default=20,
                     help="a randomised model (two forward passes differ) has each adversarial image judged by this "
                          "many forward passes: robust accuracy is the expected accuracy, with its spread (a "

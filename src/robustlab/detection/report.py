@@ -75,6 +75,10 @@ def attack_summary(result: dict[str, Any]) -> str:
         lines.append(f"- {name}: {eps}; {a['passes']['per_image']:.1f} passes/img, {a['seconds']:.1f} s; |delta| mean "
                      f"{a['perturbation']['mean_abs']:.3f}, max {a['perturbation']['max_abs']:.3f}"
                      + (f"; {stats}" if stats else ""))
+    integrity = result.get("integrity")
+    if integrity is not None:
+        lines += ["", "integrity: ok (no sign of gradient masking)" if integrity["ok"] else
+                  "integrity: DO NOT TRUST THESE NUMBERS"] + [f"  - {f}" for f in integrity["flags"]]
     return ("\n" + "\n".join(lines) + "\n") if lines else ""
 
 

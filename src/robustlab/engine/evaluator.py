@@ -569,13 +569,17 @@ def merge_evaluations(folders: Sequence[str | Path], keep_records: bool = False)
     batches = [{"k": k, "clean": find_record(dirs, f"batch-{k:06d}.pt"),
                 "attacks": [find_record(dirs, f"batch-{k:06d}-attack-{j:02d}.pt") for j in range(len(panel))]}
                for k in range(n_batches)]
-    if manifest.get("task") == "detection":  # a detector's records: mAP from the merged detections
-        from robustlab.detection.evaluate import detector_result
-
-        return detector_result(panel, batches, ap_mode=manifest["ap_mode"], class_names=manifest["class_names"],
-                               keep_examples=manifest["examples"])
     checks_path = owner / "checks.json"
     first_checks = json.loads(checks_path.read_text()) if checks_path.exists() else None
+    if manifest.get("task") == "detection":  # a detector's records: mAP from the merged detections
+        from robustlab.detection.evaluate import detector_result
+        from robustlab.detection.integrity import finish_detector_integrity
+
+        result = detector_result(panel, batches, ap_mode=manifest["ap_mode"], class_names=manifest["class_names"],
+                                 keep_examples=manifest["examples"])
+        if first_checks is not None:
+            result["integrity"] = finish_detector_integrity(first_checks, result["attacks"])
+        return result
     return _result(panel, batches, first_checks, keep_records, bool(manifest["adversarials"]))
 
 

@@ -30,14 +30,17 @@ from robustlab.data.embedded import as_float_images, materialise
 from robustlab.data.loading import EpochLoader, ImageFiles, IndexLoader, resolve_workers
 from robustlab.detection.attacks import detection_attacks
 from robustlab.detection.evaluate import detector_panel, evaluate_detector
+from robustlab.detection.integrity import PLANS, finish_detector_integrity, probe_detector
 from robustlab.detection.report import ap_table, write_detection_report
 from robustlab.engine.evaluator import check_shard, evaluate
 from robustlab.engine.external import Normalized, is_array_file, load_array_data, probe_model
+from robustlab.engine.integrity import INTEGRITY_MODES
 from robustlab.errors import ConfigError, InputError
 from robustlab.methods.base import Method
 from robustlab.outputs import atomic_write_text
 from robustlab.registry import DATASETS, TASKS
 from robustlab.reports.markdown import eval_table
+from robustlab.validation import check_choice
 
 
 class Task(ABC):
@@ -348,10 +351,9 @@ class Detection(Task):
         if draws != 20:
             raise InputError(f"draws={draws}: judging a randomised model by several forward passes applies to "
                              "classifiers (detectors are judged by one pass)")
-        if integrity == "full":
-            raise InputError("integrity='full': detectors have no integrity probe yet (the classifier checks do not "
-                             "apply to mAP); use quick or off")
-        # detection has no integrity checks yet (`checks` has nothing to switch); batches of at most 64 images
+        integrity = integrity if checks else "off"  # the Trainer's per-epoch evaluations run none
+        check_choice(integrity, "integrity", INTEGRITY_MODES)
+        # batches of at most 64 images
         attacks = detection_attacks(specs, model) if specs else {}
         batch_size = min(batch_size, 64)
         shard_i, n_shards = check_shard(shard, state)
@@ -365,14 +367,29 @@ class Detection(Task):
             saved = EvalState(state, {
                 "robustlab": __version__, "task": self.name, "model_sha256": tensors_sha256(dict(model.state_dict())),
                 "n_images": n_images, "batch_size": batch_size, "ap_mode": self.ap_mode,
-                "attacks": detector_panel(attacks), "class_names": list(model.class_names), "examples": examples})
+                "attacks": detector_panel(attacks), "class_names": list(model.class_names), "examples": examples,
+                "integrity": integrity})
         result = evaluate_detector(model, split, n_images, batch_size=batch_size, ap_mode=self.ap_mode,
                                    attacks=attacks, keep_examples=examples, progress=progress, workers=self.workers,
                                    state=saved, shard=(shard_i, n_shards))
+        probe = None
+        if integrity != "off" and shard_i == 0:  # batch 0's owner probes the first batch (kept with the state)
+            probe = saved.load_checks() if saved is not None else None
+            if probe is None:
+                x, t = split.batch(torch.arange(min(PLANS[integrity][0], n_images, batch_size)))
+                device = next(model.parameters()).device
+                probe = probe_detector(model, x.to(device), t.to(device),
+                                       [a.eps for a in attacks.values() if isinstance(a.eps, (int, float))],
+                                       self.ap_mode, integrity)
+                if saved is not None:
+                    saved.save_checks(probe)
         if saved is not None:
             saved.mark_done(shard_i, n_shards, math.ceil(n_images / batch_size))
         if n_shards > 1:
             result["state"] = str(saved.folder) if saved is not None else None
+            return result
+        if probe is not None:
+            result["integrity"] = finish_detector_integrity(probe, result["attacks"])
         return result
 
     def epoch_row(self, result, panel):
