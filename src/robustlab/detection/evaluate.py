@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from robustlab.data.loading import EpochLoader
 from robustlab.detection.data import DetData, DetSource
 from robustlab.detection.metrics import detection_map
+from robustlab.detection.models import class_names_of
 from robustlab.detection.postprocess import Detections, detect
 from robustlab.detection.targets import check_targets, unpad
 from robustlab.errors import DataError, InputError, ResumeError
@@ -213,5 +214,5 @@ def evaluate_detector(model: nn.Module, source: DetSource | DetData, n_images: i
         model.train(was_training)
     if n_shards > 1:
         return {"shard": [shard_i, n_shards], "batches": [r["k"] for r in records], "n_batches": len(index_batches)}
-    return detector_result(detector_panel(attacks), records, ap_mode=ap_mode, class_names=list(detector.class_names),
+    return detector_result(detector_panel(attacks), records, ap_mode=ap_mode, class_names=class_names_of(detector),
                            keep_examples=keep_examples)

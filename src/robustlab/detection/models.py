@@ -88,6 +88,53 @@ class Detector(nn.Module):
         return loc, conf
 
 
+DETECTOR_INTERFACE = ("the one-stage detector interface (docs/detection.md): task = 'detection', num_classes (K, "
+                      "int), priors ((P, 4) tensor, centre-form boxes in [0, 1]), optional class_names (K names); "
+                      "forward(x) on (B, 3, H, W) pixel-scale images in [0, 255] returns (loc (B, P, 4) SSD offsets, "
+                      "conf (B, P, K + 1) logits, class 0 the background)")
+
+
+def class_names_of(model: nn.Module) -> list[str]:
+    """A detector's class names: its own, else '0'..'K-1'."""
+    names = getattr(model, "class_names", None)
+    k: Any = model.num_classes  # an int attribute (check_detector), not a submodule
+    return list(names) if names else [str(i) for i in range(int(k))]
+
+
+def check_detector(model: nn.Module, what: str, x: Tensor | None = None) -> None:
+    """A model robustlab can evaluate as a detector: the attributes of the one-stage interface and, given images
+    x (pixel scale), one forward pass returning (loc, conf) of the shapes its priors and classes imply. One
+    InputError naming what is missing or wrong."""
+    problems = []
+    if getattr(model, "task", None) != "detection":
+        problems.append("task = 'detection' (a class attribute)")
+    k = getattr(model, "num_classes", None)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        problems.append(f"num_classes, an int >= 1 (has {k!r})")
+    priors = getattr(model, "priors", None)
+    if not isinstance(priors, Tensor) or priors.dim() != 2 or priors.shape[1] != 4:
+        problems.append("priors, a (P, 4) tensor" + (f" (has shape {tuple(priors.shape)})"
+                                                     if isinstance(priors, Tensor) else ""))
+    names = getattr(model, "class_names", None)
+    if names is not None and isinstance(k, int) and len(list(names)) != k:
+        problems.append(f"class_names, {k} names (has {len(list(names))})")
+    if problems:
+        raise InputError(f"{what} does not implement the one-stage detector interface: missing or wrong "
+                         f"{'; '.join(problems)}. {DETECTOR_INTERFACE}")
+    if x is None:
+        return
+    assert isinstance(priors, Tensor) and isinstance(k, int)
+    with torch.no_grad():
+        out = model(x[:1])
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(o, Tensor) for o in out)):
+        raise InputError(f"{what}: forward returns {type(out).__name__}, not (loc, conf). {DETECTOR_INTERFACE}")
+    loc, conf = out
+    p = priors.shape[0]
+    if tuple(loc.shape) != (1, p, 4) or tuple(conf.shape) != (1, p, k + 1):
+        raise InputError(f"{what}: forward returns loc {tuple(loc.shape)} and conf {tuple(conf.shape)} on one image; "
+                         f"its {p} priors and {k} classes imply (1, {p}, 4) and (1, {p}, {k + 1})")
+
+
 def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1, padding: int = 1, bn: bool = True,
          dilation: int = 1) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=not bn)]

@@ -31,6 +31,7 @@ from robustlab.data.loading import EpochLoader, ImageFiles, IndexLoader, resolve
 from robustlab.detection.attacks import detection_attacks
 from robustlab.detection.evaluate import detector_panel, evaluate_detector
 from robustlab.detection.integrity import PLANS, finish_detector_integrity, probe_detector
+from robustlab.detection.models import check_detector, class_names_of
 from robustlab.detection.report import ap_table, write_detection_report
 from robustlab.engine.evaluator import check_shard, evaluate
 from robustlab.engine.external import Normalized, is_array_file, load_array_data, probe_model
@@ -341,6 +342,14 @@ class Detection(Task):
     def default_eval_attack(self, method):
         return ""  # clean mAP selects detectors unless eval_attack (e.g. "cwa") is set
 
+    def probe(self, model, split, model_spec, data_name):
+        from robustlab.attacks.base import attack_mode
+
+        x, _ = split.batch(torch.arange(1))
+        p = next(model.parameters(), None)
+        with attack_mode(model):
+            check_detector(model, f"--model {model_spec}", x.to(p.device if p is not None else "cpu"))
+
     def evaluate(self, model, split, specs, n, *, batch_size=32, checks=True, examples=0, progress=False,
                  precision="fp32", compile=False, keep_adversarials=False, keep_records=False, state=None, shard=None,
                  draws=20, integrity="quick"):
@@ -367,7 +376,7 @@ class Detection(Task):
             saved = EvalState(state, {
                 "robustlab": __version__, "task": self.name, "model_sha256": tensors_sha256(dict(model.state_dict())),
                 "n_images": n_images, "batch_size": batch_size, "ap_mode": self.ap_mode,
-                "attacks": detector_panel(attacks), "class_names": list(model.class_names), "examples": examples,
+                "attacks": detector_panel(attacks), "class_names": class_names_of(model), "examples": examples,
                 "integrity": integrity})
         result = evaluate_detector(model, split, n_images, batch_size=batch_size, ap_mode=self.ap_mode,
                                    attacks=attacks, keep_examples=examples, progress=progress, workers=self.workers,
