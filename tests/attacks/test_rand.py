@@ -112,7 +112,8 @@ def test_a_point_leaves_only_on_the_eot_estimate(make):
 def test_evaluate_judges_a_randomised_model_by_draws(digits_mlp_at, digits, tmp_path):
     """Expected accuracy over `draws` passes with its spread, in the JSON and the log; each batch seeded, so the
     global seed, shards and a merge change nothing; a deterministic model is judged as before (no such keys)."""
-    from robustlab.engine.evaluator import merge_evaluations, without_seconds
+    from robustlab.engine.evaluator import without_seconds
+    from robustlab.engine.tasks import merge_evaluations
     from robustlab.reports.markdown import attack_log
 
     model = Noisy(digits_mlp_at, 0.15).eval()

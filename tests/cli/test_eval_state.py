@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from robustlab.cli.main import main
-from robustlab.engine.evaluator import merge_evaluations, without_seconds
+from robustlab.engine.evaluator import without_seconds
+from robustlab.engine.tasks import merge_evaluations
 from robustlab.reports.store import leaderboard
 
 pytestmark = pytest.mark.xdist_group("eval-state")

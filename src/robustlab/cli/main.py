@@ -215,7 +215,7 @@ def _torchrun_eval(task, model, split, specs, args, options, data) -> dict | Non
     import tempfile
 
     from robustlab.engine.distributed import Torchrun
-    from robustlab.engine.evaluator import merge_evaluations
+    from robustlab.engine.tasks import merge_evaluations
     from robustlab.errors import InputError
 
     base = args.state
@@ -278,8 +278,7 @@ def _eval_interrupted(args: argparse.Namespace) -> str:
 
 def cmd_eval_merge(args: argparse.Namespace) -> int:
     from robustlab.cli.common import report_written
-    from robustlab.engine.evaluator import merge_evaluations
-    from robustlab.engine.tasks import task_named
+    from robustlab.engine.tasks import merge_evaluations, task_named
     from robustlab.outputs import atomic_write_text, check_writable, save_result
     from robustlab.reports.json import write_json
     from robustlab.reports.markdown import evaluation_log

@@ -105,9 +105,10 @@ def check_detector(model: nn.Module, what: str, x: Tensor | None = None) -> None
     """A model robustlab can evaluate as a detector: the attributes of the one-stage interface and, given images
     x (pixel scale), one forward pass returning (loc, conf) of the shapes its priors and classes imply. One
     InputError naming what is missing or wrong."""
-    problems = []
     if getattr(model, "task", None) != "detection":
-        problems.append("task = 'detection' (a class attribute)")
+        raise InputError(f"{what} does not implement the one-stage detector interface: missing task = 'detection' "
+                         f"(a class attribute). {DETECTOR_INTERFACE}")
+    problems = []
     k = getattr(model, "num_classes", None)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         problems.append(f"num_classes, an int >= 1 (has {k!r})")

@@ -166,6 +166,18 @@ def read_states(folders: Iterable[str | Path]) -> tuple[dict[str, Any], list[Pat
     return manifests[first], dirs, n_batches, owner
 
 
+def read_records(folders: Iterable[str | Path]) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    """Everything the shards of one evaluation wrote: (manifest, batch records in batch order, the first batch's
+    checks or None). Each batch: {"k", "clean", "attacks": [one record per attack of the manifest's panel]}."""
+    manifest, dirs, n_batches, owner = read_states(folders)
+    n_attacks = len(manifest["attacks"])
+    batches = [{"k": k, "clean": find_record(dirs, EvalState.clean_name(k)),
+                "attacks": [find_record(dirs, EvalState.attack_name(k, j)) for j in range(n_attacks)]}
+               for k in range(n_batches)]
+    checks = owner / CHECKS
+    return manifest, batches, (json.loads(checks.read_text()) if checks.exists() else None)
+
+
 def find_record(folders: list[Path], name: str) -> dict[str, Any]:
     for f in folders:
         path = f / name
@@ -174,4 +186,4 @@ def find_record(folders: list[Path], name: str) -> dict[str, Any]:
     raise InputError(f"{name} is in none of the state folders {', '.join(map(str, folders))}: a shard is incomplete")
 
 
-__all__ = ["EvalState", "read_states", "find_record"]
+__all__ = ["EvalState", "read_states", "read_records", "find_record"]

@@ -202,7 +202,8 @@ def evaluate(
     state: a folder that keeps every batch's results the moment they are computed (`engine/eval_state.py`); the
     same call resumes from it (refusing a folder written with other settings) and returns the result an
     uninterrupted run returns (per-attack seconds: the sum of the recorded work). shard=(I, N): only batches
-    k with k % N == I, into `state`; the return value then says which, and `merge_evaluations` builds the result.
+    k with k % N == I, into `state`; the return value then says which, and `engine.tasks.merge_evaluations` builds
+    the result.
     draws: a randomised model (two forward passes on the same images differ) has each adversarial image judged by
     this many forward passes: its robust accuracy is the expected accuracy (per image the share of correct passes,
     0 where the clean pass misclassified, averaged), with the spread of the per-pass accuracies
@@ -260,7 +261,8 @@ def evaluate(
             "robustlab": __version__, "model_sha256": tensors_sha256(dict(model.state_dict())),
             "data_sha256": data_hash, "n_samples": n_samples, "batch_size": batch_size,
             "attacks": panel, "precision": precision, "compile": bool(compile),
-            "adversarials": keep_adversarials, "checks": checks, "integrity": integrity, "draws": draws})
+            "adversarials": keep_adversarials, "checks": checks, "integrity": integrity, "draws": draws,
+            "task": "classification"})
     was_training = model.training
 
     batches: list[dict[str, Any]] = []  # the records of the batches this process owns, in batch order
@@ -314,7 +316,7 @@ def evaluate(
     if n_shards > 1:
         return {"shard": [shard_i, n_shards], "batches": [b["k"] for b in batches], "n_batches": n_batches,
                 "state": str(saved.folder) if saved is not None else None}
-    return _result(panel, batches, first_checks, keep_records, keep_adversarials)
+    return result_from_records(panel, batches, first_checks, keep_records, keep_adversarials)
 
 
 def _integrity_mode(value: bool | str) -> str:
@@ -499,10 +501,11 @@ def _attack_batch(atk: Attack, name: str, model: nn.Module, xb: Tensor, yb: Tens
     return rec
 
 
-def _result(panel: list[dict[str, Any]], batches: list[dict[str, Any]], first_checks: dict[str, Any] | None,
-            keep_records: bool, keep_adversarials: bool) -> dict[str, Any]:
-    """The result of an evaluation from its batch records (in batch order) and the first batch's checks: the same
-    function for a single run, a resumed one and merged shards."""
+def result_from_records(panel: list[dict[str, Any]], batches: list[dict[str, Any]],
+                        first_checks: dict[str, Any] | None, keep_records: bool,
+                        keep_adversarials: bool) -> dict[str, Any]:
+    """The result of a classifier evaluation from its batch records (in batch order) and the first batch's checks:
+    the same function for a single run, a resumed one and merged shards (`engine.tasks.merge_evaluations`)."""
     names = [m["name"] for m in panel]
     clean = [b["clean"] for b in batches]
     per_attack = [[b["attacks"][j] for b in batches] for j in range(len(panel))]
@@ -556,31 +559,6 @@ def without_seconds(result: dict[str, Any]) -> dict[str, Any]:
     if result.get("integrity"):
         result["integrity"].pop("seconds", None)
     return result
-
-
-def merge_evaluations(folders: Sequence[str | Path], keep_records: bool = False) -> dict[str, Any]:
-    """The result of an evaluation run in shards (`evaluate(..., state=DIR_I, shard=(I, N))`, `robustlab eval
-    --shard I/N --state DIR_I`), equal to the single-process result (per-attack seconds are the sum over shards).
-    Errors name the settings that differ between folders and the shards that are missing."""
-    from robustlab.engine.eval_state import find_record, read_states
-
-    manifest, dirs, n_batches, owner = read_states(folders)
-    panel = manifest["attacks"]
-    batches = [{"k": k, "clean": find_record(dirs, f"batch-{k:06d}.pt"),
-                "attacks": [find_record(dirs, f"batch-{k:06d}-attack-{j:02d}.pt") for j in range(len(panel))]}
-               for k in range(n_batches)]
-    checks_path = owner / "checks.json"
-    first_checks = json.loads(checks_path.read_text()) if checks_path.exists() else None
-    if manifest.get("task") == "detection":  # a detector's records: mAP from the merged detections
-        from robustlab.detection.evaluate import detector_result
-        from robustlab.detection.integrity import finish_detector_integrity
-
-        result = detector_result(panel, batches, ap_mode=manifest["ap_mode"], class_names=manifest["class_names"],
-                                 keep_examples=manifest["examples"])
-        if first_checks is not None:
-            result["integrity"] = finish_detector_integrity(first_checks, result["attacks"])
-        return result
-    return _result(panel, batches, first_checks, keep_records, bool(manifest["adversarials"]))
 
 
 def _check_threat(atk: Attack, out: AttackOut, x: Tensor, name: str) -> None:

@@ -142,7 +142,7 @@ def finish_integrity(probe: dict[str, Any], panel: Sequence[Sequence[Any]], accu
                              f"eps {e1:g} ({n1})")
     out["ok"] = not flags
     for f in flags:
-        warnings.warn(f, IntegrityWarning, stacklevel=4)  # the caller of evaluate / merge_evaluations
+        warnings.warn(f, IntegrityWarning, stacklevel=4)  # the caller of evaluate / merge_evaluations (engine.tasks)
     return out
 
 

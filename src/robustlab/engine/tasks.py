@@ -18,7 +18,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,11 +29,11 @@ from robustlab.data.augment import augment
 from robustlab.data.embedded import as_float_images, materialise
 from robustlab.data.loading import EpochLoader, ImageFiles, IndexLoader, resolve_workers
 from robustlab.detection.attacks import detection_attacks
-from robustlab.detection.evaluate import detector_panel, evaluate_detector
+from robustlab.detection.evaluate import detector_panel, detector_result, evaluate_detector
 from robustlab.detection.integrity import PLANS, finish_detector_integrity, probe_detector
 from robustlab.detection.models import check_detector, class_names_of
 from robustlab.detection.report import ap_table, write_detection_report
-from robustlab.engine.evaluator import check_shard, evaluate
+from robustlab.engine.evaluator import check_shard, evaluate, result_from_records
 from robustlab.engine.external import Normalized, is_array_file, load_array_data, probe_model
 from robustlab.engine.integrity import INTEGRITY_MODES
 from robustlab.errors import ConfigError, InputError
@@ -101,7 +101,7 @@ class Task(ABC):
         refuses another task's data."""
         cfg = extra.get("config") or {}
         if spec is not None and is_array_file(spec):  # the user's own arrays: x, y in a .npz / .safetensors / .pt file
-            if self.name != "classification":
+            if not self.reads_array_files:
                 raise InputError(f"--data {spec}: array files hold classification data; a {self.name} model needs "
                                  f"a {self.name} dataset")
             if split != "test":  # a file is one set of images: a split it cannot apply must not pass unnoticed
@@ -127,6 +127,7 @@ class Task(ABC):
         return self.split_of(data, split), {"name": name, "kwargs": kwargs, "split": split}
 
     fallback_dataset: ClassVar[str] = ""  # the dataset `eval` reads when the checkpoint names none
+    reads_array_files: ClassVar[bool] = False  # `robustlab eval --data FILE.npz` (x, y arrays) is this task's data
     per_sample_records: ClassVar[bool] = False  # evaluate(keep_records=True) gives per-sample flags (the store's union)
     report_examples: ClassVar[int] = 0  # images with their predictions a report shows
 
@@ -155,6 +156,11 @@ class Task(ABC):
         state / shard: a resumable, shardable run (classification, `robustlab.evaluate`); draws: forward passes
         judging each image of a randomised model (classification); integrity: quick | full | off, the integrity
         probe (classification)."""
+
+    @abstractmethod
+    def merge(self, manifest: dict[str, Any], batches: list[dict[str, Any]], checks: dict[str, Any] | None,
+              keep_records: bool = False) -> dict[str, Any]:
+        """The result of an evaluation from the records its state folders hold (`merge_evaluations`)."""
 
     def probe(self, model: nn.Module, split: Any, model_spec: str, data_name: str) -> None:
         """Before any work: one forward pass of the model on one item of the split, so that a model that does not
@@ -188,6 +194,7 @@ class Classification(Task):
     metric = "accuracy"
     watches_overfitting = True
     per_sample_records = True
+    reads_array_files = True
 
     def restrict_classes(self, data, classes, imbalance, seed):
         return select_classes(data, classes, imbalance, seed=seed)
@@ -274,6 +281,9 @@ class Classification(Task):
     def probe(self, model, split, model_spec, data_name):
         probe_model(model, split[0], model_spec, data_name)
 
+    def merge(self, manifest, batches, checks, keep_records=False):
+        return result_from_records(manifest["attacks"], batches, checks, keep_records, bool(manifest["adversarials"]))
+
     def epoch_row(self, result, panel):
         accs = [a["robust_accuracy"] for a in result["attacks"].values()]
         row = {"eval_clean": result["clean_accuracy"], "eval_robust": accs[0], "eval_attack": panel[0]}
@@ -341,6 +351,13 @@ class Detection(Task):
 
     def default_eval_attack(self, method):
         return ""  # clean mAP selects detectors unless eval_attack (e.g. "cwa") is set
+
+    def merge(self, manifest, batches, checks, keep_records=False):
+        result = detector_result(manifest["attacks"], batches, ap_mode=manifest["ap_mode"],
+                                 class_names=manifest["class_names"], keep_examples=manifest["examples"])
+        if checks is not None:
+            result["integrity"] = finish_detector_integrity(checks, result["attacks"])
+        return result
 
     def probe(self, model, split, model_spec, data_name):
         from robustlab.attacks.base import attack_mode
@@ -414,6 +431,17 @@ class Detection(Task):
         return write_detection_report(folder, result, title, command, machine)
 
 
+def merge_evaluations(folders: Sequence[str | Path], keep_records: bool = False) -> dict[str, Any]:
+    """The result of an evaluation run in shards (`evaluate(..., state=DIR_I, shard=(I, N))`, `robustlab eval
+    --shard I/N --state DIR_I`, torchrun's ranks), equal to the single-process result (per-attack seconds are the
+    sum over shards), built by the task that wrote the folders (their manifest names it). Errors name the settings
+    that differ between folders and the shards that are missing."""
+    from robustlab.engine.eval_state import read_records
+
+    manifest, batches, checks = read_records(folders)
+    return task_named(manifest.get("task", "classification"))().merge(manifest, batches, checks, keep_records)
+
+
 def task_of(thing: Any, cfg: Any = None) -> Task:
     """The task of a dataset or a model (its `task` attribute; classification when it has none), set up from a
     training config when one is given."""
@@ -426,4 +454,4 @@ def task_named(name: str) -> type[Task]:
     return cast("type[Task]", TASKS.get(name))
 
 
-__all__ = ["Task", "Classification", "Detection", "task_of", "task_named"]
+__all__ = ["Task", "Classification", "Detection", "task_of", "task_named", "merge_evaluations"]
