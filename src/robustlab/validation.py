@@ -6,12 +6,51 @@ Each check costs at most one host-device sync and runs once per call, never insi
 """
 from __future__ import annotations
 
+import ast
 import math
+import re
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from robustlab.errors import DeviceError, InputError, InputTypeError, OptionError
+from robustlab.errors import AttackSpecError, DeviceError, InputError, InputTypeError, OptionError, RobustlabError
+
+# -- key=value: the one parser of attack specs, config overrides, --robustbench-info and LABEL=PATH ----------------
+_FRACTION = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+
+def parse_value(text: str) -> Any:
+    """A value as written on a command line: a Python literal (never evaluated as code), 'a/b' as a fraction
+    (8/255), true/false/none in any case, else the text itself."""
+    m = _FRACTION.match(text)
+    if m:
+        den = float(m.group(2))
+        if den == 0:
+            raise AttackSpecError(f"division by zero in {text!r}")
+        return float(m.group(1)) / den
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        low = text.strip().lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if low in ("none", "null"):
+            return None
+        return text.strip()
+
+
+def parse_assignment(item: str, where: str, error: type[RobustlabError] = InputError,
+                     literal: bool = True) -> tuple[str, Any]:
+    """'key=value' -> (key, value): the value parsed as a literal (`parse_value`), or the stripped text with
+    literal=False; a missing '=', an empty key or an empty value is an `error` naming the item and `where`."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise error(f"bad option {item!r} in {where}; expected key=value")
+    if not value.strip():
+        raise error(f"option {key!r} has no value in {where}; expected {key}=VALUE")
+    return key, (parse_value(value) if literal else value.strip())
 
 
 def check_images(x: Tensor, name: str = "x") -> None:

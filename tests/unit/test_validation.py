@@ -157,3 +157,20 @@ def test_attacks_given_as_a_string_is_an_error(model):
 
     with pytest.raises(InputTypeError, match=r"attacks=\['fgsm"):
         evaluate(model, torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,)), "fgsm:eps=0.1")
+
+
+def test_the_one_key_value_parser():
+    """Attack specs, config overrides, --robustbench-info and LABEL=PATH share validation.parse_assignment."""
+    from robustlab.errors import AttackSpecError, ConfigError, InputError
+    from robustlab.validation import parse_assignment
+
+    assert parse_assignment("eps=8/255", "x") == ("eps", 8 / 255)
+    assert parse_assignment(" steps = 40", "x") == ("steps", 40)
+    assert parse_assignment("norm=linf", "x") == ("norm", "linf")
+    assert parse_assignment("a=true", "x") == ("a", True) and parse_assignment("a=None", "x") == ("a", None)
+    assert parse_assignment("venue=ICML 2020", "x", literal=False) == ("venue", "ICML 2020")
+    for bad, cls in (("eps", InputError), ("=3", ConfigError), ("eps=", AttackSpecError)):
+        with pytest.raises(cls, match="in where"):
+            parse_assignment(bad, "where", cls)
+    with pytest.raises(AttackSpecError, match="division by zero"):
+        parse_assignment("eps=8/0", "x")

@@ -1,39 +1,18 @@
 """Attack specifications as strings: "name:key=value,key=value" (the CLI's --attack syntax).
 
 Values are parsed as Python literals (never evaluated as code); "a/b" is accepted as a fraction
-(eps=8/255); anything else stays a string (norm=linf).
+(eps=8/255); anything else stays a string (norm=linf): `validation.parse_assignment`, the one key=value parser.
 """
 from __future__ import annotations
 
-import ast
 import inspect
-import re
 from typing import Any
 
 from torch import nn
 
 from robustlab.errors import AttackSpecError
 from robustlab.registry import ATTACKS
-
-_FRACTION = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
-
-
-def parse_value(text: str) -> Any:
-    m = _FRACTION.match(text)
-    if m:
-        den = float(m.group(2))
-        if den == 0:
-            raise AttackSpecError(f"division by zero in {text!r}")
-        return float(m.group(1)) / den
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        low = text.strip().lower()
-        if low in ("true", "false"):
-            return low == "true"
-        if low in ("none", "null"):
-            return None
-        return text.strip()
+from robustlab.validation import parse_assignment
 
 
 def parse_spec(spec: str, registry=ATTACKS) -> tuple[str, dict[str, Any]]:
@@ -51,16 +30,11 @@ def _options(rest: str, where: str) -> dict[str, Any]:
     """'key=value,...' -> {key: literal}; a key given twice is an error (which value was meant?)."""
     kwargs: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in rest.split(","))):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise AttackSpecError(f"bad option {part!r} in {where}; expected key=value")
-        if not value.strip():
-            raise AttackSpecError(f"option {key!r} has no value in {where}; expected {key}=VALUE")
+        key, value = parse_assignment(part, where, AttackSpecError)
         if key in kwargs:
-            raise AttackSpecError(f"option {key!r} is given twice in {where} ({kwargs[key]!r} and "
-                                  f"{parse_value(value)!r}); give it once")
-        kwargs[key] = parse_value(value)
+            raise AttackSpecError(f"option {key!r} is given twice in {where} ({kwargs[key]!r} and {value!r}); "
+                                  "give it once")
+        kwargs[key] = value
     return kwargs
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from robustlab.errors import InputError
+from robustlab.validation import parse_assignment
 
 
 def command_line() -> str:
@@ -23,8 +24,9 @@ def load_labelled_models(items: list[str], device: str, task: str, all_extras: b
 
     models, extras, first = {}, {}, None
     for item in items:
-        label, sep, path = item.partition("=")
-        if not sep:
+        if "=" in item:
+            label, path = parse_assignment(item, "--model LABEL=PATH", literal=False)
+        else:  # a bare PATH: labelled by its run folder
             label, path = Path(item).parent.name or Path(item).stem, item
         if label in models:
             raise InputError(f"model label {label!r} given twice; use LABEL=PATH to name them")

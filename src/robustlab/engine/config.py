@@ -155,14 +155,11 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """'key=value' and 'dict_key.sub=value' overrides; values parsed as literals (never evaluated)."""
-    from robustlab.attacks.spec import parse_value
+    from robustlab.validation import parse_assignment
 
     d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        parsed = parse_value(value)
+        key, parsed = parse_assignment(item, "the config overrides", ConfigError)
         if "." in key:
             outer, inner = key.split(".", 1)
             if not outer.endswith("_kwargs"):

@@ -27,11 +27,12 @@ ROBUSTBENCH_INFO = ("name", "link", "authors", "venue", "architecture", "reporte
 def parse_robustbench_info(items: list[str]) -> dict[str, Any]:
     """`KEY=VALUE` items -> {key: value}: additional_data true/false, number_forward_passes an integer, the rest
     strings (RobustBench writes accuracies and budgets as strings)."""
+    from robustlab.validation import parse_assignment
+
     out: dict[str, Any] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in ROBUSTBENCH_INFO:
+        key, value = parse_assignment(item, "--robustbench-info", literal=False)
+        if key not in ROBUSTBENCH_INFO:
             raise InputError(f"--robustbench-info {item!r}: expected KEY=VALUE with KEY one of "
                              f"{', '.join(ROBUSTBENCH_INFO)}")
         if key == "additional_data":

@@ -77,8 +77,8 @@ def threat_key(norm: str | None, eps: Any) -> str:
 def parse_threat(text: str) -> str:
     """A threat filter as the store writes it: 'linf:0.30', 'Linf:76.5/255' -> 'linf:0.3'; 'l2:unbounded' as is.
     A filter that is not NORM:BUDGET is refused (it would match nothing, silently)."""
-    from robustlab.attacks.spec import parse_value
     from robustlab.threat.lp import normalise_norm
+    from robustlab.validation import parse_value
 
     norm, sep, budget = str(text).partition(":")
     if not sep or not budget.strip():
