@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustlab.analysis.label_metric import (
+from robustlab.attacks.base import PassCounter
+from robustlab.attacks.pgd import pgd
+from robustlab.label_metrics.metric import (
     CIFAR10_WORDNET_DISTANCES,
     MetricError,
     check_metric,
@@ -20,9 +22,7 @@ from robustlab.analysis.label_metric import (
     uniform_metric,
     wordnet_metric,
 )
-from robustlab.analysis.visual_metric import linear_pair_distances, targeted_deepfool, visual_metric
-from robustlab.attacks.base import PassCounter
-from robustlab.attacks.pgd import pgd
+from robustlab.label_metrics.visual import linear_pair_distances, targeted_deepfool, visual_metric
 from robustlab.losses import ce_loss
 from robustlab.losses.wasserstein import WassersteinAttackLoss, log_wasserstein_onehot, wasserstein_onehot
 from robustlab.methods import Batch, StepContext, create_method

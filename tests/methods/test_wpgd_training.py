@@ -7,10 +7,10 @@ with the adversarial error); docs/results.md has the measured numbers."""
 import pytest
 
 from robustlab import evaluate
-from robustlab.analysis.visual_metric import visual_metric
 from robustlab.analysis.wpgd import accuracy_gap, weighted_score
 from robustlab.engine.config import TrainConfig
 from robustlab.engine.trainer import Trainer
+from robustlab.label_metrics.visual import visual_metric
 
 EPS = 0.2
 N_EVAL = 1000  # the whole mnist5k test split, as in docs/results.md (on the first 500, S's sign flips)

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from robustlab.analysis.label_metric import cifar10_wordnet, uniform_metric
 from robustlab.analysis.wpgd import (
     accuracy_gap,
     adversarial_confusion,
@@ -19,6 +18,7 @@ from robustlab.analysis.wpgd import (
 )
 from robustlab.cli.main import main
 from robustlab.engine.checkpoint import save_model
+from robustlab.label_metrics.metric import cifar10_wordnet, uniform_metric
 
 
 class _ReadOut(nn.Module):

@@ -16,9 +16,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("robustlab.utils", "robustlab.validation", "robustlab.registry", "robustlab.outputs", "robustlab.rng"),
     ("robustlab.threat",),
     ("robustlab.types",),  # the records passed between parts (AttackOut names its threat model)
-    ("robustlab.losses", "robustlab.data", "robustlab.models", "robustlab.analysis.label_metric"),
+    ("robustlab.losses", "robustlab.data", "robustlab.models"),
     ("robustlab.attacks",),
-    ("robustlab.analysis.visual_metric",),  # a label metric measured with targeted DeepFool
+    ("robustlab.label_metrics",),  # costs between classes (WPGD), one measured with targeted DeepFool
     ("robustlab.detection", "robustlab.data.standins"),  # stand-ins write classification and detection formats
     ("robustlab.methods",),
     ("robustlab.engine", "robustlab.reports.markdown"),  # the Markdown tables of results depend on nothing
@@ -123,7 +123,7 @@ def test_no_import_cycles(graph):
 def test_the_checker_sees_violations():
     """The checks above can fail: a made-up upward import and a made-up cycle are caught."""
     assert layer_of("robustlab.threat.lp") < layer_of("robustlab.attacks.pgd") < layer_of("robustlab.cli.main")
-    assert layer_of("robustlab.analysis.label_metric") < layer_of("robustlab.methods.wpgd") < layer_of("robustlab.analysis.wpgd")
+    assert layer_of("robustlab.label_metrics.metric") < layer_of("robustlab.methods.wpgd") < layer_of("robustlab.analysis.wpgd")
     mods = _modules()
     g = _imports(mods)
     assert "robustlab.threat" in g["robustlab.attacks.base"] or "robustlab.threat.lp" in g["robustlab.attacks.base"]
@@ -131,3 +131,12 @@ def test_the_checker_sees_violations():
         test_every_import_goes_to_the_same_or_a_lower_layer({**g, "robustlab.threat.lp": {"robustlab.cli.main"}})
     with pytest.raises(AssertionError, match="cycles"):
         test_no_import_cycles({**g, "robustlab.errors": {"robustlab.utils"}, "robustlab.utils": {"robustlab.errors"}})
+
+
+def test_the_documented_layers_are_the_enforced_ones():
+    """docs/architecture.md's diagram lists exactly LAYERS, in order."""
+    text = (SRC.parent / "docs" / "architecture.md").read_text()
+    block = text.split("```")[1]
+    documented = [tuple(name.strip() for name in group.split(",")) for group in block.replace("\n", " ").split("->")]
+    enforced = [tuple(m.removeprefix("robustlab.") if m != "robustlab" else m for m in layer) for layer in LAYERS]
+    assert documented == enforced

@@ -1,3 +1,2 @@
-"""Analyses beside training and evaluation: label metrics (`label_metric`, `visual_metric`), the WPGD paper's
-figures and tables (`wpgd`). Import the module you need; this package imports nothing on its own, so that a method
-can use the label metrics without pulling in the analyses (which train and evaluate models)."""
+"""Analyses beside training and evaluation: the WPGD paper's figures and tables (`wpgd`). The label metrics they
+use live in `robustlab.label_metrics` (below `methods`: WPGD trains with one)."""

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab import rng
-from robustlab.analysis.label_metric import check_metric
 from robustlab.attacks.base import PassCounter, attack_mode
 from robustlab.attacks.pgd import pgd
 from robustlab.errors import InputError
+from robustlab.label_metrics.metric import check_metric
 from robustlab.threat import L2Ball
 
 
@@ -203,7 +203,7 @@ def _toy_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, loss_fn, ste
 def train_toy(kind: str, eps: float, x: Tensor, y: Tensor, seed: int = 0, epochs: int = 2000, p: float = 1.0,
               lr: float = 1e-3) -> nn.Module:
     """MLP 2-64-64-3 (ReLU), Adam, full batch; kind: ce | pgd (CE inner loss) | wpgd (Wasserstein inner loss)."""
-    from robustlab.analysis.label_metric import metric_power
+    from robustlab.label_metrics.metric import metric_power
     from robustlab.losses import ce_loss
     from robustlab.losses.wasserstein import WassersteinAttackLoss
 
@@ -331,7 +331,7 @@ def weighted_score(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, metric
                    class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """S = sum_ij C_ij M_ij per model (M: adversarial confusion under the Wasserstein attack with C ** attack_p),
     reported relative to `reference` (default: the first model). Lower S: the mistakes land on nearer classes."""
-    from robustlab.analysis.label_metric import metric_power
+    from robustlab.label_metrics.metric import metric_power
     from robustlab.reports.plots import pyplot
 
     k = metric.shape[0]

@@ -19,8 +19,8 @@ def _data(args, extra):
 def _metric(spec: str, num_classes: int, models=None, x=None, y=None):
     """'uniform' | 'cifar10-wordnet' | a .npy/.csv file | 'visual' (from the first model, targeted DeepFool) |
     'visual-linear' (exact, for a one-Linear-layer model)."""
-    from robustlab.analysis.label_metric import get_metric
-    from robustlab.analysis.visual_metric import visual_metric
+    from robustlab.label_metrics.metric import get_metric
+    from robustlab.label_metrics.visual import visual_metric
 
     if spec in ("visual", "visual-linear"):
         model = next(iter(models.values()))
@@ -138,7 +138,7 @@ def cmd_directional(args) -> int:
 def cmd_metric_wordnet(args) -> int:
     import numpy as np
 
-    from robustlab.analysis.label_metric import wordnet_metric
+    from robustlab.label_metrics.metric import wordnet_metric
 
     if not args.classes.exists():
         raise InputError(f"class list {args.classes} does not exist (one class per line)")
@@ -153,9 +153,9 @@ def cmd_metric_wordnet(args) -> int:
 def cmd_metric_visual(args) -> int:
     import numpy as np
 
-    from robustlab.analysis.visual_metric import visual_metric
     from robustlab.cli.common import load_eval_data
     from robustlab.engine.checkpoint import load_model
+    from robustlab.label_metrics.visual import visual_metric
     from robustlab.models import model_config
 
     model, extra = load_model(args.model, map_location="cpu")

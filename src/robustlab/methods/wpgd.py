@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.analysis.label_metric import get_metric, metric_power
+from robustlab.label_metrics.metric import get_metric, metric_power
 from robustlab.losses.wasserstein import WassersteinAttackLoss
 from robustlab.methods.adversarial import AdversarialMethod
 from robustlab.methods.base import LossMethod

@@ -3,7 +3,7 @@ of WPGD's Wasserstein loss and of the weighted robustness score.
 
 Sources: the CIFAR-10 WordNet matrix shipped as a constant (no WordNet needed at run time); `wordnet_metric`
 for any class list, read from a local WordNet through NLTK (Debian `wordnet-base`, see `wordnet_help`);
-`visual_metric.py` from a trained standard model (mean minimal targeted-DeepFool distance between class pairs,
+`visual.py` from a trained standard model (mean minimal targeted-DeepFool distance between class pairs,
 exact for linear models); a user file (.npy / .csv). Every metric is validated: square, finite, non-negative,
 zero diagonal, symmetric. `metric_power` applies the element-wise exponent p.
 """

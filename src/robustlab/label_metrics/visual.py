@@ -1,7 +1,7 @@
 """The visual label metric (spec wpgd.md 1.1): D[i, j] = mean minimal l_2 distance from correctly classified images
 of class i to the region of class j under a trained standard model, measured with targeted DeepFool (exact for a
 linear model), symmetrised and normalised. Lives above `attacks/` because it runs one; the other label metrics are
-in `label_metric.py`."""
+in `metric.py`."""
 from __future__ import annotations
 
 import warnings
@@ -10,9 +10,9 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from robustlab.analysis.label_metric import check_metric, normalize_metric
 from robustlab.attacks.deepfool import DeepFool
 from robustlab.errors import MetricError
+from robustlab.label_metrics.metric import check_metric, normalize_metric
 
 
 def linear_pair_distances(weight: Tensor, bias: Tensor, x: Tensor) -> Tensor:
