@@ -67,21 +67,31 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_part_figure(args: argparse.Namespace) -> int:
+    from robustlab import evaluate
+    from robustlab.attacks.pixel_ag import PixelAG
     from robustlab.cli.common import load_eval_data
     from robustlab.engine.checkpoint import load_model
-    from robustlab.reports.part_figure import part_figure
+    from robustlab.reports.part_figure import part_figure, part_maps
 
     part, extra = load_model(args.part, map_location="cpu")
     at, _ = load_model(args.at, map_location="cpu")
     x, y = load_eval_data(args.data, "test", extra)
-    path = part_figure(part, at, x[: args.n_samples], y[: args.n_samples], args.out, eps=args.eps,
-                       eps_low=args.eps_low, step_size=args.step_size, layer=args.cam_layer,
+    x, y = x[: args.n_samples], y[: args.n_samples]
+    maps = part_maps(part, x, eps=args.eps, eps_low=args.eps_low, layer=args.cam_layer, cam_method=args.cam_method)
+    # the attacks run in the evaluator (threat checks); images a model misclassifies keep x: no perturbation shown
+    pgd = f"pgd:norm=linf,eps={args.eps},steps=20,step_size={args.step_size},best_iterate=false"
+    at_adv = evaluate(at, x, y, [pgd], checks=False, progress=False, keep_adversarials=True)["adversarials"]["pgd"]
+    pixel_ag = PixelAG(part, budget=maps["budget"], steps=20, step_size=args.step_size)
+    part_adv = evaluate(part, x, y, [pixel_ag], checks=False, progress=False,
+                        keep_adversarials=True)["adversarials"]["pixel-ag"]
+    path = part_figure(x, maps, at_adv, part_adv, args.out, eps=args.eps, eps_low=args.eps_low,
                        cam_method=args.cam_method)
     print(f"wrote {path}")
     return 0
 
 
 def cmd_boundary_figure(args: argparse.Namespace) -> int:
+    from robustlab import evaluate
     from robustlab.cli.common import load_eval_data
     from robustlab.reports.boundary_figure import boundary_figure
     from robustlab.utils import set_threads
@@ -89,8 +99,13 @@ def cmd_boundary_figure(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     models, extra = load_labelled_models(args.model, "cpu", "classification")
     x, y = load_eval_data(args.data, "test", extra or {})
-    path = boundary_figure(models, x[: args.n_samples], y[: args.n_samples], args.out, attack=args.attack,
-                           span=args.span, grid=args.grid, seed=args.seed)
+    x, y = x[: args.n_samples], y[: args.n_samples]
+    # each model's own adversarial direction, from the evaluator (threat checks; x itself where misclassified)
+    adversarials = {name: next(iter(evaluate(m, x, y, [args.attack], checks=False, progress=False,
+                                             keep_adversarials=True)["adversarials"].values()))
+                    for name, m in models.items()}
+    path = boundary_figure(models, x, y, adversarials, args.out, attack=args.attack, span=args.span, grid=args.grid,
+                           seed=args.seed)
     print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0
 

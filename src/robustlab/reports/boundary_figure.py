@@ -1,7 +1,8 @@
 """MNG-AC's decision-boundary visualisation: each model's predictions and loss on a 2-D slice of input space
 around a test image, spanned by that model's adversarial direction and a random direction (PNG + the grids).
 
-For image x, u = (x_adv - x) / ||x_adv - x||_2 from the model's own PGD attack, v a seeded Gaussian direction
+For image x, u = (x_adv - x) / ||x_adv - x||_2 from the model's own adversarial example (the caller runs the attack:
+`robustlab boundary-figure` through `robustlab.evaluate`, whose checks it passes), v a seeded Gaussian direction
 made orthogonal to u and scaled to unit l_2 norm; the grid is x + a u + b v for a, b in [-span, span], clipped
 to [0, 1]. A model whose boundary lies farther from x (a larger region of the true class around the centre)
 is more robust along these directions.
@@ -18,15 +19,11 @@ from robustlab import rng
 
 
 @torch.no_grad()
-def boundary_slices(model: nn.Module, x: Tensor, y: Tensor, *, attack: str, span: float, grid: int = 41,
+def boundary_slices(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, *, span: float, grid: int = 41,
                     seed: int = 0) -> dict[str, Tensor]:
-    """Per image: predicted class and CE loss on a grid x grid slice (a along u, b along v)."""
-    from robustlab.attacks import create_attack
-
+    """Per image: predicted class and CE loss on a grid x grid slice (a along u = x_adv - x, b along v)."""
     model.eval()
-    with torch.enable_grad():
-        x_adv = create_attack(attack, model)(x, y)
-    u = (x_adv - x).flatten(1)
+    u = (x_adv.to(x) - x).flatten(1)
     # a sample the attack did not move gets a random first direction instead
     g = torch.Generator().manual_seed(seed)
     rnd = rng.randn(u.shape, generator=g).to(x)
@@ -47,9 +44,10 @@ def boundary_slices(model: nn.Module, x: Tensor, y: Tensor, *, attack: str, span
     return {"pred": torch.stack(preds).cpu(), "loss": torch.stack(losses).cpu(), "axis": t.cpu()}
 
 
-def boundary_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, path: str | Path, *, attack: str,
-                    span: float, grid: int = 41, seed: int = 0) -> Path:
-    """One row per image, one column per model: predicted class regions (true class outlined) with loss contours.
+def boundary_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, adversarials: dict[str, Tensor],
+                    path: str | Path, *, attack: str, span: float, grid: int = 41, seed: int = 0) -> Path:
+    """One row per image, one column per model: predicted class regions (true class outlined) with loss contours,
+    around x along each model's own adversarial example (`adversarials[name]`; `attack` names what made them).
     Also writes the grids as <path>.json (the numbers behind the picture)."""
     import json
 
@@ -57,7 +55,8 @@ def boundary_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, path: st
 
     from robustlab.reports.plots import pyplot
 
-    slices = {name: boundary_slices(m, x, y, attack=attack, span=span, grid=grid, seed=seed) for name, m in models.items()}
+    slices = {name: boundary_slices(m, x, y, adversarials[name], span=span, grid=grid, seed=seed)
+              for name, m in models.items()}
     plt = pyplot()
     n, k = x.shape[0], len(models)
     fig, axes = plt.subplots(n, k, figsize=(3 * k, 3 * n), squeeze=False)

@@ -7,25 +7,29 @@ from pathlib import Path
 from torch import Tensor, nn
 
 
-def part_figure(part_model: nn.Module, at_model: nn.Module, x: Tensor, y: Tensor, path: str | Path, *, eps: float,
-                eps_low: float, step_size: float, steps: int = 20, layer: str | None = None,
-                cam_method: str = "gradcam", mask_mode: str = "zscore") -> Path:
-    """One row per image: image | CAM (PART model) | mask | budget map | AT perturbation | PART perturbation."""
-    from robustlab.attacks import create_attack
+def part_maps(part_model: nn.Module, x: Tensor, *, eps: float, eps_low: float, layer: str | None = None,
+              cam_method: str = "gradcam", mask_mode: str = "zscore") -> dict[str, Tensor]:
+    """The PART model's CAM (upsampled to the image), importance mask and Pixel-AG budget map for x."""
     from robustlab.attacks.cam import class_activation_maps
-    from robustlab.attacks.pixel_ag import PixelAG, budget_map, default_cam_layer, importance_mask, upsample_maps
-    from robustlab.reports.plots import pyplot
+    from robustlab.attacks.pixel_ag import budget_map, default_cam_layer, importance_mask, upsample_maps
 
     part_model.eval()
-    at_model.eval()
     layer = layer or default_cam_layer(part_model)
     cam = class_activation_maps(part_model, x, layer, cam_method)
     c, h, w = x.shape[1:]
     mask = importance_mask(cam, (c, h, w), mask_mode)
-    budget = budget_map(mask, eps, eps_low).to(x)
-    at_adv = create_attack("pgd", at_model, norm="linf", eps=eps, steps=steps, step_size=step_size)(x, y)
-    part_adv = PixelAG(part_model, budget=budget, steps=steps, step_size=step_size)(x, y)
-    up = upsample_maps(cam, (h, w)).clamp(0, 1)
+    return {"cam": upsample_maps(cam, (h, w)).clamp(0, 1), "mask": mask, "budget": budget_map(mask, eps, eps_low).to(x)}
+
+
+def part_figure(x: Tensor, maps: dict[str, Tensor], at_adv: Tensor, part_adv: Tensor, path: str | Path, *, eps: float,
+                eps_low: float, cam_method: str = "gradcam") -> Path:
+    """One row per image: image | CAM (PART model) | mask | budget map | AT perturbation | PART perturbation, from
+    `part_maps` and the adversarial images the caller made (PGD against the AT model, Pixel-AG in the budget map
+    against the PART model: `robustlab part-figure` runs both through `robustlab.evaluate`)."""
+    from robustlab.reports.plots import pyplot
+
+    up, mask, budget = maps["cam"], maps["mask"], maps["budget"]
+    at_adv, part_adv = at_adv.to(x), part_adv.to(x)
     plt = pyplot()
     cols = ["image", f"CAM ({cam_method})", "mask (important)", f"budget ({eps_low:.3g} / {eps:.3g})",
             "AT: PGD perturbation", "PART: Pixel-AG perturbation"]
