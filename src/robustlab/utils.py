@@ -117,6 +117,50 @@ def mix_seed(*ints: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimiser's state for a safetensors file: (tensors, meta). Each parameter's tensor state goes to
+    tensors[f"{prefix}/{param index}/{key}"] (on the host, contiguous); meta (JSON-able) holds the rest: the param
+    groups and the state values that are not tensors (None, numbers). The one serialiser of optimiser state: the
+    Trainer's own optimiser and the methods' inner ones (the critic's, MNG-AC's generator's) use it."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{prefix}/{pid}/{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta["state"][str(pid)][k] = v
+    return tensors, meta
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor],
+                           meta: dict | None, device: torch.device | str | None = None) -> None:
+    """The inverse of `optimizer_tensors`: the state from tensors[f"{prefix}/..."] (moved to `device`) and meta;
+    without meta, the optimiser keeps its own param groups."""
+    state: dict[int, dict] = {int(pid): dict(st) for pid, st in (meta or {}).get("state", {}).items()}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "/"):
+            pid, _, name = key[len(prefix) + 1:].partition("/")
+            state.setdefault(int(pid), {})[name] = v.to(device) if device is not None else v
+    groups = (meta or {}).get("param_groups") or optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def json_tensor(obj: object) -> torch.Tensor:
+    """A JSON-able object as a uint8 tensor (for safetensors files, which hold tensors only)."""
+    import json
+
+    return torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8)
+
+
+def from_json_tensor(t: torch.Tensor) -> object:
+    import json
+
+    return json.loads(bytes(t.tolist()).decode())
+
+
 def machine_description() -> str:
     """The machine a number was measured on, for reports: CPU, torch threads, GPU."""
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"

@@ -37,7 +37,7 @@ from robustlab.models import create_model
 from robustlab.outputs import atomic_write_bytes, atomic_write_text
 from robustlab.registry import MODELS
 from robustlab.types import Batch, LossOut, StepContext
-from robustlab.utils import compile_module, mix_seed, progress_bar
+from robustlab.utils import compile_module, load_optimizer_tensors, mix_seed, optimizer_tensors, progress_bar
 from robustlab.validation import check_device
 
 if TYPE_CHECKING:
@@ -449,15 +449,8 @@ class Trainer:
         from safetensors.torch import save
 
         tensors: dict[str, Tensor] = {f"model/{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        opt = self.optimizer.state_dict()
-        opt_meta: dict[str, Any] = {"param_groups": opt["param_groups"], "state": {}}
-        for pid, st in opt["state"].items():
-            opt_meta["state"][str(pid)] = {}
-            for k, v in st.items():
-                if isinstance(v, Tensor):
-                    tensors[f"optim/{pid}/{k}"] = v.detach().cpu().contiguous()
-                else:
-                    opt_meta["state"][str(pid)][k] = v
+        optim, opt_meta = optimizer_tensors(self.optimizer, "optim")
+        tensors.update(optim)
         for k, v in self.method.state_tensors().items():
             tensors[f"method/{k}"] = v.detach().cpu().contiguous()
         tensors["rng/torch"] = torch.get_rng_state()
@@ -486,14 +479,7 @@ class Trainer:
         self._check_resumable(json.loads(meta["config"]), path)
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
         opt_meta = json.loads(meta["optimizer"])
-        state: dict[int, dict[str, Any]] = {}
-        for pid, st in opt_meta["state"].items():
-            state[int(pid)] = dict(st)
-        for k, v in tensors.items():
-            if k.startswith("optim/"):
-                _, pid, name = k.split("/", 2)
-                state.setdefault(int(pid), {})[name] = v.to(self.device)
-        self.optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+        load_optimizer_tensors(self.optimizer, "optim", tensors, opt_meta, self.device)
         self.method.load_state_tensors({k[7:]: v.to(self.device) for k, v in tensors.items() if k.startswith("method/")})
         torch.set_rng_state(tensors["rng/torch"])
         if self.scaler is not None and "scaler" in opt_meta:

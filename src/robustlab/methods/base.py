@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
 from robustlab.registry import METHODS
 from robustlab.types import Batch, LossOut, StepContext
+from robustlab.utils import from_json_tensor, json_tensor, load_optimizer_tensors, optimizer_tensors
 
 BackwardAndStep = Callable[[Tensor], None]  # the Trainer's zero_grad + backward + clip + optimiser step
 
@@ -103,23 +104,18 @@ class PersistentDelta:
 
 
 def optimizer_state_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
-    """An optimiser's per-parameter state as flat tensors (`prefix/<param index>/<key>`) for safetensors;
-    hyper-parameters are not saved (the method rebuilds them from its config)."""
-    out = {}
-    for pid, st in optimizer.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"{prefix}/{pid}/{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
-    return out
+    """A method's own optimiser in its `state_tensors`: `utils.optimizer_tensors` (the Trainer's serialiser), the
+    non-tensor part as JSON in `prefix/meta`."""
+    tensors, meta = optimizer_tensors(optimizer, prefix)
+    return {**tensors, f"{prefix}/meta": json_tensor(meta)}
 
 
 def load_optimizer_state(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith(prefix + "/"):
-            _, pid, k = key.split("/", 2)
-            state.setdefault(int(pid), {})[k] = v
-    sd = optimizer.state_dict()
-    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    """The inverse of `optimizer_state_tensors` (a state written before `prefix/meta` existed keeps the optimiser's
+    own param groups)."""
+    meta = tensors.get(f"{prefix}/meta")
+    rest = {k: v for k, v in tensors.items() if k != f"{prefix}/meta"}
+    load_optimizer_tensors(optimizer, prefix, rest, cast(dict, from_json_tensor(meta)) if meta is not None else None)
 
 
 def create_method(name: str, **kwargs: Any) -> Method:
