@@ -119,6 +119,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(f"--model {args.model} was not written by robustlab and names no dataset: pass --data "
                          "(a dataset NAME or an .npz / .safetensors / .pt file with x and y)")
     task = task_of(model, args)  # classification or detection: data, metric, attacks and report follow from it
+    task.check_evaluation_options(precision=args.precision, compile=args.compile,
+                                  keep_adversarials=bool(args.save_adversarials), draws=args.draws)
     split, data = task.eval_data(args.data, args.split, extra or {}, model)
     task.probe(model, split, args.model, f"--data {args.data}" if args.data else f"dataset {data['name']!r}")
     specs = task.expand_specs(args.attack) if args.attack else task.default_attacks(data)

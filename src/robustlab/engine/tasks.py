@@ -18,7 +18,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Sequence, cast
+from typing import Any, ClassVar, Sequence, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -43,18 +43,24 @@ from robustlab.registry import DATASETS, TASKS
 from robustlab.reports.markdown import eval_table
 from robustlab.validation import check_choice
 
+EVALUATION_DEFAULTS: dict[str, Any] = {"precision": "fp32", "compile": False, "keep_adversarials": False,
+                                       "keep_records": False, "draws": 20}
 
-class Task(ABC):
-    """The task-specific parts of training and evaluation (see the module docstring)."""
+
+_T = TypeVar("_T", bound="TrainingTask")
+
+
+class TrainingTask(ABC):
+    """What the Trainer needs of a task: the training data's loading, batches and device placement, the per-epoch
+    evaluation panel and its log row, the recipe `robustlab train --task` starts from."""
 
     name: ClassVar[str] = ""
-    box: ClassVar[tuple[float, float]] = (0.0, 1.0)  # the model's input range
     metric: ClassVar[str] = ""  # "accuracy" | "map": the selection metric's name
     watches_overfitting: ClassVar[bool] = False  # the FGSM/PGD catastrophic-overfitting rules apply
     recipe: ClassVar[dict[str, Any]] = {}  # the config keys `robustlab train --task NAME` starts from
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "Task":
+    def from_config(cls: type[_T], cfg: Any) -> _T:
         """The task with the settings a training config gives it (the config keys it reads)."""
         return cls()
 
@@ -89,6 +95,23 @@ class Task(ABC):
         """The attacks of one per-epoch evaluation: the selection attack, and what else the task watches."""
         return [spec] if spec else []
 
+    @abstractmethod
+    def epoch_row(self, result: dict[str, Any], panel: list[str]) -> dict[str, Any]:
+        """The per-epoch log entries of an `evaluate` result: eval_clean, eval_robust, eval_attack, ..."""
+
+
+class EvaluationTask(ABC):
+    """What evaluation needs of a task: the data `robustlab eval` reads, the default attacks, the one-pass probe of a
+    model, the evaluation itself (resumable, shardable), the merge of shards, the table and the report."""
+
+    name: ClassVar[str] = ""
+    fallback_dataset: ClassVar[str] = ""  # the dataset `eval` reads when the checkpoint names none
+    reads_array_files: ClassVar[bool] = False  # `robustlab eval --data FILE.npz` (x, y arrays) is this task's data
+    per_sample_records: ClassVar[bool] = False  # evaluate(keep_records=True) gives per-sample flags (the store's union)
+    report_examples: ClassVar[int] = 0  # images with their predictions a report shows
+
+    # the evaluation options beyond the common ones (`EVALUATION_DEFAULTS`) the task offers; the others are refused
+    evaluation_options: ClassVar[frozenset[str]] = frozenset()
     def default_attacks(self, data: dict[str, Any]) -> list[str]:
         """The attack specs `robustlab eval` runs on `data` (its {"name", ...}) when no --attack is given: none
         (the clean metric) unless the task knows the data's threat model."""
@@ -126,11 +149,6 @@ class Task(ABC):
             self.check_fits(model, data, name)
         return self.split_of(data, split), {"name": name, "kwargs": kwargs, "split": split}
 
-    fallback_dataset: ClassVar[str] = ""  # the dataset `eval` reads when the checkpoint names none
-    reads_array_files: ClassVar[bool] = False  # `robustlab eval --data FILE.npz` (x, y arrays) is this task's data
-    per_sample_records: ClassVar[bool] = False  # evaluate(keep_records=True) gives per-sample flags (the store's union)
-    report_examples: ClassVar[int] = 0  # images with their predictions a report shows
-
     def check_fits(self, model: nn.Module, data: Any, name: str) -> None:
         """Refuse data the model cannot read, before any work (classifiers: `evaluate` checks the shapes)."""
         return None
@@ -142,6 +160,14 @@ class Task(ABC):
     def expand_specs(self, specs: list[str]) -> list[str]:
         """Attack specs with the task's named panels expanded."""
         return list(specs)
+
+    def check_evaluation_options(self, **given: Any) -> None:
+        """Refuse, before any work, an evaluation option this task does not offer (`evaluation_options`) when it is
+        set away from its default (precision, compile, keep_adversarials, keep_records, draws)."""
+        for option, value in given.items():
+            if option not in self.evaluation_options and value != EVALUATION_DEFAULTS[option]:
+                offered = ", ".join(sorted(self.evaluation_options)) or "none of them"
+                raise InputError(f"{option}={value!r} does not apply to {self.name} evaluations (they offer: {offered})")
 
     @abstractmethod
     def evaluate(self, model: nn.Module, split: Any, specs: list[str], n: int | None, *, batch_size: int = 32,
@@ -168,10 +194,6 @@ class Task(ABC):
         return None
 
     @abstractmethod
-    def epoch_row(self, result: dict[str, Any], panel: list[str]) -> dict[str, Any]:
-        """The per-epoch log entries of an `evaluate` result: eval_clean, eval_robust, eval_attack, ..."""
-
-    @abstractmethod
     def table(self, result: dict[str, Any]) -> str:
         """The printed report of an `evaluate` result."""
 
@@ -187,6 +209,13 @@ class Task(ABC):
         return path
 
 
+class Task(TrainingTask, EvaluationTask):
+    """The task-specific parts of training and evaluation (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    box: ClassVar[tuple[float, float]] = (0.0, 1.0)  # the model's input range
+
+
 @TASKS.register("classification")
 class Classification(Task):
     name = "classification"
@@ -195,6 +224,7 @@ class Classification(Task):
     watches_overfitting = True
     per_sample_records = True
     reads_array_files = True
+    evaluation_options = frozenset(EVALUATION_DEFAULTS)  # all of them
 
     def restrict_classes(self, data, classes, imbalance, seed):
         return select_classes(data, classes, imbalance, seed=seed)
@@ -370,13 +400,8 @@ class Detection(Task):
     def evaluate(self, model, split, specs, n, *, batch_size=32, checks=True, examples=0, progress=False,
                  precision="fp32", compile=False, keep_adversarials=False, keep_records=False, state=None, shard=None,
                  draws=20, integrity="quick"):
-        if precision != "fp32" or compile or keep_adversarials or keep_records:
-            raise InputError(f"precision={precision!r} / compile={compile!r} / saving adversarial examples or "
-                             "per-sample records: detection attacks run in fp32, eagerly, and keep neither (these "
-                             "apply to classifiers)")
-        if draws != 20:
-            raise InputError(f"draws={draws}: judging a randomised model by several forward passes applies to "
-                             "classifiers (detectors are judged by one pass)")
+        self.check_evaluation_options(precision=precision, compile=compile, keep_adversarials=keep_adversarials,
+                                      keep_records=keep_records, draws=draws)
         integrity = integrity if checks else "off"  # the Trainer's per-epoch evaluations run none
         check_choice(integrity, "integrity", INTEGRITY_MODES)
         # batches of at most 64 images
