@@ -37,8 +37,13 @@ def det_setup(tmp_path_factory):
     return folder, args, json.loads((folder / "plain.json").read_text())
 
 
-def test_the_plain_run_is_a_detector_evaluation(det_setup):
-    _, _, plain = det_setup
+def test_the_plain_run_is_a_detector_evaluation(det_setup, tmp_path):
+    folder, args, plain = det_setup
+    log = tmp_path / "det.log"  # --log: the detector's AutoAttack-style log
+    assert main([*args, "--log", str(log)]) == 0
+    text = log.read_text()
+    assert text.startswith("initial mAP: ") and "mAP after CWA:STEPS=3 (l_inf eps 8): " in text
+    assert "mAP after DAG:MAX_ITER=10 (unbounded): " in text and "passes per image" in text
     assert plain["n_images"] == N and set(plain["attacks"]) == {"cwa:steps=3", "dag:max_iter=10"}
     assert plain["attacks"]["dag:max_iter=10"]["eps"] is None and plain["attacks"]["cwa:steps=3"]["eps"] == 8.0
 

@@ -156,9 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     written = []
     if args.log:
         from robustlab.outputs import atomic_write_text
-        from robustlab.reports.markdown import evaluation_log
 
-        written.append(save_result(args.log, lambda p: atomic_write_text(p, evaluation_log(result)), what="log"))
+        written.append(save_result(args.log, lambda p: atomic_write_text(p, task.log(result)), what="log"))
     if args.robustbench_json:
         from robustlab.reports.exports import robustbench_entry
 
@@ -283,7 +282,6 @@ def cmd_eval_merge(args: argparse.Namespace) -> int:
     from robustlab.engine.tasks import merge_evaluations, task_named
     from robustlab.outputs import atomic_write_text, check_writable, save_result
     from robustlab.reports.json import write_json
-    from robustlab.reports.markdown import evaluation_log
     from robustlab.reports.store import record
 
     if args.json:
@@ -299,10 +297,11 @@ def cmd_eval_merge(args: argparse.Namespace) -> int:
     records = result.pop("records", None)  # per-sample flags: classifiers only
     result.update({k: context[k] for k in ("model", "data", "attack_specs", "device") if k in context})
     manifest = json.loads((args.folders[0] / "manifest.json").read_text())
-    print(task_named(manifest.get("task", "classification"))().table(result))
+    task = task_named(manifest.get("task", "classification"))()
+    print(task.table(result))
     written = []
     if args.log:
-        written.append(save_result(args.log, lambda p: atomic_write_text(p, evaluation_log(result)), what="log"))
+        written.append(save_result(args.log, lambda p: atomic_write_text(p, task.log(result)), what="log"))
     if args.json:
         written.append(save_result(args.json, lambda p: write_json(p, result), what="result JSON"))
     rc = max([0] + [report_written(*w) for w in written])

@@ -64,6 +64,25 @@ def ap_table(result: dict[str, Any]) -> str:
     return head + "\n".join(rows) + "\n" + attack_summary(result)
 
 
+def detection_log(result: dict[str, Any]) -> str:
+    """The AutoAttack-style log of a detector evaluation (`robustlab eval --log`): clean mAP, then per attack its mAP,
+    the running total time, its passes per image and the largest perturbation, then the integrity verdict."""
+    lines = [f"initial mAP: {result['clean']['map']:.4f} ({result['n_images']} images, {result['ap_mode']})"]
+    total = result["clean"].get("seconds", 0.0)
+    for name, a in result.get("attacks", {}).items():
+        total += a.get("seconds", 0.0)
+        eps = "unbounded" if a.get("eps") is None else f"l_inf eps {a['eps']:g}"
+        lines.append(f"mAP after {name.upper()} ({eps}): {a['map']:.4f} (total time {total:.1f} s)")
+        if "passes" in a:
+            lines.append(f"  passes per image: {a['passes']['per_image']:.1f}; max |delta|: "
+                         f"{a['perturbation']['max_abs']:.3f}")
+    integrity = result.get("integrity")
+    if integrity is not None:
+        lines.append("integrity: ok" if integrity["ok"] else "integrity: DO NOT TRUST THESE NUMBERS")
+        lines += [f"  - {f}" for f in integrity["flags"]]
+    return "\n".join(lines) + "\n"
+
+
 def attack_summary(result: dict[str, Any]) -> str:
     """One line per attack: its budget, passes and seconds, the perturbation it made and its own statistics."""
     lines = []

@@ -32,7 +32,7 @@ from robustlab.detection.attacks import detection_attacks
 from robustlab.detection.evaluate import detector_panel, detector_result, evaluate_detector
 from robustlab.detection.integrity import PLANS, finish_detector_integrity, probe_detector
 from robustlab.detection.models import check_detector, class_names_of
-from robustlab.detection.report import ap_table, write_detection_report
+from robustlab.detection.report import ap_table, detection_log, write_detection_report
 from robustlab.engine.evaluator import check_shard, evaluate, result_from_records
 from robustlab.engine.external import Normalized, is_array_file, load_array_data, probe_model
 from robustlab.engine.integrity import INTEGRITY_MODES
@@ -40,7 +40,7 @@ from robustlab.errors import ConfigError, InputError
 from robustlab.methods.base import Method
 from robustlab.outputs import atomic_write_text
 from robustlab.registry import DATASETS, TASKS
-from robustlab.reports.markdown import eval_table
+from robustlab.reports.markdown import eval_table, evaluation_log
 from robustlab.validation import check_choice
 
 EVALUATION_DEFAULTS: dict[str, Any] = {"precision": "fp32", "compile": False, "keep_adversarials": False,
@@ -197,6 +197,10 @@ class EvaluationTask(ABC):
     def table(self, result: dict[str, Any]) -> str:
         """The printed report of an `evaluate` result."""
 
+    @abstractmethod
+    def log(self, result: dict[str, Any]) -> str:
+        """The AutoAttack-style log of a result (`robustlab eval --log`, `eval-merge --log`)."""
+
     def write_report(self, folder: str | Path, result: dict[str, Any], title: str, command: str = "",
                      machine: str = "") -> Path:
         """report.md in `folder`: the title, the table, the command and the machine."""
@@ -313,6 +317,9 @@ class Classification(Task):
 
     def merge(self, manifest, batches, checks, keep_records=False):
         return result_from_records(manifest["attacks"], batches, checks, keep_records, bool(manifest["adversarials"]))
+
+    def log(self, result):
+        return evaluation_log(result)
 
     def epoch_row(self, result, panel):
         accs = [a["robust_accuracy"] for a in result["attacks"].values()]
@@ -451,6 +458,9 @@ class Detection(Task):
 
     def table(self, result):
         return ap_table(result)
+
+    def log(self, result):
+        return detection_log(result)
 
     def write_report(self, folder, result, title, command="", machine=""):
         return write_detection_report(folder, result, title, command, machine)
