@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from robustlab.errors import OutputError
 
@@ -96,6 +96,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npy(path: str | Path, array: Any) -> None:
+    """`np.save` through `atomic_write_bytes`: a kill leaves the old file or the whole new one."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_figure(fig: Any, path: str | Path, **kwargs: Any) -> None:
+    """A matplotlib figure saved through `atomic_write_bytes` (the format from the path's suffix)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_create_text(path: str | Path, text: str) -> bool:

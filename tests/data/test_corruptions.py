@@ -69,3 +69,43 @@ def test_bad_input():
         corrupt(np.zeros((8, 8, 3), np.uint8), "fog", 1)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         corrupt(np.full((1, 8, 8, 3), 2.0), "fog", 1)
+
+
+def test_generation_is_atomic_with_a_completion_marker_written_last(tmp_path, monkeypatch):
+    """Each file is written whole (a kill leaves none half-written) and complete.json comes last: a folder without it
+    is an interrupted generation (issue 31)."""
+    import json
+
+    import robustlab.data.corruptions as corruptions_module
+
+    x = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(4)
+    out = write_cifar10_c(x, y, tmp_path / "ok", corruptions=["fog"], progress=False)
+    assert json.loads((out / "complete.json").read_text())["corruptions"] == ["fog"]
+    written = []
+    real = corruptions_module.atomic_save_npy
+
+    def dies_after_the_first(path, array):
+        if written:
+            raise KeyboardInterrupt("killed")
+        real(path, array)
+        written.append(path)
+
+    monkeypatch.setattr(corruptions_module, "atomic_save_npy", dies_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        write_cifar10_c(x, y, tmp_path / "killed", corruptions=["fog", "jpeg_compression"], progress=False)
+    files = sorted(p.name for p in (tmp_path / "killed").iterdir())
+    assert files == ["fog.npy"] and np.load(tmp_path / "killed" / "fog.npy").shape == (20, 8, 8, 3)
+
+
+def test_figures_are_written_atomically(tmp_path):
+    from robustlab.outputs import atomic_save_figure
+    from robustlab.reports.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    atomic_save_figure(fig, tmp_path / "f.png", dpi=50)
+    plt.close(fig)
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.png"]  # no temporary file left

@@ -121,6 +121,23 @@ def test_lr_schedules():
     assert lr_factor(cos, 100, 100) == pytest.approx(0, abs=1e-12)
 
 
+def test_milestones_mean_one_thing():
+    """Integers are epochs (1 = after the first epoch, not the end of training), floats fractions in (0, 1);
+    ambiguous, negative, mixed and decreasing milestones are refused before training (issue 31)."""
+    from robustlab.engine.config import load_config
+    from robustlab.errors import ConfigError
+
+    epochs = TrainConfig(epochs=3, schedule="multistep", milestones=(1, 2), gamma=0.1)
+    assert [round(lr_factor(epochs, s, 30), 6) for s in (0, 9, 10, 19, 20, 29)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
+    fractions = TrainConfig(epochs=3, schedule="multistep", milestones=(0.5,), gamma=0.1)
+    assert lr_factor(fractions, 14, 30) == 1 and lr_factor(fractions, 15, 30) == pytest.approx(0.1)
+    for bad, match in (("[1.0, 2]", "all integers"), ("[2.5]", "write 2, not 2.0"), ("[-1]", ">= 1"),
+                       ("[0.75, 0.5]", "strictly increasing"), ("[3, 3]", "strictly increasing"),
+                       ("[0, 0.5]", "all integers")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [f"milestones={bad}", "schedule=multistep"])
+
+
 def test_augment_shapes_and_determinism():
     x = torch.rand(6, 3, 8, 8)
     a = augment(x, "crop-flip", torch.Generator().manual_seed(0))

@@ -28,6 +28,7 @@ from robustlab.attacks.base import PassCounter, attack_mode
 from robustlab.attacks.pgd import pgd
 from robustlab.errors import InputError
 from robustlab.label_metrics.metric import check_metric
+from robustlab.outputs import atomic_save_figure, atomic_write_text
 from robustlab.threat import L2Ball
 
 
@@ -37,9 +38,9 @@ def _write(path: str | Path, fig, data: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_save_figure(fig, path, dpi=100)
     pyplot().close(fig)
-    path.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(data, indent=1))
     return path
 
 

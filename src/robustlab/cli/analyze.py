@@ -6,6 +6,7 @@ from pathlib import Path
 
 from robustlab.cli.common import load_labelled_models
 from robustlab.errors import InputError
+from robustlab.outputs import atomic_save_npy
 
 
 def _data(args, extra):
@@ -136,7 +137,6 @@ def cmd_directional(args) -> int:
 
 
 def cmd_metric_wordnet(args) -> int:
-    import numpy as np
 
     from robustlab.label_metrics.metric import wordnet_metric
 
@@ -145,13 +145,12 @@ def cmd_metric_wordnet(args) -> int:
     classes = [c.strip() for c in args.classes.read_text().splitlines() if c.strip()]
     m = wordnet_metric(classes, root=args.wordnet_root, measure=args.measure,
                        normalize=None if args.no_normalize else "max")
-    np.save(args.out, m.numpy())
+    atomic_save_npy(args.out, m.numpy())
     print(f"wrote the {len(classes)} x {len(classes)} WordNet metric to {args.out}")
     return 0
 
 
 def cmd_metric_visual(args) -> int:
-    import numpy as np
 
     from robustlab.cli.common import load_eval_data
     from robustlab.engine.checkpoint import load_model
@@ -163,7 +162,7 @@ def cmd_metric_visual(args) -> int:
     x, y = load_eval_data(args.data, "test", extra)
     m, info = visual_metric(model.eval(), x, y, int(model_config(model)["num_classes"]), method=args.method,
                             n_per_class=args.per_class)
-    np.save(args.out, m.numpy())
+    atomic_save_npy(args.out, m.numpy())
     fails = sum(map(sum, info["failures"]))
     print(f"wrote the visual metric to {args.out} ({fails} targeted-DeepFool failures excluded)")
     return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from robustlab.cli.common import command_line, load_labelled_models
 from robustlab.errors import InputError
+from robustlab.outputs import atomic_write_text
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -47,7 +48,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     x, y = load_eval_data(args.data, "test", extra)
     summary = export_adversarials(model.eval(), x[: args.n_samples].to(args.device), y[: args.n_samples].to(args.device),
                                   args.out, seed=args.seed, deepfool_steps=args.steps, critic_steps=args.steps)
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(Path(args.out) / "summary.json", json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/labels_to_fill.csv (for annotators) and {args.out}/targets.csv (the key)")
     return 0

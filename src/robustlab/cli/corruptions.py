@@ -8,6 +8,7 @@ from pathlib import Path
 
 from robustlab.cli.common import command_line, load_labelled_models
 from robustlab.errors import InputError
+from robustlab.outputs import atomic_write_text
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -46,9 +47,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         command = command_line()
-        (out / "corruptions.md").write_text(f"# Accuracy under corruptions (%), mean over severities {sev}\n\n"
+        atomic_write_text(out / "corruptions.md", f"# Accuracy under corruptions (%), mean over severities {sev}\n\n"
                                             f"{table}\n\nReproduce: `{command}`\n")
-        (out / "corruptions.json").write_text(json.dumps({**result, "command": command}, indent=2))
+        atomic_write_text(out / "corruptions.json", json.dumps({**result, "command": command}, indent=2))
         print(f"wrote {out}/corruptions.md and corruptions.json")
     return 0
 

@@ -15,6 +15,7 @@ overlays crops of six frost photographs that cannot ship here: robustlab synthes
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +24,7 @@ from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from scipy import ndimage
 
 from robustlab.errors import DataError, InputTypeError
+from robustlab.outputs import atomic_save_npy, atomic_write_text
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "defocus_blur", "glass_blur",
                "motion_blur", "zoom_blur", "gaussian_blur", "snow", "frost", "fog", "brightness", "spatter",
@@ -356,6 +358,9 @@ def corrupt(images: np.ndarray, corruption: str, severity: int, seed: int = 0) -
     return np.round(out * 255).astype(np.uint8) if integer else out.astype(x.dtype)
 
 
+COMPLETE = "complete.json"  # written last by write_cifar10_c: the generation finished
+
+
 def write_cifar10_c(images: np.ndarray, labels: np.ndarray, out_dir: str | Path, corruptions=CORRUPTIONS,
                     seed: int = 0, progress: bool | None = None) -> Path:
     """Write `<corruption>.npy` ((5N, H, W, C) uint8, severities 1..5 in order) and `labels.npy` (5N,)."""
@@ -375,6 +380,8 @@ def write_cifar10_c(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
             for sev in range(1, 6):
                 blocks.append(corrupt(x, name, sev, seed))
                 bar.update(1)
-            np.save(out / f"{name}.npy", np.concatenate(blocks))
-    np.save(out / "labels.npy", np.tile(y.astype(np.uint8 if y.max() < 256 else np.int64), 5))
+            atomic_save_npy(out / f"{name}.npy", np.concatenate(blocks))
+    atomic_save_npy(out / "labels.npy", np.tile(y.astype(np.uint8 if y.max() < 256 else np.int64), 5))
+    # written last: a folder without it is an interrupted generation (robustlab corruptions generate redoes it)
+    atomic_write_text(out / COMPLETE, json.dumps({"corruptions": list(corruptions), "seed": seed, "n": int(x.shape[0])}))
     return out

@@ -14,6 +14,7 @@ from robustlab.detection.data import DetSource
 from robustlab.detection.evaluate import evaluate_detector
 from robustlab.detection.report import curve_plot, draw_grid, map_table, per_class_table
 from robustlab.errors import InputError
+from robustlab.outputs import atomic_write_text
 
 STEPS_GRID = (1, 2, 5, 10, 20)
 EPS_GRID = (0, 1, 2, 4, 6, 8, 10, 12, 16)
@@ -86,5 +87,5 @@ def write_comparison(out_dir: str | Path, result: dict[str, Any], command: str =
                           r["class_names"])
             lines += [f"### {name}: detections on {attack} images", "", f"![{name} {attack}]({p.name})", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path

@@ -9,6 +9,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from robustlab.outputs import atomic_save_figure, atomic_write_text
+
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
 
@@ -120,7 +122,7 @@ def per_class_ap_plot(result: dict[str, Any], path: str | Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -146,7 +148,7 @@ def write_detection_report(out_dir: str | Path, result: dict[str, Any], title: s
     for caption, name in figures:
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
@@ -201,6 +203,6 @@ def curve_plot(curves: dict[str, dict[str, tuple[list[float], list[float]]]], pa
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

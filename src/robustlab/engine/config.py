@@ -37,7 +37,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "multistep"  # constant | multistep | cosine | cyclic | exponential (gamma per epoch)
     cyclic_peak: float = 0.5  # cyclic: fraction of training at which the lr peaks (MNG-AC: 0.4, epoch 12 of 30)
-    milestones: tuple = (0.5, 0.75)  # fractions of training (or epochs if > 1) for multistep
+    milestones: tuple = (0.5, 0.75)  # multistep: all fractions of training in (0, 1), or all integer epochs
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     grad_clip: float | None = None
@@ -118,6 +118,25 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'workers' must be >= 0 or null (the machine's default), got {cfg.workers}")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise ConfigError(f"config key 'grad_clip' must be > 0 or null, got {cfg.grad_clip}")
+    _check_milestones(cfg.milestones)
+
+
+def _check_milestones(milestones: tuple) -> None:
+    """Milestones mean one thing: all integers (epochs, >= 1) or all fractions of training in (0, 1), strictly
+    increasing. A float of 1 or more (1.0, 2.5) could be either and is refused, as are negative or decreasing ones."""
+    ms = list(milestones)
+    kinds = {"epoch" if isinstance(m, int) and not isinstance(m, bool) else "fraction" if isinstance(m, float) else "bad"
+             for m in ms}
+    if "bad" in kinds or len(kinds) > 1:
+        raise ConfigError(f"config key 'milestones' must be all integers (epochs, e.g. [60, 120]) or all fractions of "
+                          f"training in (0, 1) (e.g. [0.5, 0.75]), got {ms!r}")
+    if kinds == {"epoch"} and min(ms) < 1:
+        raise ConfigError(f"config key 'milestones': epochs must be >= 1, got {ms!r}")
+    if kinds == {"fraction"} and not all(0 < m < 1 for m in ms):
+        raise ConfigError(f"config key 'milestones': a fraction of training must lie in (0, 1), got {ms!r} (an "
+                          "epoch is an integer: write 2, not 2.0)")
+    if any(b <= a for a, b in zip(ms, ms[1:])):
+        raise ConfigError(f"config key 'milestones' must be strictly increasing, got {ms!r}")
 
 
 def _type_ok(v: Any, t: Any) -> bool:

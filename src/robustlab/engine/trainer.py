@@ -71,7 +71,8 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
         return t / c if t < c else max(0.0, (1 - t) / (1 - c))
     if cfg.schedule == "exponential":  # times gamma after every epoch (the IJCNN margin baselines: 0.95)
         return cfg.gamma ** math.floor(t * cfg.epochs + 1e-9)
-    marks = [m / cfg.epochs if m > 1 else m for m in cfg.milestones]
+    # integers are epochs, floats fractions of training (config._check_milestones refuses anything else)
+    marks = [m / cfg.epochs if isinstance(m, int) else m for m in cfg.milestones]
     return cfg.gamma ** sum(t >= m for m in marks)
 
 

@@ -16,6 +16,7 @@ from robustlab.label_metrics.metric import get_metric, metric_power
 from robustlab.losses.wasserstein import WassersteinAttackLoss
 from robustlab.methods.adversarial import AdversarialMethod
 from robustlab.methods.base import LossMethod
+from robustlab.outputs import atomic_save_npy
 from robustlab.registry import METHODS
 from robustlab.types import LossOut
 from robustlab.validation import check_positive
@@ -55,7 +56,7 @@ class WPGD(AdversarialMethod, LossMethod):
         np.fill_diagonal(c, 0.0)
         path = Path(folder) / f"label-metric{Path(metric).suffix}"
         if path.suffix == ".npy":
-            np.save(path, c)
+            atomic_save_npy(path, c)
         else:
             np.savetxt(path, c, delimiter=",")
         return {**kwargs, "metric": str(path)}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab import rng
+from robustlab.outputs import atomic_save_figure, atomic_write_text
 
 
 @torch.no_grad()
@@ -82,10 +83,10 @@ def boundary_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, adversar
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_save_figure(fig, path, dpi=100)
     plt.close(fig)
     true_frac = {name: [(s["pred"][i] == int(y[i])).float().mean().item() for i in range(n)] for name, s in slices.items()}
-    path.with_suffix(".json").write_text(json.dumps({
+    atomic_write_text(path.with_suffix(".json"), json.dumps({
         "attack": attack, "span": span, "grid": grid, "seed": seed, "labels": y.tolist(),
         "true_class_fraction": true_frac,
         "pred": {name: s["pred"].tolist() for name, s in slices.items()}}, separators=(",", ":")))

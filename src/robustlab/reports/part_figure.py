@@ -6,6 +6,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from robustlab.outputs import atomic_save_figure
+
 
 def part_maps(part_model: nn.Module, x: Tensor, *, eps: float, eps_low: float, layer: str | None = None,
               cam_method: str = "gradcam", mask_mode: str = "zscore") -> dict[str, Tensor]:
@@ -55,6 +57,6 @@ def part_figure(x: Tensor, maps: dict[str, Tensor], at_adv: Tensor, part_adv: Te
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path

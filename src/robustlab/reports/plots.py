@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from robustlab.outputs import atomic_save_figure
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (imported on first use: matplotlib is slow to import)."""
@@ -27,7 +29,7 @@ def accuracy_vs_eps(curves: dict[str, tuple[list[float], list[float]]], path: Pa
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -51,7 +53,7 @@ def training_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> P
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -75,6 +77,6 @@ def per_class_bars(results: dict[str, dict[str, Any]], path: Path) -> Path:
         ax.set_title(name)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_save_figure(fig, path)
     plt.close(fig)
     return path
