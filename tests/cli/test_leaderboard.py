@@ -118,3 +118,19 @@ def test_a_store_from_before_detectors_gains_the_metric_column(tmp_path):
     con.close()
     (row,) = leaderboard(path)
     assert row["metric"] == "accuracy" and row["best_known_accuracy"] == 0.5
+
+
+def test_an_evaluation_that_fails_midway_leaves_no_rows(tmp_path):
+    """One transaction per evaluation: an error on its second attack rolls back the first attack's rows too."""
+    import sqlite3
+
+    path = tmp_path / "r.sqlite"
+    result = {"clean_accuracy": 1.0, "n_samples": 1, "records": {"label": [0], "clean_pred": [0],
+                                                                  "robust": {"a": [True], "b": [True]}},
+              "attacks": {"a": {"norm": "linf", "eps": 0.1, "robust_accuracy": 1.0}, "b": {"norm": "linf", "eps": 0.1}}}
+    with pytest.raises(KeyError):
+        record(path, model_digest="x", model_name="m", data="d:test", result=result, specs=["a", "b"], version="v")
+    con = sqlite3.connect(str(path))
+    assert con.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 0
+    assert con.execute("SELECT COUNT(*) FROM samples").fetchone()[0] == 0
+    con.close()

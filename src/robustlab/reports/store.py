@@ -124,6 +124,22 @@ def store_problem(path: str | Path) -> str | None:
 
 
 @contextlib.contextmanager
+def _transaction(path: Path) -> Iterator[sqlite3.Connection]:
+    """One write transaction on the store: committed when the block ends, rolled back whatever stopped it (a reader
+    never sees half an evaluation)."""
+    with _connect(path) as con:
+        con.execute("BEGIN IMMEDIATE")
+        committed = False
+        try:
+            yield con
+            con.execute("COMMIT")
+            committed = True
+        finally:
+            if not committed:
+                con.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
 def _connect(path: Path) -> Iterator[sqlite3.Connection]:
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(str(path), timeout=120, isolation_level=None)  # explicit transactions below
@@ -159,28 +175,20 @@ def record(path: str | Path, *, model_digest: str, model_name: str, data: str, r
     clean = [int(a == b) for a, b in zip(labels, preds)]
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     ids = []
-    with _connect(Path(path)) as con:
-        con.execute("BEGIN IMMEDIATE")
-        committed = False
-        try:
-            for (name, entry), spec in zip(result["attacks"].items(), specs):
-                cur = con.execute(
-                    "INSERT INTO evaluations (model_hash, model, data, threat, attack, spec, clean_accuracy, "
-                    "robust_accuracy, n_samples, created, robustlab_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (digest, model_name, data, threat_key(entry.get("norm"), entry.get("eps")), entry.get("attack", name),
-                     spec, result["clean_accuracy"], entry["robust_accuracy"], result["n_samples"], now, version))
-                eid = int(cur.lastrowid or 0)
-                ids.append(eid)
-                # robust: 0 or 1, or a randomised model's expected accuracy (a share; SQLite keeps it REAL), so the
-                # best-known accuracy takes per sample the lowest over the evaluations, as evaluate's union does
-                con.executemany("INSERT INTO samples (evaluation_id, idx, clean_correct, robust) VALUES (?, ?, ?, ?)",
-                                [(eid, i, c, r if isinstance(r, float) else int(r))
-                                 for i, (c, r) in enumerate(zip(clean, records["robust"][name]))])
-            con.execute("COMMIT")
-            committed = True
-        finally:
-            if not committed:  # whatever stopped us, the store keeps no half-written evaluation
-                con.execute("ROLLBACK")
+    with _transaction(Path(path)) as con:
+        for (name, entry), spec in zip(result["attacks"].items(), specs):
+            cur = con.execute(
+                "INSERT INTO evaluations (model_hash, model, data, threat, attack, spec, clean_accuracy, "
+                "robust_accuracy, n_samples, created, robustlab_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (digest, model_name, data, threat_key(entry.get("norm"), entry.get("eps")), entry.get("attack", name),
+                 spec, result["clean_accuracy"], entry["robust_accuracy"], result["n_samples"], now, version))
+            eid = int(cur.lastrowid or 0)
+            ids.append(eid)
+            # robust: 0 or 1, or a randomised model's expected accuracy (a share; SQLite keeps it REAL), so the
+            # best-known accuracy takes per sample the lowest over the evaluations, as evaluate's union does
+            con.executemany("INSERT INTO samples (evaluation_id, idx, clean_correct, robust) VALUES (?, ?, ?, ?)",
+                            [(eid, i, c, r if isinstance(r, float) else int(r))
+                             for i, (c, r) in enumerate(zip(clean, records["robust"][name]))])
     return ids
 
 
@@ -196,24 +204,16 @@ def _record_detector(path: str | Path, *, model_digest: str, model_name: str, da
     """One row per attack of a detector evaluation (metric 'map': clean and attacked mAP), in one transaction."""
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     ids = []
-    with _connect(Path(path)) as con:
-        con.execute("BEGIN IMMEDIATE")
-        committed = False
-        try:
-            for name, entry in result["attacks"].items():
-                cur = con.execute(
-                    "INSERT INTO evaluations (model_hash, model, data, threat, attack, spec, clean_accuracy, "
-                    "robust_accuracy, n_samples, created, robustlab_version, metric) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
-                    "?, ?, ?, 'map')",
-                    (model_digest, model_name, data, detector_threat_key(entry.get("norm"), entry.get("eps")),
-                     entry.get("attack", name), name, result["clean"]["map"], entry["map"], result["n_images"],
-                     now, version))
-                ids.append(int(cur.lastrowid or 0))
-            con.execute("COMMIT")
-            committed = True
-        finally:
-            if not committed:
-                con.execute("ROLLBACK")
+    with _transaction(Path(path)) as con:
+        for name, entry in result["attacks"].items():
+            cur = con.execute(
+                "INSERT INTO evaluations (model_hash, model, data, threat, attack, spec, clean_accuracy, "
+                "robust_accuracy, n_samples, created, robustlab_version, metric) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?, ?, 'map')",
+                (model_digest, model_name, data, detector_threat_key(entry.get("norm"), entry.get("eps")),
+                 entry.get("attack", name), name, result["clean"]["map"], entry["map"], result["n_images"],
+                 now, version))
+            ids.append(int(cur.lastrowid or 0))
     return ids
 
 
