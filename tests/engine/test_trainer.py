@@ -32,6 +32,44 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("method,kwargs", [("pgd-at", {"eps": 0.1, "steps": 2, "step_size": 0.05}),
+                                            ("free-at", {"eps": 0.1, "replays": 2})])
+def test_a_state_within_the_epoch_resumes_bit_exactly(tmp_path, method, kwargs):
+    """checkpoint_every=3 steps (issue 31): stopped at step 5 of epoch 2, the run resumes from the state written
+    after its step 3 (not from the end of epoch 1) and ends with the uninterrupted run's weights and epoch rows; with
+    keep_last=2 the state before it is kept too."""
+    kw = dict(method=method, method_kwargs=kwargs, checkpoint_every=3, keep_last=2)
+    full = Trainer(_cfg(tmp_path / "a", **kw))
+    full.fit()
+    part = Trainer(_cfg(tmp_path / "b", **kw))
+    spe = part.steps_per_epoch()
+    assert spe >= 6
+    with pytest.raises(KeyboardInterrupt):
+        part.fit(stop_at_step=(spe + 5) * part.method.steps_per_batch())
+    assert part.saved_at == "epoch 2, step 3"
+    state = tmp_path / "b" / "t" / "train_state.safetensors"
+    assert state.with_suffix(".1.safetensors").exists()  # keep_last=2: the state before
+    resumed = Trainer(_cfg(tmp_path / "b", **kw))
+    resumed.load_state(state)
+    assert resumed._epoch_progress is not None and resumed._epoch_progress["step"] == 3
+    resumed = Trainer(_cfg(tmp_path / "b", **kw))
+    resumed.fit(resume=True)
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.history] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in full.history]
+
+
+def test_checkpoint_every_is_checked():
+    for bad in (0, "30x", "-5m", True):
+        with pytest.raises(ConfigError, match="checkpoint_every"):
+            TrainConfig(checkpoint_every=bad)
+    with pytest.raises(ConfigError, match="keep_last"):
+        TrainConfig(keep_last=0)
+    assert TrainConfig(checkpoint_every="90s").checkpoint_every == "90s" and TrainConfig(checkpoint_every=None)
+
+
 def test_free_at_state_survives_resume(tmp_path):
     kw = dict(method="free-at", method_kwargs={"eps": 0.1, "replays": 2}, epochs=2)
     full = Trainer(_cfg(tmp_path / "a", **kw))

@@ -34,10 +34,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
         state = trainer.run_dir / "train_state.safetensors"
-        where = (f"the last checkpoint is {state} (end of epoch {trainer.epoch})" if state.exists() and trainer.epoch
-                 else "no epoch finished, so there is no checkpoint to resume from")
+        resumable = state.exists() and (trainer.saved_at is not None or args.resume)
+        where = (f"the last checkpoint is {state} ({trainer.saved_at or 'as resumed'})" if resumable
+                 else "no checkpoint was written yet, so there is nothing to resume from")
         again = command_line() + ("" if args.resume else " --resume")
-        print(f"robustlab train: interrupted; {where}" + (f"; continue with: {again}" if trainer.epoch else ""),
+        print(f"robustlab train: interrupted; {where}" + (f"; continue with: {again}" if resumable else ""),
               file=sys.stderr)
         return 130
     finally:

@@ -6,6 +6,7 @@ out-of-range values raise ConfigError naming the key. Values in overrides are pa
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,10 @@ class TrainConfig:
     out_dir: str = "runs"
     tensorboard: bool = False
     progress: bool | None = None
+    # a training state within the epoch, besides the one at its end: every N optimizer steps (an integer) or every so
+    # many minutes ("30m", also "90s", "2h"); null: at epoch ends only. --resume continues from the step it holds.
+    checkpoint_every: int | str | None = "30m"
+    keep_last: int = 1  # how many training states to keep (train_state.safetensors, then .1, .2, ... the older)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -119,6 +124,26 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise ConfigError(f"config key 'grad_clip' must be > 0 or null, got {cfg.grad_clip}")
     _check_milestones(cfg.milestones)
+    checkpoint_interval(cfg.checkpoint_every)
+    if isinstance(cfg.keep_last, bool) or cfg.keep_last < 1:
+        raise ConfigError(f"config key 'keep_last' must be an integer >= 1, got {cfg.keep_last!r}")
+
+
+def checkpoint_interval(value: int | str | None) -> tuple[str, float] | None:
+    """checkpoint_every as ("steps", N) or ("seconds", S); None when off. '30m', '90s', '2h' are durations."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"config key 'checkpoint_every' must be a number of steps, a duration or null, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(f"config key 'checkpoint_every' must be >= 1 step, got {value}")
+        return ("steps", float(value))
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh])\s*", str(value))
+    if m is None or float(m.group(1)) <= 0:
+        raise ConfigError(f"config key 'checkpoint_every' must be a number of steps (e.g. 500), a duration (e.g. "
+                          f"\"30m\", \"90s\", \"2h\") or null, got {value!r}")
+    return ("seconds", float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)])
 
 
 def _check_milestones(milestones: tuple) -> None:

@@ -28,7 +28,7 @@ from robustlab import rng
 from robustlab.data import ImageData, load_dataset
 from robustlab.data.loading import resolve_workers
 from robustlab.engine.checkpoint import save_model, tensors_sha256, verify_sha256
-from robustlab.engine.config import TrainConfig, validation_count
+from robustlab.engine.config import TrainConfig, checkpoint_interval, validation_count
 from robustlab.engine.distributed import Torchrun
 from robustlab.engine.tasks import Task, task_of
 from robustlab.errors import CheckpointError, ConfigError, DataError, ResumeError, RunExistsError
@@ -50,7 +50,7 @@ RUN_FILES = ("config.json", "train_state.safetensors", "last.safetensors", "best
              "metrics.csv", "tensorboard")
 # settings that may change when a run is resumed (extend it with more epochs, evaluate more or less often, logs);
 # anything else shapes the run and is refused
-RESUMABLE_KEYS = ("epochs", "eval_every", "progress", "tensorboard", "workers")
+RESUMABLE_KEYS = ("epochs", "eval_every", "progress", "tensorboard", "workers", "checkpoint_every", "keep_last")
 
 
 def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
@@ -145,6 +145,8 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.best: dict[str, Any] = {**self.selection_rule(), "score": -1.0, "clean": -1.0, "epoch": None}
+        self._epoch_progress: dict[str, Any] | None = None  # a state saved within an epoch, to continue from
+        self.saved_at: str | None = None  # where the last state this process wrote stands ("epoch 3, step 40")
         self.history: list[dict[str, Any]] = []
         self.events: list[str] = []
         self._fwd_images = 0
@@ -314,24 +316,33 @@ class Trainer:
         tb = self._tensorboard() if cfg.tensorboard and self.ddp.main else None
         n_train = self.data.n_train
         spe = self.steps_per_epoch()
+        interval = checkpoint_interval(cfg.checkpoint_every)
         try:
             while self.epoch < cfg.epochs:
                 epoch = self.epoch
-                torch.manual_seed(mix_seed(cfg.seed, epoch, 1))
+                acc, first = self._epoch_progress, 0  # a state saved within this epoch: its running sums, its step
+                self._epoch_progress = None
+                if acc is None:  # a fresh epoch (a resumed one continues the global generator the state restored)
+                    torch.manual_seed(mix_seed(cfg.seed, epoch, 1))
+                    acc = {"sums": {}, "correct": torch.zeros((), device=self.device), "seen": 0, "passes": [0, 0],
+                           "has_accuracy": False, "fwd_images": 0, "elapsed": 0.0, "step": 0}
+                first = acc["step"]
                 perm = rng.randperm(n_train, generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, 2)))
                 self.model.train()
-                sums: dict[str, Tensor] = {}
-                correct = torch.zeros((), device=self.device)
-                seen = 0
-                passes = [0, 0]
-                has_accuracy = False
-                t0 = time.perf_counter()
-                self._fwd_images = 0
+                sums: dict[str, Tensor] = acc["sums"]
+                correct = acc["correct"]
+                seen = acc["seen"]
+                passes = acc["passes"]
+                has_accuracy = acc["has_accuracy"]
+                t0 = time.perf_counter() - acc["elapsed"]
+                self._fwd_images = acc["fwd_images"]
+                last_save = time.monotonic()
                 # this rank's share of each batch: under DDP a rank reads (and decodes) only its own images
                 index_batches = [perm[step * cfg.batch_size:(step + 1) * cfg.batch_size][self.ddp.rank::self.ddp.world]
                                  for step in range(spe)]
                 with progress_bar(spe, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress if self.ddp.main else False) as bar:
-                    for step, batch in enumerate(self.loader.epoch(index_batches, epoch)):
+                    bar.update(first)
+                    for step, batch in enumerate(self.loader.epoch(index_batches[first:], epoch), start=first):
                         if stop_at_step is not None and self.global_step >= stop_at_step:
                             raise KeyboardInterrupt(f"stopped at global step {self.global_step} (as requested)")
                         gen = rng.device_generator(self.device, mix_seed(cfg.seed, epoch, step, 3))
@@ -353,6 +364,13 @@ class Trainer:
                         seen += x.shape[0]
                         passes[1] += ctx.passes[1]
                         bar.update(1)
+                        if self._checkpoint_due(interval, step, spe, last_save):
+                            if self.ddp.main:  # within the epoch: the state of its first step + 1 batches
+                                self.save_state(self.run_dir / "train_state.safetensors", within={
+                                    "step": step + 1, "sums": sums, "correct": correct, "seen": seen,
+                                    "passes": passes, "has_accuracy": has_accuracy, "fwd_images": self._fwd_images,
+                                    "elapsed": time.perf_counter() - t0})
+                            last_save = time.monotonic()
                 passes[0] = self._fwd_images
                 stats = torch.stack([correct.float(), torch.tensor(float(seen), device=self.device)]
                                     + [sums[k] for k in sorted(sums)]
@@ -393,6 +411,14 @@ class Trainer:
         if tb is not None:
             tb.close()
         return {"history": self.history, "best": self.best, "events": self.events, "run_dir": str(self.run_dir)}
+
+    @staticmethod
+    def _checkpoint_due(interval: tuple[str, float] | None, step: int, spe: int, last_save: float) -> bool:
+        """A state within the epoch after this step: never after its last step (the epoch's own state follows)."""
+        if interval is None or step + 1 >= spe:
+            return False
+        kind, every = interval
+        return (step + 1) % int(every) == 0 if kind == "steps" else time.monotonic() - last_save >= every
 
     CO_DROP = 0.2  # Wong et al.: PGD accuracy falling by more than this between evaluations
     CO_GAP = 0.3  # FGSM accuracy exceeding PGD accuracy by more than this (single-step robustness only)
@@ -446,7 +472,9 @@ class Trainer:
                               f"({'; '.join(diffs)}); only {', '.join(RESUMABLE_KEYS)} may change on --resume. "
                               f"Start a new run (another name) to change the others")
 
-    def save_state(self, path: Path) -> None:
+    def save_state(self, path: Path, within: dict[str, Any] | None = None) -> None:
+        """The resumable state, atomically, keeping cfg.keep_last of them. within: a state inside the epoch (the
+        step it reached and the epoch's running sums), else the end of epoch self.epoch."""
         from safetensors.torch import save
 
         tensors: dict[str, Tensor] = {f"model/{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
@@ -455,13 +483,30 @@ class Trainer:
         for k, v in self.method.state_tensors().items():
             tensors[f"method/{k}"] = v.detach().cpu().contiguous()
         tensors["rng/torch"] = torch.get_rng_state()
+        progress: dict[str, Any] = {}
+        if within is not None:
+            tensors["epoch/correct"] = within["correct"].detach().cpu().reshape(())
+            for k, v in within["sums"].items():
+                tensors[f"epoch/sum/{k}"] = v.detach().cpu().reshape(())
+            progress = {k: within[k] for k in ("step", "seen", "passes", "has_accuracy", "fwd_images", "elapsed")}
         if self.scaler is not None:
             opt_meta["scaler"] = self.scaler.state_dict()
         meta = {"format": STATE_FORMAT, "epoch": str(self.epoch), "global_step": str(self.global_step),
                 "best": json.dumps(self.best), "history": json.dumps(self.history), "events": json.dumps(self.events),
                 "optimizer": json.dumps(opt_meta), "config": json.dumps(_jsonable(vars(self.cfg))),
-                "sha256": tensors_sha256(tensors)}
-        atomic_write_bytes(path, save(tensors, metadata=meta))
+                "within_epoch": json.dumps(progress), "sha256": tensors_sha256(tensors)}
+        data = save(tensors, metadata=meta)
+        if self.cfg.keep_last > 1 and path.exists():  # the older states move down one place, the oldest goes
+            for place in range(self.cfg.keep_last - 1, 1, -1):
+                older = path.with_suffix(f".{place - 1}.safetensors")
+                if older.exists():
+                    os.replace(older, path.with_suffix(f".{place}.safetensors"))
+            one = path.with_suffix(".1.safetensors")
+            one.unlink(missing_ok=True)
+            os.link(path, one)  # a second name: the current state stays in place until the new one replaces it
+        atomic_write_bytes(path, data)
+        self.saved_at = (f"epoch {self.epoch + 1}, step {within['step']}" if within is not None
+                         else f"end of epoch {self.epoch}")
 
     def load_state(self, path: Path) -> None:
         from safetensors import SafetensorError, safe_open
@@ -490,6 +535,12 @@ class Trainer:
         self.best = json.loads(meta["best"])
         self.history = json.loads(meta["history"])
         self.events = json.loads(meta.get("events", "[]"))
+        progress = json.loads(meta.get("within_epoch") or "{}")
+        if progress:  # saved within an epoch: fit continues it from this step with these running sums
+            self._epoch_progress = {
+                **progress, "correct": tensors["epoch/correct"].to(self.device),
+                "sums": {k[len("epoch/sum/"):]: v.to(self.device) for k, v in tensors.items()
+                         if k.startswith("epoch/sum/")}}
 
 
 def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
