@@ -317,6 +317,14 @@ class Trainer:
         n_train = self.data.n_train
         spe = self.steps_per_epoch()
         interval = checkpoint_interval(cfg.checkpoint_every)
+        if interval is not None and self.ddp.enabled:
+            # each rank's running sums of the epoch would have to be gathered into the state: not done yet, so under
+            # torchrun states are written at epoch ends only (said, not silently)
+            if self.ddp.main:
+                warnings.warn(f"checkpoint_every={cfg.checkpoint_every!r}: under torchrun, training states are written "
+                              "at epoch ends only (states within the epoch are single-process for now)",
+                              RuntimeWarning, stacklevel=2)
+            interval = None
         try:
             while self.epoch < cfg.epochs:
                 epoch = self.epoch
