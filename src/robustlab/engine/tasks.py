@@ -1,13 +1,15 @@
-"""What differs between the tasks robustlab trains and evaluates, in one place: a `Task` says how a training batch
-is fetched and moved to the device, the model's input box, the evaluation metric and its per-epoch panel, how a
-split is evaluated under attacks, and the table that reports it. The Trainer and the `eval` command call the task
-of their data or model and hold no `if task == ...`.
+"""What differs between the tasks robustlab trains and evaluates, in one place: a `Task` joins what training needs
+(`TrainingTask`: how a training batch is fetched and moved to the device, the per-epoch panel and its log row) and
+what evaluation needs (`EvaluationTask`: the data `eval` reads, the default attacks, the probe of a model, how a split
+is evaluated batch by batch under attacks, the merge of shards, the table and log that report it). The Trainer and
+the `eval` command call the task of their data or model and hold no `if task == ...`.
 
 - `classification`: images in [0, 1] held as tensors (augmented on the device), robust accuracy by
   `robustlab.evaluate`, checkpoints chosen by PGD accuracy (clean accuracy without a robustness goal), FGSM beside
   PGD to spot catastrophic overfitting.
 - `detection`: pixel-scale images in [0, 255] with padded box targets from a detection source (its augmentation
-  belongs to the source), mAP clean and under a detection attack (`detection.evaluate`).
+  belongs to the source), mAP clean and under detection attacks (`detection.evaluate`), with the same threat
+  checks, records, state, shards and store as classification.
 
 A new task is a `Task` subclass registered with `@TASKS.register("name")`; data and models name their task with a
 `task` attribute.
@@ -176,12 +178,13 @@ class EvaluationTask(ABC):
                  state: str | Path | None = None, shard: tuple[int, int] | None = None,
                  draws: int = 20, integrity: str = "quick") -> dict[str, Any]:
         """The task's metric on the first n items of `split`, clean and under each attack spec. checks: the
-        task's integrity checks of the setup and the result (classification); examples: keep the first images
-        with their predictions for a report (detection); precision, compile: how the attacks run the model's
-        forward; keep_adversarials / keep_records: the adversarial examples / per-sample flags in the result;
-        state / shard: a resumable, shardable run (classification, `robustlab.evaluate`); draws: forward passes
-        judging each image of a randomised model (classification); integrity: quick | full | off, the integrity
-        probe (classification)."""
+        task's checks of the setup and the result (off: no integrity probe either); examples: keep the first
+        images with their predictions for a report (detection); state / shard: a resumable, shardable run (batch
+        records in an `EvalState` folder); integrity: quick | full | off, the integrity probe. The options of
+        `EVALUATION_DEFAULTS` apply where `evaluation_options` offers them (`check_evaluation_options`): precision,
+        compile (how the attacks run the model's forward), keep_adversarials / keep_records (the adversarial
+        examples / per-sample flags in the result), draws (forward passes judging each image of a randomised
+        model)."""
 
     @abstractmethod
     def merge(self, manifest: dict[str, Any], batches: list[dict[str, Any]], checks: dict[str, Any] | None,
@@ -190,7 +193,8 @@ class EvaluationTask(ABC):
 
     def probe(self, model: nn.Module, split: Any, model_spec: str, data_name: str) -> None:
         """Before any work: one forward pass of the model on one item of the split, so that a model that does not
-        take the data fails in one line (classification: `external.probe_model`; detection: none yet)."""
+        take the data fails in one line (classification: `external.probe_model`; detection: the one-stage
+        interface, `detection.models.check_detector`)."""
         return None
 
     @abstractmethod
