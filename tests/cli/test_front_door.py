@@ -230,3 +230,17 @@ def test_store_keeps_randomised_shares(tmp_path):
     from safetensors.torch import load_file
 
     assert load_file(str(tmp_path / "a.safetensors"))["a.robust"].tolist() == [0.75, 1.0]
+
+
+def test_a_bug_of_robustlab_inside_the_probe_keeps_its_traceback(folder, monkeypatch):
+    """The catch around the user's code is no blanket: an error raised in robustlab's own code there (here its
+    normalisation wrapper) is a bug, re-raised as it is, never a one-line user error."""
+    from robustlab import utils
+    from robustlab.engine import external
+
+    def broken(self, x):  # fails inside robustlab's own code (utils.mix_seed given a string)
+        return utils.mix_seed("not an int")
+
+    monkeypatch.setattr(external.Normalized, "forward", broken)
+    with pytest.raises(TypeError):
+        main(_eval(folder, "--attack", "pgd:eps=0.1", "--normalize", "0.5/0.25"))

@@ -95,6 +95,8 @@ def probe_model(model: nn.Module, x: Tensor, model_spec: str, data_name: str) ->
         with attack_mode(model), torch.no_grad():
             out = model(x1)
     except Exception as e:  # the user's model on the user's data: their mismatch or their bug, their traceback
+        if raised_by_robustlab(e):
+            raise
         raise UserCodeError(f"--model {model_spec} does not run on one image of {data_name} (shape "
                             f"{tuple(x1.shape[1:])}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
                             "check the model's expected channels and size", user_traceback(e)) from None
@@ -126,6 +128,8 @@ def _import_target(spec: str) -> Any:
             loader_spec.loader.exec_module(module)  # the user's own file, at the user's explicit request
         except Exception as e:  # anything their file raises is their bug: one line, then their traceback
             sys.modules.pop(module_name, None)
+            if raised_by_robustlab(e):
+                raise
             raise UserCodeError(f"--model {spec!r}: importing {path} failed: {type(e).__name__}: {e}",
                                 user_traceback(e)) from None
     else:
@@ -137,6 +141,21 @@ def _import_target(spec: str) -> Any:
         public = sorted(n for n in vars(module) if not n.startswith("_"))[:10]
         raise InputError(f"--model {spec!r}: {where} has no {name!r} (it has: {', '.join(public)})")
     return getattr(module, name)
+
+
+def raised_by_robustlab(e: BaseException) -> bool:
+    """Whether an exception caught around the user's code (their file, their model's forward) came from robustlab
+    itself: its innermost frame outside torch and importlib lies in robustlab (a SyntaxError: its file does). Such
+    an exception is a bug of ours and keeps its own traceback instead of becoming a UserCodeError."""
+    import traceback
+
+    robustlab_dir = str(Path(__file__).resolve().parents[1])
+    if isinstance(e, SyntaxError):
+        return str(e.filename or "").startswith(robustlab_dir)
+    torch_dir = str(Path(torch.__file__).resolve().parent)
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(torch_dir) and "importlib" not in f.filename]
+    return bool(frames) and frames[-1].filename.startswith(robustlab_dir)
 
 
 def user_traceback(e: BaseException) -> str:
@@ -264,6 +283,8 @@ def load_any_model(spec: str, *, model_kwargs: str | None = None, weights: str |
         try:
             model = target(**kwargs)
         except Exception as e:  # raised inside the user's code: their bug, with their traceback
+            if raised_by_robustlab(e):
+                raise
             raise UserCodeError(f"--model {spec!r}: building the model failed: {type(e).__name__}: {e}",
                                 user_traceback(e)) from None
         if not isinstance(model, nn.Module):
