@@ -66,8 +66,9 @@ def is_randomised(model: nn.Module, x: Tensor) -> bool:
     return not torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def check_setup(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
-    """AutoAttack-style sanity checks on one batch; returns (and warns) the problems found."""
+def check_setup(model: nn.Module, x: Tensor, y: Tensor, randomised: bool | None = None) -> list[str]:
+    """AutoAttack-style sanity checks on one batch; returns (and warns) the problems found. randomised: what
+    `is_randomised` found on this batch (found here when not given)."""
     problems: list[str] = []
     if model.training:
         problems.append("the model is in train mode; evaluation switches it to eval mode (BatchNorm running "
@@ -77,7 +78,7 @@ def check_setup(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
         with torch.no_grad():
             a = check_logits(model(xs), xs.shape[0])
         check_labels(y, y.shape[0], num_classes=a.shape[1])
-        if is_randomised(model, xs):
+        if randomised if randomised is not None else is_randomised(model, xs):
             problems.append("two forward passes on the same input differ: the model is randomised, and attacks that "
                             "follow one noisy gradient overestimate its robustness; use "
                             "\"autoattack:version=rand\" (APGD-CE and APGD-DLR with 20 EoT passes per step) or eot=K "
@@ -291,10 +292,11 @@ def evaluate(
                 check_labels(yb, xb.shape[0])
                 if not checked:
                     check_fits_model(model, xb.float() if xb.dtype == torch.float64 else xb)
-            if not checked and checks:
-                check_setup(model, xb, yb)
-            if not checked and is_randomised(model, xb):
-                judge_draws = draws
+            if not checked:  # the first batch: is the model randomised (judged by draws), is the setup sound
+                randomised = is_randomised(model, xb)
+                judge_draws = draws if randomised else 1
+                if checks:
+                    check_setup(model, xb, yb, randomised)
             checked = True
             batches.append(_batch_record(k, xb, yb, model, names, built, bar, saved, keep_adversarials, judge_draws))
             if k == 0:
