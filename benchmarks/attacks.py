@@ -4,6 +4,7 @@ AutoAttack panel, each next to a plain hand-written PyTorch loop doing the same 
     python benchmarks/attacks.py                      # CPU, small CNN on mnist5k
     python benchmarks/attacks.py --device cuda --amp bf16 --channels-last --model preact-resnet18
     python benchmarks/attacks.py --autoattack --threads 2 --n 100   # AutoAttack vs pyautoattack (trains 2 models)
+    python benchmarks/attacks.py --fast --threads 1 --out fast.json   # version=fast vs standard: misses, time
 
 The ratio column is robustlab's images/s divided by the plain loop's (>= 0.95 is the target for PGD).
 Timings are medians of --repeats runs after a warm-up. Results print as a Markdown table and go to
@@ -180,6 +181,133 @@ def autoattack_table(args, dev) -> None:
                 for r in rows]}, f, indent=2)
 
 
+# --fast: the models of the proof (issue 30). Each: (what, how it is built, threat, eps, CIFAR-shaped, test images).
+# Trained by `robustlab train --config C --out-dir RUNS` (the seeds' CPU-scale configs) or, for the PGD-AT CNN and
+# ResNet, by `adversarially_trained` (the AutoAttack table's models).
+FAST_MODELS = {
+    "cnn-linf": ("small-cnn PGD-AT (linf 0.3)", "pgdat:small-cnn", "linf", 0.3, False, 1000),
+    "cnn-l2": ("small-cnn l2 PGD-AT (MNG-AC's adv-l2)", "configs/mng-ac/mnist5k-adv-l2.yaml", "l2", 2.0, False, 1000),
+    "trades": ("small-cnn TRADES", "configs/trades-mnist5k.yaml", "linf", 0.3, False, 1000),
+    "part": ("small-cnn PART", "configs/part/mnist5k-part.yaml", "linf", 0.3, False, 1000),
+    "mng-ac": ("small-cnn MNG-AC", "configs/mng-ac/mnist5k-mng-ac.yaml", "linf", 0.3, False, 1000),
+    "resnet-linf": ("preact-resnet18 (width 8) PGD-AT, 32x32x3", "pgdat:preact-resnet18", "linf", 0.3, True, 500),
+}
+FAST_CHUNK = 100  # images per unit of work: a kill loses at most one chunk of one model
+
+
+def _fast_model(key: str, data, args):
+    from robustlab.engine.checkpoint import load_model
+
+    how = FAST_MODELS[key][1]
+    cifar_shaped = lambda t: F.pad(t, (2, 2, 2, 2)).repeat(1, 3, 1, 1)  # noqa: E731  (28x28x1 -> 32x32x3)
+    if how == "pgdat:small-cnn":
+        return adversarially_trained("small-cnn", data.x_train, data.y_train, epochs=12, cache=args.cache, width=16,
+                                     hidden=128)
+    if how == "pgdat:preact-resnet18":
+        return adversarially_trained("preact-resnet18", cifar_shaped(data.x_train), data.y_train, epochs=5,
+                                     cache=args.cache, in_channels=3, input_size=32, width=8)
+    import yaml
+
+    name = yaml.safe_load(Path(how).read_text())["name"]
+    run = Path(args.runs) / name
+    if not (run / "last.safetensors").exists():
+        raise SystemExit(f"train it first: robustlab train --config {how} --out-dir {args.runs}")
+    return load_model(run / "last.safetensors")[0].eval()
+
+
+def fast_table(args, dev) -> None:
+    """AutoAttack version=fast against standard (robustlab's and pyautoattack's), back to back per chunk of
+    FAST_CHUNK images on the same model, images and threads; resumable (args.out holds every finished chunk).
+    Per image: broken by each; a miss is an image a standard run broke and fast did not."""
+    import logging
+
+    from pyautoattack import AutoAttack as Reference
+
+    from robustlab import evaluate
+    from robustlab.outputs import atomic_write_text
+
+    logging.getLogger("auto-attack").setLevel(logging.ERROR)
+    data = load_dataset("mnist5k")
+    out = Path(args.out)
+    state = json.loads(out.read_text()) if out.exists() else {}
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
+        torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU")
+    keys = args.cases.split(",")
+    models: dict[str, torch.nn.Module] = {}
+    # in rounds (chunk r of every model, then r + 1), so a run cut short has a part of every model
+    for start in range(0, max(FAST_MODELS[k][5] for k in keys), FAST_CHUNK):
+        for key in keys:
+            what, _, norm, eps, cifar, n = FAST_MODELS[key]
+            n = min(n, args.n) if args.n else n
+            entry = state.setdefault(key, {"model": what, "threat": f"{norm} {eps:g}", "machine": machine,
+                                           "chunks": {}})
+            if start >= n or str(start) in entry["chunks"]:
+                continue
+            if key not in models:
+                models[key] = _fast_model(key, data, args).to(dev)
+            model = models[key]
+            xs = F.pad(data.x_test, (2, 2, 2, 2)).repeat(1, 3, 1, 1) if cifar else data.x_test
+            if "probe" not in entry:  # the fast evaluation's integrity probe and escalation decision, once per model
+                r = evaluate(model, xs[:FAST_CHUNK].to(dev), data.y_test[:FAST_CHUNK].to(dev),
+                             [f"autoattack:norm={norm},eps={eps},version=fast"], progress=False)
+                a = r["attacks"]["autoattack"]
+                entry["probe"] = {"seconds": r["integrity"]["seconds"], "ran": a["ran"],
+                                  "flags": a["escalated_because"]}
+            end = min(start + FAST_CHUNK, n)
+            x, y = xs[start:end].to(dev), data.y_test[start:end].to(dev)
+            with torch.no_grad():
+                correct = model(x).argmax(1) == y
+            chunk = {}
+            for label in ("fast", "standard", "reference"):
+                t = time.perf_counter()
+                if label == "reference":
+                    ref = Reference(model, norm="Linf" if norm == "linf" else "L2", eps=eps, version="standard",
+                                    device=str(dev), seed=0)
+                    ref.verbose = False
+                    ref.apgd_targeted.n_target_classes = ref.fab.n_target_classes = 9
+                    x_adv = ref.run_standard_evaluation(x, y, batch_size=x.shape[0])
+                    x_adv = x_adv[0] if isinstance(x_adv, tuple) else x_adv
+                else:
+                    aa = AutoAttack(model, norm=norm, eps=eps, version=label)
+                    x_adv = aa(x, y)
+                seconds = time.perf_counter() - t
+                with torch.no_grad():
+                    broken = correct & (model(x_adv).argmax(1) != y)
+                chunk[label] = {"seconds": seconds, "broken": broken.nonzero().squeeze(1).add(start).tolist()}
+                if label != "reference":
+                    chunk[label]["stages"] = {s["attack"]: round(s["seconds"], 2) for s in aa.last_log}
+            chunk["clean_correct"], chunk["n"] = int(correct.sum()), int(x.shape[0])
+            entry["chunks"][str(start)] = chunk
+            atomic_write_text(out, json.dumps(state, indent=1))
+            print(f"{key} images {start}-{start + x.shape[0]}: " + ", ".join(
+                f"{k} {v['seconds']:.1f} s, {len(v['broken'])} broken" for k, v in chunk.items() if isinstance(v, dict)),
+                flush=True)
+    print(fast_summary(state))
+
+
+def fast_summary(state: dict) -> str:
+    """The Markdown table of a --fast run (also `--fast --summary` on a finished or partial JSON)."""
+    rows = ["| model | threat | images | fast robust % | robustlab standard % | reference standard % | misses vs "
+            "robustlab / reference | fast s (+ probe s) | robustlab s | reference s | fast / reference |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    misses = []
+    for key, e in state.items():
+        chunks = list(e["chunks"].values())
+        n = sum(c["n"] for c in chunks)
+        correct = sum(c["clean_correct"] for c in chunks)
+        broken = {k: {i for c in chunks for i in c[k]["broken"]} for k in ("fast", "standard", "reference")}
+        secs = {k: sum(c[k]["seconds"] for c in chunks) for k in broken}
+        miss = {k: sorted(broken[k] - broken["fast"]) for k in ("standard", "reference")}
+        misses += [f"{key}: image {i} (broken by {k})" for k in miss for i in miss[k]]
+        probe = e["probe"]["seconds"]
+        rob = {k: 100 * (correct - len(broken[k])) / max(n, 1) for k in broken}
+        rows.append(f"| {e['model']} | {e['threat']} | {n} | {rob['fast']:.1f} | {rob['standard']:.1f} | "
+                    f"{rob['reference']:.1f} | {len(miss['standard'])} / {len(miss['reference'])} | "
+                    f"{secs['fast']:.1f} (+{probe:.1f}) | {secs['standard']:.1f} | {secs['reference']:.1f} | "
+                    f"{(secs['fast'] + probe) / secs['reference']:.3f} |")
+    return "\n".join(rows + ["", "misses: " + ("; ".join(misses) if misses else "none")])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -195,6 +323,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100, help="--autoattack: images per model")
     p.add_argument("--cases", default="cnn-linf,cnn-l2,resnet-linf", help="--autoattack: which of the three to run")
     p.add_argument("--cache", default="/tmp/robustlab-bench-models", help="--autoattack: trained models kept here")
+    p.add_argument("--fast", action="store_true",
+                   help="instead: AutoAttack version=fast against standard (robustlab's and pyautoattack's) on the "
+                        "six models of FAST_MODELS, resumable through --out (slow: hours on a CPU)")
+    p.add_argument("--out", default="fast-autoattack.json", help="--fast: results, kept per chunk of images")
+    p.add_argument("--runs", default="/tmp/fastaa/runs", help="--fast: where `robustlab train` put the config runs")
+    p.add_argument("--summary", action="store_true", help="--fast: only print the table of --out")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json")
     args = p.parse_args()
@@ -203,6 +337,13 @@ def main() -> None:
     dev = torch.device(args.device)
     if args.autoattack:
         return autoattack_table(args, dev)
+    if args.fast:
+        if args.summary:
+            return print(fast_summary(json.loads(Path(args.out).read_text())))
+        if args.cases == "cnn-linf,cnn-l2,resnet-linf":  # the --autoattack default: --fast runs all six
+            args.cases = ",".join(FAST_MODELS)
+        args.n = None if args.n == 100 else args.n
+        return fast_table(args, dev)
     data = load_dataset("mnist5k")
     kw = {"width": args.width} if args.model in ("small-cnn", "preact-resnet18", "resnet18") else {}
     model = create_model(args.model, in_channels=1, input_size=28, **kw).to(dev)

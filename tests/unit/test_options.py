@@ -48,6 +48,7 @@ ALTERNATIVES = {
     "attack_bn_mode": ("eval",), "eps_ramp_epochs": (4.0,), "burn_in_epochs": (1,), "refresh_epochs": (2,),
     "generator_lr": (0.5,), "lookahead_lr": (0.5,), "critic_betas": ((0.9, 0.9),), "precision": ("bf16",),
     "targets_at_once": (3,),  # the broken set is the same by design; the passes spent differ
+    "targeting": ("malt",), "malt_candidates": (3,), "malt_targets": (2,),
 }
 # Options that change how the model's forward runs, not what it computes: each has its own test that it is used.
 EXECUTION_OPTIONS = {"compile": "tests/attacks/test_precision.py runs the gradient attacks compiled (every attack's "
@@ -67,7 +68,11 @@ CONTEXT = {
     ("square", "precision"): {"n_queries": 1000}, ("salt-pepper", "precision"): {"steps": 1000},
     # APGD-T or FAB-T must break an image APGD-CE left (only then do targets side by side spend other passes): a
     # one-step APGD leaves them the work
-    ("autoattack", "targets_at_once"): {"eps": 0.08, "apgd_steps": 1},
+    ("autoattack", "targets_at_once"): {"eps": 0.12, "apgd_steps": 1},
+    # MALT's options exist with MALT's targeting (elsewhere they are refused): scoring 3 of the classes instead of
+    # all, or attacking 2 targets instead of 5, chooses other targets
+    ("apgd-t", "malt_candidates"): {"targeting": "malt", "compact": False},
+    ("autoattack", "malt_targets"): {"version": "fast", "apgd_steps": 5},
 }
 
 

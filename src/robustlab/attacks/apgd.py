@@ -20,7 +20,7 @@ from robustlab.registry import ATTACKS
 from robustlab.threat import LpBall, make_threat
 from robustlab.types import AttackOut
 from robustlab.utils import mix_seed
-from robustlab.validation import check_positive_int
+from robustlab.validation import check_choice, check_positive_int
 
 _TINY = 1e-12
 
@@ -282,10 +282,44 @@ def _out(counter: PassCounter, x_adv: Tensor, acc: Tensor) -> AttackOut:
     return AttackOut(x_adv, acc < 0.5, accuracy=acc if counter.eot > 1 else None)
 
 
+# MALT (Melamed, Yehudai & Shamir, "MALT Powers Up Adversarial Attacks", NeurIPS 2024): the paper's setting
+MALT_TARGETS = 5  # c: targets attacked per image
+MALT_CANDIDATES = 100  # a: the highest-logit classes scored (all of them with fewer classes)
+TARGETINGS = ("rank", "malt")
+
+
+def malt_targets(counter: PassCounter, x: Tensor, y: Tensor, norm: str, n_targets: int,
+                 candidates: int = MALT_CANDIDATES) -> Tensor:
+    """(N, n_targets) target classes per image, best first, by MALT's mesoscopic almost-linearity score: among the
+    `candidates` highest-logit classes j != y, the logit gap z_y - z_j divided by the dual norm (l_1 for l_inf, l_2
+    for l_2) of its input gradient, smallest first. For a linear classifier that is exactly the distance from x to
+    the boundary between y and j; for a network, its linearisation at x. One forward and one backward per
+    candidate (the candidates' gradients are taken from one graph)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = counter.logits(x)
+        k = logits.shape[1]
+        others = logits.detach().scatter(1, y[:, None], -torch.inf)
+        n_cand = min(max(candidates, n_targets), k - 1)
+        cand = others.topk(n_cand, dim=1).indices  # (N, n_cand), by logit
+        z_y = logits.gather(1, y[:, None])
+        scores = []
+        for c in range(n_cand):
+            gap = z_y[:, 0] - logits.gather(1, cand[:, c:c + 1])[:, 0]
+            g = counter.grad(gap.sum(), x, retain_graph=c < n_cand - 1).flatten(1)
+            dual = g.abs().sum(1) if norm == "linf" else g.norm(dim=1)
+            scores.append(gap.detach() / (dual + _TINY))
+    order = torch.stack(scores, 1).argsort(dim=1, stable=True)  # ties: the higher logit first
+    return cand.gather(1, order[:, :n_targets])
+
+
 @ATTACKS.register("apgd-t")
 class APGDT(_APGDBase):
-    """Targeted APGD on the targeted DLR loss, targets = the 2nd..(n_targets+1)-th largest clean logits.
+    """Targeted APGD on the targeted DLR loss, one run per target class.
 
+    targeting: "rank" (AutoAttack's): the 2nd..(n_targets+1)-th largest clean logits, n_targets 9 by default;
+    "malt": MALT's choice (`malt_targets`), the classes nearest the decision boundary by the gradient-normalised
+    logit gap, n_targets 5 (the paper's c) by default, scored among the `malt_candidates` highest-logit classes.
     targets_at_once: how many targets run side by side in one working batch (copies of the images, one per
     target; memory grows with it); None: as many as fit a budget on a GPU, one on a CPU (`base.targets_at_once`).
     Every (target, restart) copy draws its random start from its own stream, and an image is broken iff one of
@@ -296,47 +330,65 @@ class APGDT(_APGDBase):
     name = "apgd-t"
     forwards_options_to = (_APGDBase,)
 
-    def __init__(self, model: nn.Module, *, n_targets: int = 9, targets_at_once: int | None = None,
+    def __init__(self, model: nn.Module, *, n_targets: int | None = None, targeting: str = "rank",
+                 malt_candidates: int = MALT_CANDIDATES, targets_at_once: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
+        check_choice(targeting, "apgd-t targeting", TARGETINGS)
+        if n_targets is None:
+            n_targets = 9 if targeting == "rank" else MALT_TARGETS
         check_positive_int(n_targets, "n_targets")
+        check_positive_int(malt_candidates, "malt_candidates")
+        if targeting == "rank" and malt_candidates != MALT_CANDIDATES:
+            raise InputError(f"malt_candidates={malt_candidates} applies to targeting='malt' only (targeting is "
+                             f"{targeting!r})")
         if targets_at_once is not None:
             check_positive_int(targets_at_once, "targets_at_once")
         self.n_targets, self.targets_at_once = n_targets, targets_at_once
+        self.targeting, self.malt_candidates = targeting, malt_candidates
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "n_targets": self.n_targets, "targets_at_once": self.targets_at_once}
+        extra = {"malt_candidates": self.malt_candidates} if self.targeting == "malt" else {}
+        return {**super().describe(), "n_targets": self.n_targets, "targets_at_once": self.targets_at_once,
+                "targeting": self.targeting, **extra}
 
     def _run(self, counter, x, y, target, gen):
         with torch.no_grad():
             clean_logits = counter.logits(x)
-        ranked = clean_logits.sort(dim=1)[1]
         n_targets = min(self.n_targets, clean_logits.shape[1] - 1)
         # accuracy per image (the EoT estimate with eot > 1); an image is attacked while it is above 0
         acc = (clean_logits.argmax(1) == y).to(x.dtype)
         if counter.eot > 1:
             acc = counter.accuracy(x, y)
+        # targets[i, p]: image i's target of position p (best first)
+        if self.targeting == "rank":
+            targets = clean_logits.sort(dim=1)[1].flip(1)[:, 1:n_targets + 1]
+        else:
+            targets = torch.zeros(x.shape[0], n_targets, dtype=torch.long, device=x.device)
+            live = (acc > 0).nonzero().squeeze(1)
+            if live.numel():
+                targets[live] = malt_targets(counter, x[live], y[live], self.threat.norm, n_targets,
+                                             self.malt_candidates)
         x_adv = x.clone()
         base = int(rng.randint(2**62, (1,), generator=gen, device=gen.device).item())  # copies' streams
-        ranks = list(range(2, n_targets + 2))
         at_once = targets_at_once(self.targets_at_once, n_targets, x, int((acc > 0).sum()))
         for restart in range(self.restarts):
             for c in range(0, n_targets, at_once):
-                chunk = ranks[c:c + at_once]
+                chunk = list(range(c, min(c + at_once, n_targets)))
                 idx = (acc > 0).nonzero().squeeze(1)
                 if idx.numel() == 0:
                     return _out(counter, x_adv, acc)
-                # a copy's start: drawn for the whole batch from the (rank, restart) stream, so it does not
+                # a copy's start: drawn for the whole batch from the (position, restart) stream, so it does not
                 # depend on which images are still robust or which targets run beside it
                 starts = torch.cat([_apgd_noise(self.threat.norm, x, rng.device_generator(
-                    x.device, mix_seed(base, rank, restart)))[idx] for rank in chunk])
+                    x.device, mix_seed(base, p + 2, restart)))[idx] for p in chunk])
                 m, rows = idx.numel(), idx.repeat(len(chunk))
                 adv, acc_run = apgd_single_run(
                     counter, x[rows], y[rows], threat=self.threat.subset(rows), loss_fn=dlr_targeted_loss,
-                    steps=self.steps, rho=self.rho, target=torch.cat([ranked[idx, -rank] for rank in chunk]),
+                    steps=self.steps, rho=self.rho, target=torch.cat([targets[idx, p] for p in chunk]),
                     start=starts, group=torch.arange(m, device=x.device).repeat(len(chunk)), compact=self.compact)
                 acc_run = acc_run.view(len(chunk), m)
-                first = (-acc_run).argmax(0)  # the first target (in rank order) with the lowest estimate
+                first = (-acc_run).argmax(0)  # the first target (in order) with the lowest estimate
                 adv = adv.view(len(chunk), m, *x.shape[1:])[first, torch.arange(m, device=x.device)]
                 acc_run = acc_run[first, torch.arange(m, device=x.device)]
                 x_adv[idx] = torch.where(_v(acc_run < acc[idx]), adv, x_adv[idx])

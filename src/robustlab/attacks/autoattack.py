@@ -1,5 +1,9 @@
 """AutoAttack "standard" (Croce & Hein, ICML 2020, arXiv:2003.01690): APGD-CE -> APGD-T -> FAB-T -> Square;
-version="rand" (randomised defenses): APGD-CE -> APGD-DLR, each step's gradient averaged over 20 passes (EoT).
+version="rand" (randomised defenses): APGD-CE -> APGD-DLR, each step's gradient averaged over 20 passes (EoT);
+version="fast": APGD-CE -> APGD-T with MALT's targets (5 targets chosen by the gradient-normalised logit gap,
+Melamed et al., NeurIPS 2024), about a fifth of standard's passes on a robust model. Its escalation rule lives in
+`evaluate`, which holds the integrity probe: when the probe flags anything (or the model is randomised), standard
+(or rand) runs instead and the result says so (`ran`). Called on its own, version="fast" runs the two attacks.
 
 Protocol (baselines.md 2.8): only clean-correct points are attacked, each attack only on points
 still robust, a point drops out as soon as one attack fools it; x_adv equals x for robust points.
@@ -15,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.apgd import APGD, APGDT
+from robustlab.attacks.apgd import APGD, APGDT, MALT_TARGETS
 from robustlab.attacks.base import Attack, PassCounter
 from robustlab.attacks.fab import FAB
 from robustlab.attacks.square import Square
@@ -26,17 +30,20 @@ from robustlab.types import AttackOut
 from robustlab.validation import check_choice, check_positive_int
 
 RAND_EOT = 20  # EoT passes per APGD step in version="rand" (the reference's eot_iter)
+VERSIONS = ("standard", "rand", "fast")
 
 
 @ATTACKS.register("autoattack")
 class AutoAttack(Attack):
-    """AutoAttack, l_inf or l_2; version = standard | rand; impl = robustlab | reference (pyautoattack) |
-    torchattacks."""
+    """AutoAttack, l_inf or l_2; version = standard | rand | fast; impl = robustlab | reference (pyautoattack) |
+    torchattacks. n_targets: APGD-T's and FAB-T's targets (standard, rank targeting); malt_targets: version=fast's
+    MALT targets."""
 
     name = "autoattack"
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float = 8 / 255, version: str = "standard",
-                 impl: str = "robustlab", n_targets: int = 9, apgd_steps: int = 100, fab_steps: int = 100,
+                 impl: str = "robustlab", n_targets: int = 9, malt_targets: int = MALT_TARGETS,
+                 apgd_steps: int = 100, fab_steps: int = 100,
                  square_queries: int = 5000, targets_at_once: int | None = None, seed: int | None = 0,
                  bn_mode: str = "eval",
                  precision: str = "fp32", compile: bool = False) -> None:
@@ -45,8 +52,16 @@ class AutoAttack(Attack):
             check_positive_int(targets_at_once, "targets_at_once")
         if str(norm).lower() not in ("linf", "l2", "inf"):
             raise InputError(f"AutoAttack supports norms linf and l2, got {norm!r}")
-        check_choice(version, "AutoAttack version", ("standard", "rand"))
+        check_choice(version, "AutoAttack version", VERSIONS)
         check_choice(impl, "AutoAttack impl", ("robustlab", "reference", "torchattacks"))
+        check_positive_int(n_targets, "n_targets")
+        check_positive_int(malt_targets, "malt_targets")
+        if version == "fast" and impl != "robustlab":
+            raise InputError(f"AutoAttack version='fast' (MALT-targeted) is robustlab's; impl={impl!r} has "
+                             "versions standard and rand")
+        if version != "fast" and malt_targets != MALT_TARGETS:
+            raise InputError(f"malt_targets={malt_targets} applies to version='fast' only (version is {version!r}; "
+                             "n_targets sets standard's targets)")
         if impl != "robustlab" and (precision != "fp32" or compile or targets_at_once is not None):
             raise InputError(f"AutoAttack impl={impl!r} runs another package's code: precision={precision!r}, "
                              f"compile={compile!r} and targets_at_once={targets_at_once} apply only to "
@@ -55,13 +70,24 @@ class AutoAttack(Attack):
         self.threat = self.ball
         self.impl, self.version = impl, version
         self.n_targets, self.apgd_steps, self.fab_steps, self.square_queries = n_targets, apgd_steps, fab_steps, square_queries
+        self.malt_targets = malt_targets
         self.targets_at_once = targets_at_once  # APGD-T's and FAB-T's (the broken set does not depend on it)
         # version=rand judges images as its stages do: by the share of RAND_EOT passes that classify them correctly
         self.eot = RAND_EOT if version == "rand" else 1
 
     def describe(self) -> dict[str, Any]:
+        extra = {"malt_targets": self.malt_targets} if self.version == "fast" else {}
         return {**super().describe(), "version": self.version, "impl": self.impl,
-                "targets_at_once": self.targets_at_once}
+                "targets_at_once": self.targets_at_once, **extra}
+
+    def escalated(self, randomised: bool) -> "AutoAttack":
+        """What version=fast escalates to (`evaluate`, when the integrity probe flags anything): standard with the
+        same budget, steps, seed and execution, or rand for a randomised model."""
+        return AutoAttack(self.model, norm=self.ball.norm, eps=float(self.ball.eps),
+                          version="rand" if randomised else "standard", n_targets=self.n_targets,
+                          apgd_steps=self.apgd_steps, fab_steps=self.fab_steps, square_queries=self.square_queries,
+                          targets_at_once=self.targets_at_once, seed=self.seed, bn_mode=self.bn_mode,
+                          precision=self.precision, compile=self.compile)
 
     def components(self) -> list[Attack]:
         norm, eps = self.ball.norm, self.ball.eps
@@ -70,6 +96,10 @@ class AutoAttack(Attack):
         if self.version == "rand":  # the reference's version for randomised defenses: 20 EoT passes per step
             return [APGD(self.model, norm=norm, eps=eps, steps=self.apgd_steps, eot=RAND_EOT, **common),
                     APGD(self.model, norm=norm, eps=eps, steps=self.apgd_steps, eot=RAND_EOT, loss="dlr", **common)]
+        if self.version == "fast":
+            return [APGD(self.model, norm=norm, eps=eps, steps=self.apgd_steps, **common),
+                    APGDT(self.model, norm=norm, eps=eps, steps=self.apgd_steps, targeting="malt",
+                          n_targets=self.malt_targets, targets_at_once=self.targets_at_once, **common)]
         return [
             APGD(self.model, norm=norm, eps=eps, steps=self.apgd_steps, **common),
             APGDT(self.model, norm=norm, eps=eps, steps=self.apgd_steps, n_targets=self.n_targets,
@@ -106,6 +136,7 @@ class AutoAttack(Attack):
             acc[idx] = torch.minimum(acc[idx], stage_acc)
             stage = attack.name + ("-t" if attack.name == "fab" else "")
             stage = "apgd-dlr" if getattr(attack, "loss_name", "") == "dlr" and stage == "apgd-ce" else stage
+            stage = "apgd-t-malt" if getattr(attack, "targeting", "") == "malt" else stage
             # robust_after: robust images, or (rand) the sum of their estimated accuracies; a host sync that also
             # ends the timing
             after = float(acc.sum()) if self.eot > 1 else int(acc.sum())

@@ -12,7 +12,9 @@ The folder holds:
   J's record on it (per-sample robustness, adversarial predictions, norms, passes, seconds, stages, adversarial
   examples when kept). Each is written atomically the moment it is computed, so a kill at any moment loses at
   most the piece in progress.
-- `checks.json`: the first batch's checks (integrity probe, bf16 precision checks), written by batch 0's owner.
+- `checks.json`: the first batch's checks (integrity probe, bf16 precision checks), written by batch 0's owner;
+  with a fast AutoAttack in the panel, also its escalation decision, written before any other batch by the first
+  shard to get there.
 - `shard-I-of-N.json`: shard I of N finished (with the total number of batches).
 """
 from __future__ import annotations
@@ -114,6 +116,14 @@ class EvalState:
 
     def save_checks(self, checks: dict[str, Any]) -> None:
         atomic_write_text(self.folder / CHECKS, json.dumps(checks, indent=2))
+
+    def create_checks(self, checks: dict[str, Any]) -> dict[str, Any]:
+        """Store the first batch's checks unless a shard stored them first; returns the stored ones (the one
+        decision every shard follows, e.g. a fast AutoAttack's escalation)."""
+        atomic_create_text(self.folder / CHECKS, json.dumps(checks, indent=2))
+        stored = self.load_checks()
+        assert stored is not None
+        return stored
 
     def mark_done(self, shard: int, n_shards: int, n_batches: int) -> None:
         atomic_write_text(self.folder / f"shard-{shard}-of-{n_shards}.json",

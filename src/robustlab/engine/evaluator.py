@@ -22,10 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab.attacks.autoattack import AutoAttack
 from robustlab.attacks.base import PRECISIONS, Attack, attack_mode
 from robustlab.attacks.spec import create_attack, parse_attack_spec
 from robustlab.engine.integrity import (
+    FULL_PLAN,
     INTEGRITY_MODES,
+    ProbePlan,
     attack_budget,
     bounded_norms,
     finish_integrity,
@@ -249,6 +252,11 @@ def evaluate(
                       "average_accuracy are None)", RuntimeWarning, stacklevel=2)
     names = _unique_names(built)
     panel = [_attack_meta(name, atk) for name, atk in zip(names, built)]
+    fast = [j for j, a in enumerate(built) if isinstance(a, AutoAttack) and a.version == "fast"]
+    if fast and integrity == "off":
+        raise InputError("autoattack version=fast escalates to standard AutoAttack when the integrity probe flags "
+                         "anything; integrity='off' would leave it unchecked: use integrity='quick' or 'full', or "
+                         "version=standard")
     shard_i, n_shards = check_shard(shard, state)
     saved = None
     if state is not None:
@@ -268,6 +276,11 @@ def evaluate(
 
     batches: list[dict[str, Any]] = []  # the records of the batches this process owns, in batch order
     first_batch: tuple[Tensor, Tensor] | None = None
+    # the first batch's checks; a panel with a fast AutoAttack has them (and its escalation) before batch 1
+    first_checks: dict[str, Any] | None = None
+    if fast and saved is not None and (stored := saved.load_checks()) is not None:
+        first_checks = stored
+        _escalate(built, fast, names, stored["escalation"])
     checked = False
     judge_draws = 1  # forward passes judging each image: `draws` for a randomised model (found on the first batch)
     seen = k = 0
@@ -284,7 +297,10 @@ def evaluate(
             if n_samples is not None:
                 xb, yb = xb[: n_samples - seen], yb[: n_samples - seen]
             seen += xb.shape[0]
-            if k % n_shards != shard_i:  # another process's batch
+            # a fast AutoAttack needs batch 0's integrity probe before its other batches (escalation): every shard
+            # takes it from the state folder or computes it (the same record batch 0's owner computes)
+            early = bool(fast) and k == 0 and first_checks is None
+            if k % n_shards != shard_i and not early:  # another process's batch
                 continue
             xb, yb = xb.to(device).float(), yb.to(device).long()
             if loader is not None:
@@ -298,15 +314,21 @@ def evaluate(
                 if checks:
                     check_setup(model, xb, yb, randomised)
             checked = True
-            batches.append(_batch_record(k, xb, yb, model, names, built, bar, saved, keep_adversarials, judge_draws))
+            reuse = None
+            if early:
+                first_checks, reuse = _escalation(model, (xb, yb), fast, names, built, integrity, randomised, bar,
+                                                  saved, keep_adversarials, judge_draws)
+                if k % n_shards != shard_i:
+                    continue
+            batches.append(_batch_record(k, xb, yb, model, names, built, bar, saved, keep_adversarials, judge_draws,
+                                         reuse))
             if k == 0:
                 first_batch = (xb, yb)
             bar.update(xb.shape[0])
         if seen == 0:
             raise InputError("no samples to evaluate")
         n_batches = k + 1
-        first_checks = None
-        if first_batch is not None:  # batch 0's owner runs the first-batch checks (stored with the state)
+        if first_batch is not None and first_checks is None:  # batch 0's owner runs the first-batch checks (stored)
             first_checks = saved.load_checks() if saved is not None else None
             if first_checks is None:
                 first_checks = _first_checks(model, first_batch, batches[0], names, built, integrity, n_batches, bar)
@@ -333,9 +355,11 @@ def _integrity_mode(value: bool | str) -> str:
 
 
 def _first_checks(model: nn.Module, first_batch: tuple[Tensor, Tensor], record: dict[str, Any], names: list[str],
-                  built: list[Attack], integrity: str, n_batches: int, bar: Any) -> dict[str, Any]:
+                  built: list[Attack], integrity: str, n_batches: int, bar: Any,
+                  plan: ProbePlan | None = None) -> dict[str, Any]:
     """The checks of the first batch: bf16 attacks against fp32, and the integrity probe, sized by batch 0's passes
-    times the number of batches (the same in any sharding or resume), shown on the progress bar."""
+    times the number of batches (the same in any sharding or resume) unless `plan` is given, shown on the
+    progress bar."""
     xb, yb = first_batch
     # survived: robust, or (randomised model) correct on at least half of the judging passes
     rob_first = {n: _survived(record["attacks"][j]["robust"]).to(xb.device) for j, n in enumerate(names)}
@@ -348,10 +372,48 @@ def _first_checks(model: nn.Module, first_batch: tuple[Tensor, Tensor], record: 
         attacks = list(zip(names, built))
         batch_passes = sum(sum(r["passes"]) for r in record["attacks"])
         attacked = max(int((record["clean"]["pred"] == record["clean"]["y"]).sum()), 1)
-        plan = probe_plan(integrity, n_batches * batch_passes, len(bounded_norms(attacks)), batch_passes / attacked)
+        if plan is None:
+            plan = probe_plan(integrity, n_batches * batch_passes, len(bounded_norms(attacks)), batch_passes / attacked)
         bar.set_postfix(attack=f"integrity probe ({integrity}: {plan.n_probe} images)")
         checks["integrity"] = probe_integrity(model, xb, yb, attacks, rob_first, plan=plan, mode=integrity)
     return checks
+
+
+def _escalation(model: nn.Module, first_batch: tuple[Tensor, Tensor], fast: list[int], names: list[str],
+                built: list[Attack], integrity: str, randomised: bool, bar: Any, saved: Any,
+                keep_adversarials: bool, draws: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A panel with AutoAttack version=fast: batch 0 with the panel as given, then the first-batch checks with the
+    full integrity probe, then the escalation rule: if the probe flags anything or the model is randomised, each
+    fast AutoAttack becomes standard (rand for a randomised model) for every batch, batch 0 included. The checks
+    and the decision are stored in the state folder, created only if absent: shards and resumes read the first
+    decision made. Replaces the fast attacks in `built` in place; returns the checks (with "escalation") and batch
+    0's record (`_batch_record` reuses what did not escalate)."""
+    xb, yb = first_batch
+    record = _batch_record(0, xb, yb, model, names, built, bar, saved, keep_adversarials, draws)
+    checks = _first_checks(model, first_batch, record, names, built, integrity, 1, bar, plan=FULL_PLAN)
+    flags = list(checks["integrity"]["flags"]) + (
+        ["the model is randomised (two forward passes differ): AutoAttack's rand version (EoT) judges it"]
+        if randomised else [])
+    ran = "fast" if not flags else ("rand" if randomised else "standard")
+    checks["escalation"] = {names[j]: {"ran": ran, "because": flags} for j in fast}
+    if saved is not None:
+        checks = saved.create_checks(checks)  # another shard's decision, if it was first
+    _escalate(built, fast, names, checks["escalation"])
+    return checks, record
+
+
+def _escalate(built: list[Attack], fast: list[int], names: list[str], escalation: dict[str, Any]) -> None:
+    """Replace each fast AutoAttack of `built` by the version its escalation entry says ran."""
+    for j in fast:
+        ran = escalation[names[j]]["ran"]
+        if ran != "fast":
+            atk = built[j]
+            assert isinstance(atk, AutoAttack)
+            built[j] = atk.escalated(randomised=ran == "rand")
+            if ran == "standard":
+                warnings.warn(f"{names[j]}: the integrity probe flagged the evaluation, so standard AutoAttack runs "
+                              "instead of version=fast: " + "; ".join(escalation[names[j]]["because"]),
+                              RuntimeWarning, stacklevel=4)
 
 
 def check_shard(shard: tuple[int, int] | None, state: Any) -> tuple[int, int]:
@@ -398,14 +460,16 @@ RANDOMISED_SEED = 20_000_000  # the base of the batch seeds of a randomised mode
 
 
 def _batch_record(k: int, xb: Tensor, yb: Tensor, model: nn.Module, names: list[str], built: list[Attack], bar: Any,
-                  saved: Any, keep_adversarials: bool, draws: int = 1) -> dict[str, Any]:
+                  saved: Any, keep_adversarials: bool, draws: int = 1,
+                  reuse: dict[str, Any] | None = None) -> dict[str, Any]:
     """Batch k: its clean record and one record per attack, each loaded from the state folder when it holds it
-    (resume) and otherwise computed and saved there the moment it is done. draws > 1: a randomised model, each
-    image judged by that many forward passes."""
+    (resume) or taken from `reuse` (this batch's record computed before a fast AutoAttack's escalation), and
+    otherwise computed and saved there the moment it is done. draws > 1: a randomised model, each image judged by
+    that many forward passes. A stored AutoAttack record of another version than the one running is recomputed."""
     from robustlab.engine.checkpoint import tensors_sha256
 
     data_hash = tensors_sha256({"x": xb, "y": yb}) if saved is not None else None
-    clean = saved.load(saved.clean_name(k)) if saved is not None else None
+    clean = reuse["clean"] if reuse is not None else saved.load(saved.clean_name(k)) if saved is not None else None
     if clean is not None and clean["data_sha256"] != data_hash:
         raise ResumeError(f"state folder {saved.folder}: batch {k} holds different images or labels than this run's "
                           "(the data changed); use a new folder")
@@ -426,7 +490,10 @@ def _batch_record(k: int, xb: Tensor, yb: Tensor, model: nn.Module, names: list[
     idx = correct.nonzero().squeeze(1)
     records = []
     for j, (name, atk) in enumerate(zip(names, built)):
-        rec = saved.load(saved.attack_name(k, j)) if saved is not None else None
+        rec = reuse["attacks"][j] if reuse is not None else saved.load(saved.attack_name(k, j)) if saved is not None else None
+        ran = getattr(atk, "version", None)
+        if rec is not None and rec.get("ran", ran) != ran:  # batch 0 of a fast AutoAttack that then escalated
+            rec = None
         if rec is None:
             bar.set_postfix(attack=name)
             atk.report_progress = lambda msg, name=name: bar.set_postfix(attack=f"{name} ({msg})")
@@ -495,6 +562,8 @@ def _attack_batch(atk: Attack, name: str, model: nn.Module, xb: Tensor, yb: Tens
             x_keep = xb.clone()
             x_keep[idx] = out.x_adv
     rec.update(robust=rob.cpu(), adv_pred=ap.cpu(), norms=nrm.cpu(), l2=r2.cpu())
+    if isinstance(atk, AutoAttack):
+        rec["ran"] = atk.version
     if draws > 1:
         rec["draw_correct"] = draw_correct.cpu()
     rec["seconds"] = time.perf_counter() - start  # .cpu() above waited for the device
@@ -534,6 +603,9 @@ def result_from_records(panel: list[dict[str, Any]], batches: list[dict[str, Any
                 for stage, v in stages.items()]
         if keep_adversarials:
             result.setdefault("adversarials", {})[m["name"]] = torch.cat([r["adversarial"] for r in recs])
+        if first_checks is not None and m["name"] in first_checks.get("escalation", {}):
+            entry["ran"] = first_checks["escalation"][m["name"]]["ran"]
+            entry["escalated_because"] = first_checks["escalation"][m["name"]]["because"]
         if first_checks is not None and m["name"] in first_checks["precision"]:
             check = entry["precision_check"] = first_checks["precision"][m["name"]]
             if not check["trusted"]:

@@ -110,6 +110,14 @@ def attack_budget(atk: Attack) -> float | None:
     return float(eps)
 
 
+def _white_box(atk: Attack) -> bool:
+    """Reads gradients only: neither a black-box attack nor a panel with a black-box stage (AutoAttack standard's
+    Square; version=fast has none)."""
+    if atk.name in MIXED:
+        return getattr(atk, "version", None) == "fast"
+    return atk.name not in GRADIENT_FREE
+
+
 def _unbounded_eps(norm: str, x: Tensor) -> float:
     d = x[0].numel()
     return {"linf": 1.0, "l2": math.sqrt(d), "l1": float(d)}[norm]
@@ -214,7 +222,7 @@ def probe_integrity(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[tu
                              f"{b:g}): the attack "
                              f"is not converging (gradient masking or a bad step size)")
             if norm in ("linf", "l2") and plan.square_queries:
-                white = [name for name, atk in attacks if atk.norm == norm and atk.name not in GRADIENT_FREE + MIXED
+                white = [name for name, atk in attacks if atk.norm == norm and _white_box(atk)
                          and attack_budget(atk) == eps]
                 if white:
                     survived = torch.stack([robust_first_batch[n][probe] for n in white]).all(0)

@@ -20,7 +20,14 @@ def attack_log(result: dict[str, Any], name: str) -> list[str]:
     stages = a.get("stages") or [{"attack": a.get("attack", name), "robust_accuracy": a["robust_accuracy"],
                                   "seconds": a.get("seconds") or 0.0,
                                   "passes_per_attacked_image": a["passes"]["per_attacked_image"]}]
-    lines = [f"initial accuracy: {100 * result['clean_accuracy']:.2f}%"]
+    lines = []
+    if a.get("attack") == "autoattack" and a.get("stages"):  # the reference's opening line: the version that ran
+        lines.append(f"using {a.get('ran', a.get('version'))} version including "
+                     f"{', '.join(stage['attack'] for stage in stages)}.")
+        if a.get("ran") not in (None, "fast"):
+            lines.append(f"(asked for version fast; escalated to {a['ran']} because the integrity probe flagged: "
+                         + "; ".join(a.get("escalated_because", [])) + ")")
+    lines.append(f"initial accuracy: {100 * result['clean_accuracy']:.2f}%")
     total = 0.0
     for stage in stages:
         total += stage["seconds"]
