@@ -1,15 +1,17 @@
 """Training survives SIGKILL (issue 31): `robustlab train` writes states within the epoch (`checkpoint_every`),
 and a run killed with SIGKILL at a random moment (a step, a state being written, an epoch's end) and resumed with
-`--resume` ends with the uninterrupted run's weights, bit for bit, for data in memory and for images streamed by
-two DataLoader workers."""
+`--resume` ends with the uninterrupted run's weights, bit for bit, for data in memory, for images streamed by
+two DataLoader workers, and under torchrun at two processes (gloo)."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,22 +30,65 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _train(cfg, out, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "robustlab.cli.main", "train", "--config", str(cfg), "--out-dir", str(out), *extra]
+def _train(cfg, out, *extra: str, ranks: int = 1) -> list[str]:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m"] \
+        if ranks > 1 else [sys.executable, "-m"]
+    return [*launch, "robustlab.cli.main", "train", "--config", str(cfg), "--out-dir", str(out), *extra]
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
     return dict(load_model(run / "last.safetensors")[0].state_dict())
 
 
-def _kill_then_resume(cfg, tmp_path, name: str, seed: int) -> None:
+def _descendants(pid: int) -> list[int]:
+    """Every process below pid (torchrun's ranks run in sessions of their own, out of the launcher's group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything below it at once, as a preempted machine loses them."""
+    tree = [pid, *_descendants(pid)]
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    for p in tree[1:]:  # none may outlive the kill and write on (a zombie is dead)
+        while _alive(p):
+            assert time.monotonic() < deadline, f"process {p} survived the kill"
+            time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_then_resume(cfg, tmp_path, name: str, seed: int, ranks: int = 1) -> None:
     """The uninterrupted run, then a run SIGKILLed after a random number of state writes (0 to a few ms late, so
-    sometimes inside a write), resumed: the same final weights."""
-    plain = subprocess.run(_train(cfg, tmp_path / "plain"), env=_env(), capture_output=True, text=True, timeout=600)
+    sometimes inside a write), resumed: the same final weights. ranks > 1: under torchrun, the launcher and every
+    rank killed together (their process group)."""
+    plain = subprocess.run(_train(cfg, tmp_path / "plain", ranks=ranks), env=_env(), capture_output=True, text=True,
+                           timeout=600)
     assert plain.returncode == 0, plain.stderr[-3000:]
     state = tmp_path / "killed" / name / "train_state.safetensors"
     writes = random.Random(seed).randint(1, 4)
-    proc = subprocess.Popen(_train(cfg, tmp_path / "killed"), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_train(cfg, tmp_path / "killed", ranks=ranks), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     seen, last = 0, None
     while proc.poll() is None and seen < writes:
@@ -52,15 +97,20 @@ def _kill_then_resume(cfg, tmp_path, name: str, seed: int) -> None:
             seen, last = seen + 1, stamp
         time.sleep(0.001)
     time.sleep(random.Random(seed).random() * 0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = subprocess.run(_train(cfg, tmp_path / "killed", "--resume"), env=_env(), capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(_train(cfg, tmp_path / "killed", "--resume", ranks=ranks), env=_env(),
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = _weights(tmp_path / "plain" / name), _weights(tmp_path / "killed" / name)
     for k in a:
         assert torch.equal(a[k], b[k]), (k, f"killed after {seen} state writes")
+    # the epochs' training statistics too (the running sums in the states; under torchrun pooled at the same steps)
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (tmp_path / run / name / "metrics.jsonl").read_text().splitlines()]
+            for run in ("plain", "killed")]
+    assert rows[0] == rows[1] and len(rows[0]) >= 2
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -82,3 +132,11 @@ def test_kill_9_with_two_dataloader_workers(tmp_path):
                    "validation: 8\neval_samples: 8\nworkers: 2\ndeterministic: true\nprogress: false\n"
                    "checkpoint_every: 1\nlr: 0.05\n")
     _kill_then_resume(cfg, tmp_path, "tiny", 2)
+
+
+def test_kill_9_under_torchrun(tmp_path):
+    """Two gloo ranks, states every 2 steps: the ranks' running sums pooled into rank 0's state, every rank's
+    generator kept; killed launcher and ranks together, resumed under torchrun: the uninterrupted weights."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: digits\n{DIGITS}")
+    _kill_then_resume(cfg, tmp_path, "digits", 5, ranks=2)

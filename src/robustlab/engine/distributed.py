@@ -32,6 +32,14 @@ class Torchrun:
             torch.distributed.all_reduce(t)
         return t
 
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (a CPU tensor such as a generator state, under gloo or NCCL alike), in rank order."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             torch.distributed.barrier()

@@ -317,14 +317,6 @@ class Trainer:
         n_train = self.data.n_train
         spe = self.steps_per_epoch()
         interval = checkpoint_interval(cfg.checkpoint_every)
-        if interval is not None and self.ddp.enabled:
-            # each rank's running sums of the epoch would have to be gathered into the state: not done yet, so under
-            # torchrun states are written at epoch ends only (said, not silently)
-            if self.ddp.main:
-                warnings.warn(f"checkpoint_every={cfg.checkpoint_every!r}: under torchrun, training states are written "
-                              "at epoch ends only (states within the epoch are single-process for now)",
-                              RuntimeWarning, stacklevel=2)
-            interval = None
         try:
             while self.epoch < cfg.epochs:
                 epoch = self.epoch
@@ -373,11 +365,18 @@ class Trainer:
                         passes[1] += ctx.passes[1]
                         bar.update(1)
                         if self._checkpoint_due(interval, step, spe, last_save):
+                            rng_states = None
+                            if self.ddp.enabled:
+                                # the ranks' running sums become one total, kept by rank 0 (the others go on from
+                                # zero), so the state holds the whole epoch so far and the epoch's end still sums
+                                # every rank; each rank's global generator goes into the state too
+                                correct, seen = self._pool_running_sums(sums, correct, seen, passes)
+                                rng_states = self.ddp.all_gather(torch.get_rng_state())
                             if self.ddp.main:  # within the epoch: the state of its first step + 1 batches
                                 self.save_state(self.run_dir / "train_state.safetensors", within={
                                     "step": step + 1, "sums": sums, "correct": correct, "seen": seen,
                                     "passes": passes, "has_accuracy": has_accuracy, "fwd_images": self._fwd_images,
-                                    "elapsed": time.perf_counter() - t0})
+                                    "elapsed": time.perf_counter() - t0, "rng": rng_states})
                             last_save = time.monotonic()
                 passes[0] = self._fwd_images
                 stats = torch.stack([correct.float(), torch.tensor(float(seen), device=self.device)]
@@ -420,13 +419,41 @@ class Trainer:
             tb.close()
         return {"history": self.history, "best": self.best, "events": self.events, "run_dir": str(self.run_dir)}
 
-    @staticmethod
-    def _checkpoint_due(interval: tuple[str, float] | None, step: int, spe: int, last_save: float) -> bool:
-        """A state within the epoch after this step: never after its last step (the epoch's own state follows)."""
+    # under torchrun, how often the ranks ask rank 0's clock whether a time-based state is due (a collective: not
+    # every step)
+    DDP_CLOCK_STEPS = 16
+
+    def _checkpoint_due(self, interval: tuple[str, float] | None, step: int, spe: int, last_save: float) -> bool:
+        """A state within the epoch after this step: never after its last step (the epoch's own state follows).
+        Every rank must agree: step counts do; a clock does not, so under torchrun rank 0's clock decides, asked
+        every DDP_CLOCK_STEPS steps."""
         if interval is None or step + 1 >= spe:
             return False
         kind, every = interval
-        return (step + 1) % int(every) == 0 if kind == "steps" else time.monotonic() - last_save >= every
+        if kind == "steps":
+            return (step + 1) % int(every) == 0
+        if not self.ddp.enabled:
+            return time.monotonic() - last_save >= every
+        if (step + 1) % self.DDP_CLOCK_STEPS:
+            return False
+        return bool(self.ddp.broadcast(time.monotonic() - last_save >= every))
+
+    def _pool_running_sums(self, sums: dict[str, Tensor], correct: Tensor, seen: int,
+                           passes: list[int]) -> tuple[Tensor, int]:
+        """Under torchrun: sum the ranks' running sums of the epoch (one all-reduce); rank 0 keeps the totals, the
+        others restart from zero. Updates sums, passes and the forward count in place; returns (correct, seen)."""
+        keys = sorted(sums)
+        stats = torch.stack([correct.double(), torch.tensor(float(seen), device=self.device, dtype=torch.float64)]
+                            + [sums[k].double() for k in keys]
+                            + [torch.tensor(float(v), device=self.device, dtype=torch.float64)
+                               for v in (passes[1], self._fwd_images)])
+        totals = self.ddp.all_reduce_sum(stats)
+        if not self.ddp.main:
+            totals = torch.zeros_like(totals)
+        for i, k in enumerate(keys):
+            sums[k] = totals[2 + i].to(sums[k].dtype)
+        passes[1], self._fwd_images = int(totals[-2]), int(totals[-1])
+        return totals[0].to(correct.dtype), int(totals[1])
 
     CO_DROP = 0.2  # Wong et al.: PGD accuracy falling by more than this between evaluations
     CO_GAP = 0.3  # FGSM accuracy exceeding PGD accuracy by more than this (single-step robustness only)
@@ -492,6 +519,9 @@ class Trainer:
             tensors[f"method/{k}"] = v.detach().cpu().contiguous()
         tensors["rng/torch"] = torch.get_rng_state()
         progress: dict[str, Any] = {}
+        if within is not None and within.get("rng") is not None:  # torchrun: every rank's generator
+            for r, state in enumerate(within["rng"]):
+                tensors[f"rng/torch/rank{r}"] = state
         if within is not None:
             tensors["epoch/correct"] = within["correct"].detach().cpu().reshape(())
             for k, v in within["sums"].items():
@@ -535,7 +565,8 @@ class Trainer:
         opt_meta = json.loads(meta["optimizer"])
         load_optimizer_tensors(self.optimizer, "optim", tensors, opt_meta, self.device)
         self.method.load_state_tensors({k[7:]: v.to(self.device) for k, v in tensors.items() if k.startswith("method/")})
-        torch.set_rng_state(tensors["rng/torch"])
+        # a state within an epoch under torchrun holds every rank's generator; at an epoch's end they are reseeded
+        torch.set_rng_state(tensors.get(f"rng/torch/rank{self.ddp.rank}", tensors["rng/torch"]))
         if self.scaler is not None and "scaler" in opt_meta:
             self.scaler.load_state_dict(opt_meta["scaler"])
         self.epoch = int(meta["epoch"])
@@ -549,6 +580,10 @@ class Trainer:
                 **progress, "correct": tensors["epoch/correct"].to(self.device),
                 "sums": {k[len("epoch/sum/"):]: v.to(self.device) for k, v in tensors.items()
                          if k.startswith("epoch/sum/")}}
+            if not self.ddp.main:  # the sums are the ranks' totals, kept by rank 0 (`_pool_running_sums`)
+                p = self._epoch_progress
+                p.update(correct=torch.zeros_like(p["correct"]), seen=0, passes=[p["passes"][0], 0], fwd_images=0,
+                         sums={k: torch.zeros_like(v) for k, v in p["sums"].items()})
 
 
 def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
