@@ -4,6 +4,8 @@ validation split, class subsets and smoke cuts work on the files."""
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,9 +45,11 @@ def test_image_folder_streams_on_request(tmp_path):
     assert torch.equal(materialise(d.x_train), load_dataset("image-folder", **kwargs).x_train)
 
 
-def test_workers_do_not_change_the_run(tiny_kwargs, tmp_path):
-    def fit(workers):
-        cfg = TrainConfig(name=f"w{workers}", out_dir=str(tmp_path), dataset="tiny-imagenet",
+def test_workers_do_not_change_the_run(tiny_kwargs, tmp_path, monkeypatch):
+    """0 workers, 2 forked workers, and 2 workers from a forkserver (how they start once CUDA is initialised,
+    simulated here): the same run, bit for bit."""
+    def fit(workers, name):
+        cfg = TrainConfig(name=name, out_dir=str(tmp_path), dataset="tiny-imagenet",
                           dataset_kwargs=tiny_kwargs, model="small-cnn", model_kwargs={"width": 4, "hidden": 16},
                           method="pgd-at", method_kwargs={"eps": 8 / 255, "steps": 2}, epochs=2, batch_size=16,
                           augment="crop-flip", validation=8, eval_samples=8, workers=workers, deterministic=True,
@@ -54,11 +58,54 @@ def test_workers_do_not_change_the_run(tiny_kwargs, tmp_path):
         trainer.fit()
         return trainer
 
-    a, b = fit(0), fit(2)
-    assert isinstance(a.data.x_train, ImageFiles) and b.loader.loader.num_workers == 2
-    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
-        assert torch.equal(x, y)
-    assert [h["train_ce_adv"] for h in a.history] == [h["train_ce_adv"] for h in b.history]
+    a, b = fit(0, "w0"), fit(2, "w2")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    c = fit(2, "w2-forkserver")
+    assert isinstance(a.data.x_train, ImageFiles) and b.loader.workers == c.loader.workers == 2
+    for other in (b, c):
+        for x, y in zip(a.model.state_dict().values(), other.model.state_dict().values()):
+            assert torch.equal(x, y)
+        assert [h["train_ce_adv"] for h in a.history] == [h["train_ce_adv"] for h in other.history]
+
+
+class _Pids:
+    """A source whose items are the pid of the process that read them."""
+
+    def __len__(self):
+        return 8
+
+    def item(self, i, seed=None):
+        return os.getpid()
+
+    def collate(self, items):
+        return list(items)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("cuda_initialised", [False, True])
+def test_close_ends_the_persistent_workers(cuda_initialised, monkeypatch):
+    """Forked workers, or (once CUDA is initialised) forkserver ones, stop when the loader is closed."""
+    import time
+
+    from robustlab.data.loading import EpochLoader, worker_start_method
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: cuda_initialised)
+    loader = EpochLoader(_Pids(), workers=2)
+    pids = {p for _ in range(2) for batch in loader.epoch([[0, 1], [2, 3], [4, 5]]) for p in batch}
+    assert len(pids) == 2 and os.getpid() not in pids
+    context = loader.loader.multiprocessing_context  # None: the platform's default (fork on Linux)
+    assert (context.get_start_method() if context else "fork") == (worker_start_method() if cuda_initialised else "fork")
+    loader.close()
+    deadline = time.monotonic() + 10
+    while any(_running(p) for p in pids):
+        assert time.monotonic() < deadline, "the workers outlived close()"
+        time.sleep(0.05)
 
 
 def test_data_on_device_is_refused_for_streamed_images(tiny_kwargs, tmp_path):

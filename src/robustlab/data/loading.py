@@ -8,7 +8,6 @@ after a resume. In-memory data needs none of this: its batches are indexed where
 """
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
@@ -145,32 +144,35 @@ class EpochLoader:
         # (evaluation) lets them exit at the end of the pass
         extra: dict[str, Any] = ({"persistent_workers": persistent, "prefetch_factor": prefetch,
                                   "worker_init_fn": _one_thread} if workers else {})
-        self.loader = torch.utils.data.DataLoader(_Items(source), batch_sampler=self._batches, num_workers=workers,
-                                                  collate_fn=source.collate, pin_memory=pin_memory, **extra)
+        self.workers, self._started = workers, False
+        self.loader: torch.utils.data.DataLoader | None = torch.utils.data.DataLoader(
+            _Items(source), batch_sampler=self._batches, num_workers=workers, collate_fn=source.collate,
+            pin_memory=pin_memory, **extra)
 
     def epoch(self, index_batches: Sequence[Tensor | Sequence[int]], epoch: int = 0) -> Iterator[Any]:
+        assert self.loader is not None, "EpochLoader.epoch after close()"
         seed = self.seed
         self._batches.batches = [[(int(i), None if seed is None else sample_seed(seed, epoch, int(i))) for i in b]
                                  for b in index_batches]
-        if not (self.loader.num_workers and torch.cuda.is_initialized()):
-            return iter(self.loader)
-        # Workers are forked here (at the first epoch when persistent). A forked child must never free a CUDA
-        # tensor it inherited (CUDA cannot initialise after fork: the child aborts), and its garbage collector
-        # would free any that sit in the parent's uncollected cycles: collect them first and freeze the rest, so
-        # the children's collector never looks at the parent's objects (the Python docs' recipe for fork).
-        gc.collect()
-        gc.freeze()
-        try:
-            return iter(self.loader)
-        finally:
-            gc.unfreeze()
+        if self.workers and not self._started and torch.cuda.is_initialized():
+            # PyTorch does not support forking a process that has initialised CUDA: the workers (started at the
+            # first epoch, kept when persistent) come from a clean forkserver process instead (spawn where there
+            # is none); the source, its collate and the worker set-up are picklable for it
+            self.loader.multiprocessing_context = worker_start_method()
+        self._started = True
+        return iter(self.loader)
 
     def close(self) -> None:
-        """End the persistent worker processes now (not whenever the garbage collector gets to them)."""
-        iterator = getattr(self.loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self.loader._iterator = None
+        """End the persistent worker processes now (not whenever the garbage collector gets to them): the
+        DataLoader goes, and its iterator's finaliser, torch's own way to end persistent workers, stops them."""
+        self.loader = None
+
+
+def worker_start_method() -> str:
+    """How DataLoader workers start once CUDA is initialised: forkserver, else spawn."""
+    import multiprocessing
+
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 class IndexLoader:
