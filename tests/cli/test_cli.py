@@ -21,7 +21,8 @@ def _run(*args):
                                  ["boundary-figure"], ["analyze"], ["metric"], ["metric", "wordnet"],
                                  ["metric", "visual"], *[["analyze", a] for a in ("gap", "entropy", "tsne", "toy",
                                                                                   "two-class", "score", "directional")],
-                                 ["corruptions", "generate"], ["corruptions", "eval"], ["leaderboard"], ["eval-merge"]])
+                                 ["corruptions", "generate"], ["corruptions", "eval"], ["leaderboard"], ["eval-merge"],
+                                 ["repeat"], ["compare-runs"]])
 def test_help_on_every_command(cmd, capsys):
     with pytest.raises(SystemExit) as e:  # in process: argparse prints the help and exits 0
         main([*cmd, "--help"])
@@ -30,7 +31,8 @@ def test_help_on_every_command(cmd, capsys):
 
 def test_help_shows_defaults_and_no_literal_percent(capsys):
     for cmd, want in ((["eval"], "(default: 500)"), (["run"], "(default: mnist5k-pgd-at)"),
-                      (["compare"], "(default: cpu)"), (["train"], "(default: classification)")):
+                      (["compare"], "(default: cpu)"), (["train"], "(default: classification)"),
+                      (["repeat"], "(default: 5)")):
         with pytest.raises(SystemExit):
             main([*cmd, "--help"])
         out = capsys.readouterr().out
@@ -70,7 +72,7 @@ def test_every_subcommand_is_covered_by_the_help_test():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == {"list", "eval", "train", "run", "data", "det-report", "compare", "export-adversarials",
                                 "score-labels", "part-figure", "corruptions", "boundary-figure", "analyze",
-                                "metric", "leaderboard", "eval-merge"}
+                                "metric", "leaderboard", "eval-merge", "repeat", "compare-runs"}
 
 
 def test_list(capsys):
@@ -200,7 +202,8 @@ def test_compare_critic_panel_and_human_study_export(tmp_path, mnist_cnn, capsys
     assert all(row["target"] != row["true_label"] for row in key)
     summary = json.loads((exp / "summary.json").read_text())
     hc = summary["mean_confidence_high_confidence"]
-    assert hc is None or hc > summary["mean_confidence_boundary"]  # Figure 4: boundary ~ low, high ~ high
+    assert summary["n_success_high_confidence"] > 0 and hc is not None  # else the comparison below says nothing
+    assert hc > summary["mean_confidence_boundary"]  # Figure 4: boundary ~ low, high ~ high
     by_id = {row["id"]: row for row in key}
     filled = tmp_path / "filled.csv"
     with open(filled, "w", newline="") as f:

@@ -457,9 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--format", default="md", choices=("md", "csv", "json", "html"), help="output format")
     pb.set_defaults(func=cmd_leaderboard)
 
-    from robustlab.cli import analyze, compare, corruptions, detection, training
+    from robustlab.cli import analyze, compare, corruptions, detection, repeat, training
 
     training.add_commands(sub)
+    repeat.add_commands(sub)
     compare.add_commands(sub)
     corruptions.add_commands(sub)
     detection.add_commands(sub)

@@ -1,0 +1,105 @@
+"""`robustlab repeat` and `compare-runs` (issue 32): three seeds of a tiny config, a SIGKILL after the first seed's
+result, a resume that does not re-run it, and an aggregate equal to the per-seed results."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from robustlab.analysis.intervals import t_interval
+from robustlab.cli.main import main
+
+pytestmark = pytest.mark.xdist_group("repeat")
+
+TINY = ("name: tiny\ndataset: digits\nmodel: mlp\nmodel_kwargs: {hidden: 16, depth: 1}\nmethod: {method}\n"
+        "method_kwargs: {kwargs}\nepochs: 1\nbatch_size: 128\noptimizer: sgd\nlr: 0.1\neval_samples: 32\n"
+        "eval_attack: 'fgsm:eps=0.1'\nprogress: false\n")
+
+
+def _config(tmp_path, method="standard", kwargs="{}"):
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(TINY.replace("{method}", method).replace("{kwargs}", kwargs))
+    return path
+
+
+def _repeat(cfg, out, *extra):
+    return [sys.executable, "-m", "robustlab.cli.main", "repeat", "--config", str(cfg), "--seeds", "3",
+            "--out-dir", str(out), "--n-samples", "100", "--jobs", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def repeated(tmp_path_factory):
+    """The standard config repeated over 3 seeds, killed once after its first seed's result, then resumed."""
+    tmp = tmp_path_factory.mktemp("repeat")
+    cfg, out = _config(tmp), tmp / "std"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_repeat(cfg, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    first = out / "seed-0" / "result.json"
+    while proc.poll() is None and not first.exists():
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), "the repeat ended before its first seed was evaluated"
+    stamp, log = first.stat().st_mtime_ns, (out / "seed-0" / "train.log").read_text()
+    done = subprocess.run(_repeat(cfg, out), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"cfg": cfg, "out": out, "stdout": done.stdout, "stamp": stamp, "log": log, "tmp": tmp, "env": env}
+
+
+def test_a_resumed_repeat_keeps_finished_seeds(repeated):
+    out = repeated["out"]
+    assert (out / "seed-0" / "result.json").stat().st_mtime_ns == repeated["stamp"]  # not evaluated again
+    assert (out / "seed-0" / "train.log").read_text() == repeated["log"]  # not trained again
+    assert "seeds 0 already evaluated: kept" in repeated["stdout"]
+    assert all((out / f"seed-{s}" / "result.json").exists() for s in range(3))
+
+
+def test_the_aggregate_equals_the_per_seed_results(repeated):
+    out = repeated["out"]
+    agg = json.loads((out / "repeat.json").read_text())
+    results = [json.loads((out / f"seed-{s}" / "result.json").read_text()) for s in range(3)]
+    assert agg["seeds"] == [0, 1, 2] and agg["n_images"] == 100 and agg["missing_seeds"] == []
+    clean = [r["clean_accuracy"] for r in results]
+    assert agg["metrics"]["clean_accuracy"]["values"] == clean
+    assert agg["metrics"]["clean_accuracy"]["ci"] == t_interval(clean)["ci"]
+    fgsm = [r["attacks"]["fgsm"]["robust_accuracy"] for r in results]
+    assert agg["metrics"]["attacks.fgsm"]["values"] == fgsm
+    assert len(set(clean)) > 1, "the seeds should train different models"
+    assert agg["metrics"]["clean_accuracy"]["sampling"]["binomial_std"] > 0
+
+
+def test_other_settings_are_refused_and_compare_runs_pairs_seeds(repeated, capsys):
+    tmp, out = repeated["tmp"], repeated["out"]
+    assert main(["repeat", "--config", str(repeated["cfg"]), "--seeds", "3", "--out-dir", str(out),
+                 "--n-samples", "50"]) == 2
+    assert "n_samples" in capsys.readouterr().err
+    # a second config (PGD-AT) over the same seeds and images, then A - B paired by seed
+    at = subprocess.run(_repeat(_config(tmp, "pgd-at", "{eps: 0.1, steps: 2}"), tmp / "at"), env=repeated["env"],
+                        capture_output=True, text=True, timeout=600)
+    assert at.returncode == 0, at.stderr[-3000:]
+    capsys.readouterr()
+    assert main(["compare-runs", str(tmp / "at"), str(out), "--json", str(tmp / "cmp.json")]) == 0
+    table = capsys.readouterr().out
+    cmp = json.loads((tmp / "cmp.json").read_text())
+    assert cmp["seeds"] == [0, 1, 2] and "| attacks.fgsm |" in table
+    d = cmp["metrics"]["attacks.fgsm"]["difference"]
+    a = json.loads((tmp / "at" / "repeat.json").read_text())["metrics"]["attacks.fgsm"]["values"]
+    b = json.loads((out / "repeat.json").read_text())["metrics"]["attacks.fgsm"]["values"]
+    assert d["mean"] == pytest.approx(sum(x - y for x, y in zip(a, b)) / 3)
+    assert d["verdict"] in ("A better", "B better", "no detectable difference at this sample size")
+
+
+def test_bad_inputs_are_refused_before_any_training(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    assert main(["repeat", "--config", str(cfg), "--seeds", "0,0", "--out-dir", str(tmp_path / "r")]) == 2
+    assert main(["repeat", "--config", str(cfg), "--attack", "pgd:epss=0.1", "--out-dir", str(tmp_path / "r")]) == 2
+    assert main(["repeat", "--config", str(cfg), "seed=4", "--out-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds" in err and "epss" in err and "seed and out_dir" in err
+    assert not (tmp_path / "r" / "seed-0").exists()

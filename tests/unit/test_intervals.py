@@ -1,0 +1,43 @@
+"""The interval code of `robustlab repeat` / `compare-runs` against scipy's t interval and exact binomial values."""
+import math
+
+import pytest
+from scipy import stats
+
+from robustlab.analysis.intervals import NO_DIFFERENCE, clopper_pearson, paired_difference, sampling_error, t_interval
+
+
+def test_t_interval_matches_scipy():
+    values = [0.412, 0.438, 0.401, 0.455, 0.423]
+    got = t_interval(values)
+    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=sum(values) / 5, scale=stats.sem(values))
+    assert got["ci"] == pytest.approx([lo, hi], abs=1e-12)
+    assert got["std"] == pytest.approx(stats.tstd(values), abs=1e-12)
+    assert t_interval([0.5])["ci"] == [None, None]  # one run: no spread to speak of
+
+
+def test_clopper_pearson_on_known_values():
+    # the exact interval's textbook values (e.g. Clopper & Pearson 1934; Brown, Cai & DasGupta 2001)
+    assert clopper_pearson(0, 10) == pytest.approx([0.0, 0.30850], abs=1e-5)
+    assert clopper_pearson(5, 10) == pytest.approx([0.18709, 0.81291], abs=1e-5)
+    assert clopper_pearson(10, 10) == pytest.approx([0.69150, 1.0], abs=1e-5)
+    r = stats.binomtest(412, 1000).proportion_ci(0.95, method="exact")
+    assert clopper_pearson(412, 1000) == pytest.approx([r.low, r.high], abs=1e-10)
+    with pytest.raises(ValueError):
+        clopper_pearson(11, 10)
+
+
+def test_sampling_error_is_the_binomial_std():
+    got = sampling_error([0.4, 0.5], 1000)
+    assert got["binomial_std"] == pytest.approx(math.sqrt(0.45 * 0.55 / 1000))
+    assert got["per_seed_ci"][0] == clopper_pearson(400, 1000)
+
+
+def test_paired_difference_verdicts():
+    a, b = [0.50, 0.52, 0.51], [0.40, 0.43, 0.41]
+    assert paired_difference(a, b)["verdict"] == "A better"
+    assert paired_difference(b, a)["verdict"] == "B better"
+    assert paired_difference([0.5, 0.4, 0.6], [0.45, 0.5, 0.5])["verdict"] == NO_DIFFERENCE
+    assert paired_difference([0.5], [0.4])["verdict"].startswith(NO_DIFFERENCE)
+    d = paired_difference(a, b)
+    assert d["mean"] == pytest.approx(0.0967, abs=1e-3)
