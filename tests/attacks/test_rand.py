@@ -13,6 +13,7 @@ from torch import nn
 from robustlab import evaluate
 from robustlab.attacks import APGD, APGDT, PGD, AutoAttack
 from robustlab.errors import InputError
+from tests.conftest import require
 
 
 class Noisy(nn.Module):
@@ -39,7 +40,7 @@ def test_rand_version_is_never_weaker_than_the_reference(sigma, digits_mlp_at, d
     81.8% at sigma 0.05, 74.8 vs 81.5% at 0.15): the reference lets an image leave at the first iterate that fools
     one draw and keeps that image's last such iterate, often a weak one; robustlab keeps attacking until every
     pass of an iterate is fooled."""
-    pytest.importorskip("pyautoattack")
+    require("pyautoattack")
     model = Noisy(digits_mlp_at, sigma).eval()
     x, y = digits.x_test[:100], digits.y_test[:100]
     torch.manual_seed(0)

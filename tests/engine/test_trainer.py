@@ -7,6 +7,7 @@ from robustlab.data.augment import augment
 from robustlab.engine.checkpoint import CheckpointError, load_model
 from robustlab.engine.config import ConfigError, TrainConfig, config_from_dict, load_config
 from robustlab.engine.trainer import Trainer, lr_factor
+from tests.conftest import require
 
 
 def _cfg(tmp_path, **kw):
@@ -273,7 +274,7 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
 
 
 def test_tensorboard_scalars_are_written(tmp_path):
-    pytest.importorskip("tensorboard", reason="TensorBoard logging needs the tensorboard package")
+    require("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     Trainer(_cfg(tmp_path, method="standard", method_kwargs={}, epochs=2, tensorboard=True)).fit()

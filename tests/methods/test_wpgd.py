@@ -258,13 +258,31 @@ def test_visual_metric_linear_exact_equals_targeted_deepfool():
 
 # -- the method ----------------------------------------------------------------------------------------------
 
+class _Recorder(nn.Module):
+    """The model, keeping every input it is given (the attack's iterates and the training point)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.seen = net, []
+
+    def forward(self, z):
+        self.seen.append(z.detach().clone())
+        return self.net(z)
+
+
 def test_wpgd_step_stays_in_the_ball_and_checks_the_metric_size():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+    model = _Recorder(nn.Sequential(nn.Flatten(), nn.Linear(16, 10)))
     x, y = torch.rand(6, 1, 4, 4), torch.randint(0, 10, (6,))
     m = create_method("wpgd", eps=0.1, steps=3, p=2.5)
     out = m.loss(model, Batch(x, y), StepContext(0, 0, torch.Generator().manual_seed(0)))
     assert torch.isfinite(out.loss)
+    # every point the model saw (iterates, then the training point) lies in the l_inf ball and the box, and the
+    # attack moved: the training point is not x
+    assert len(model.seen) >= 4
+    for z in model.seen:  # (a first call on x[:1] reads the number of classes)
+        assert (z - x[: z.shape[0]]).abs().max() <= 0.1 + 1e-6 and z.min() >= 0 and z.max() <= 1
+    assert (model.seen[-1] - x).abs().max() > 0.05
     bad = create_method("wpgd", eps=0.1, metric="cifar10-wordnet")
     small = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
     with pytest.raises(MetricError, match="model has 4 classes"):
