@@ -33,6 +33,7 @@ FAST = {
     "critic": {"l2": {"steps": 5}},
     "ead": {"l1": {"steps": 10, "binary_steps": 2}},
     "salt-pepper": {"l1": {"steps": 20}},
+    "gaussian-noise": {"l2": {"repeats": 10}},
     "pixel-ag": {"linf": {"steps": 3, "cam_layer": "conv"}},
 }
 CLASSIFIER_ATTACKS = [n for n in ATTACKS.names() if getattr(ATTACKS.get(n), "task", "classification") == "classification"]
@@ -46,7 +47,7 @@ def test_every_registered_attack_has_a_case():  # detection attacks: tests/detec
 
 def _make(name, norm, model, eps):
     kwargs = dict(FAST[name][norm])
-    if name in ("cw", "critic", "ead", "salt-pepper"):
+    if name in ("cw", "critic", "ead", "salt-pepper", "gaussian-noise"):
         kwargs["eps"] = eps
     elif name == "pixel-ag":  # eps on CAM-important pixels, 7/8 of it elsewhere (PART's ratio)
         kwargs.update(eps=eps, eps_low=0.875 * eps)
@@ -121,6 +122,7 @@ UNBOUNDED = {
     "critic": {"l2": {"steps": 100}},
     "ead": {"l1": {"steps": 100, "binary_steps": 4}},
     "salt-pepper": {"l1": {"steps": 200}},
+    "gaussian-noise": {"l2": {"eps": 8.0, "repeats": 100}},
     "pixel-ag": {"linf": {"eps": 1.0, "eps_low": 1.0, "steps": 20, "step_size": 0.1, "cam_layer": "conv"}},
 }
 

@@ -118,3 +118,24 @@ def test_ead_and_salt_pepper_agree_with_foolbox(digits_mlp, digits):
     l1_sp = (raw - x).flatten(1).abs().sum(1)[success]
     assert sp.success.float().mean() >= success.float().mean() - 0.02
     assert sp.norms[sp.success].median() <= 1.25 * l1_sp.median()
+
+
+def test_gaussian_noise_and_cw_with_a_budget_agree_with_foolbox(digits_mlp, digits):
+    """MNG-AC's l_2 group: additive Gaussian noise (100 draws) and C&W judged inside the ball, as foolbox's
+    L2RepeatedAdditiveGaussianNoiseAttack and L2CarliniWagnerAttack (clipped to eps) judge them."""
+    fb = require("foolbox")
+    from robustlab.attacks import CW, GaussianNoise
+
+    x, y = _clean_correct(digits_mlp, digits.x_test[:200], digits.y_test[:200])
+    fmodel = fb.PyTorchModel(digits_mlp, bounds=(0, 1))
+    eps = 2.0
+    _, _, ref = fb.attacks.L2RepeatedAdditiveGaussianNoiseAttack(repeats=100)(fmodel, x, y, epsilons=eps)
+    ours = GaussianNoise(digits_mlp, eps=eps, repeats=100).run(x, y).success
+    assert 0.05 < ref.float().mean().item() < 0.95, "the noise should break some images and not others"
+    assert abs(ours.float().mean().item() - ref.float().mean().item()) <= 0.05
+    eps = 0.5
+    _, _, ref = fb.attacks.L2CarliniWagnerAttack(binary_search_steps=5, steps=200)(fmodel, x, y, epsilons=eps)
+    ours = CW(digits_mlp, eps=eps, steps=200, binary_steps=5).run(x, y)
+    assert 0.05 < ref.float().mean().item() < 0.95
+    assert abs(ours.success.float().mean().item() - ref.float().mean().item()) <= 0.05
+    assert (ours.x_adv - x).flatten(1).norm(dim=1).max() <= eps + 1e-5

@@ -405,5 +405,7 @@ def test_multi_norm_panel_expands_and_rejects_bad_options():
     specs = expand_panels(["multi-norm:eps_linf=0.3,eps_l2=2.0,eps_l1=10"])
     names = [s.split(":")[0] for s in specs]
     assert names.count("pgd") == 3 and names.count("autoattack") == 2 and "ead" in names and "salt-pepper" in names
+    # the l_2 group of the protocol (mng_ac.md 6.1): C&W with foolbox's settings and additive Gaussian noise
+    assert "cw:eps=2.0,steps=200,binary_steps=5" in specs and "gaussian-noise:eps=2.0,repeats=100" in specs
     with pytest.raises(ValueError, match="multi-norm"):
         expand_panels(["multi-norm:eps_l0=3"])

@@ -35,6 +35,7 @@ BASE = {
     "mma": dict(norm="linf", eps=0.1, steps=3, k=3),
     "pixel-ag": dict(eps=0.1, eps_low=0.05, steps=3, step_size=0.02, cam_layer="conv"),
     "salt-pepper": dict(steps=50),
+    "gaussian-noise": dict(eps=2.0, repeats=10),
     "square": dict(norm="linf", eps=0.1, n_queries=100),
 }
 # Changed values per option name (first one that differs from the base is used).
@@ -73,6 +74,8 @@ CONTEXT = {
     # all, or attacking 2 targets instead of 5, chooses other targets
     ("apgd-t", "malt_candidates"): {"targeting": "malt", "compact": False},
     ("autoattack", "malt_targets"): {"version": "fast", "apgd_steps": 5},
+    # train-mode BatchNorm changes the outcome only near the boundary of the larger budgets
+    ("gaussian-noise", "bn_mode"): {"eps": 4.0},
 }
 
 

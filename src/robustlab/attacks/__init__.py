@@ -13,12 +13,13 @@ from robustlab.attacks.deepfool import DeepFool
 from robustlab.attacks.fab import FAB
 from robustlab.attacks.l1 import EAD, SaltAndPepper
 from robustlab.attacks.mma import MMA
+from robustlab.attacks.noise import GaussianNoise
 from robustlab.attacks.pgd import FGSM, PGD
 from robustlab.attacks.pixel_ag import PixelAG
 from robustlab.attacks.spec import create_attack, parse_attack_spec
 from robustlab.attacks.square import Square
 from robustlab.types import AttackOut
 
-__all__ = ["Attack", "AttackOut", "PassCounter", "attack_mode", "FGSM", "PGD", "APGD", "APGDDLR", "APGDT", "FAB",
+__all__ = ["Attack", "AttackOut", "GaussianNoise", "PassCounter", "attack_mode", "FGSM", "PGD", "APGD", "APGDDLR", "APGDT", "FAB",
            "Square", "CW", "CriticAttack", "DeepFool", "MMA", "AutoAttack", "EAD",
            "SaltAndPepper", "PixelAG", "create_attack", "parse_attack_spec"]

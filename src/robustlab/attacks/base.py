@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from robustlab import rng
 from robustlab.errors import InputError, InputTypeError
-from robustlab.threat import LpBall
+from robustlab.threat import LpBall, per_sample_norm
 from robustlab.types import AttackOut
 from robustlab.utils import compile_module
 from robustlab.validation import check_choice, check_fits_model, check_images, check_labels, check_logits
@@ -297,3 +297,24 @@ class Attack(ABC):
     def _run(self, counter: PassCounter, x: Tensor, y: Tensor, target: Tensor | None, gen: torch.Generator) -> AttackOut:
         """The algorithm: x, y validated, model in attack mode, passes counted by `counter`."""
 
+
+def restrict_to_budget(counter: PassCounter, x: Tensor, x_adv: Tensor, y: Tensor, norms: Tensor,
+                       eps: float | None, norm: str) -> AttackOut:
+    """Final judging of a minimal attack's best points `x_adv` (norms: inf where nothing was found), as foolbox
+    judges its minimisation attacks (MNG-AC's evaluation protocol): without eps, success where a point was found;
+    with eps, points beyond the budget are scaled onto the ball (x + d * eps / ||d||, still in the box) and count
+    only if the model is still fooled there."""
+    def view(t: Tensor) -> Tensor:
+        return t.view(-1, *([1] * (x.dim() - 1)))
+
+    found = torch.isfinite(norms)
+    if eps is None:
+        return AttackOut(torch.where(view(found), x_adv, x), found, norms=norms)
+    d = x_adv - x
+    scale = torch.clamp(eps / per_sample_norm(d, norm).clamp_min(1e-12), max=1.0)
+    x_in = torch.where(view(found), x + d * view(scale), x)
+    with torch.no_grad():
+        fooled = counter.logits(x_in).argmax(1) != y
+    success = found & fooled
+    out_norms = torch.where(success, per_sample_norm(x_in - x, norm), torch.full_like(norms, float("inf")))
+    return AttackOut(torch.where(view(success), x_in, x), success, norms=out_norms)

@@ -6,12 +6,13 @@ return x with success=False (the original returns a constant 0.5 image).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from robustlab.attacks.base import Attack
+from robustlab.attacks.base import Attack, restrict_to_budget
 from robustlab.registry import ATTACKS
 from robustlab.types import AttackOut
 from robustlab.validation import check_positive, check_positive_int
@@ -38,7 +39,9 @@ class CW(Attack):
         check_positive(kappa, "kappa", allow_zero=True)
         self.kappa, self.binary_steps, self.steps, self.lr = kappa, binary_steps, steps, lr
         self.initial_const, self.abort_early = initial_const, abort_early
-        self.eps_value = eps  # optional budget: successes beyond it count as failures
+        # optional budget: a point beyond it is scaled onto the l_2 ball and counts if it still fools the model
+        # (foolbox's judging of minimisation attacks, MNG-AC's protocol)
+        self.eps_value = eps
 
     @property
     def norm(self) -> str:
@@ -100,10 +103,9 @@ class CW(Attack):
             lower = torch.where(found, lower, torch.maximum(lower, const))
             mid = (lower + upper) / 2
             const = torch.where(upper < 1e9, mid, torch.where(found, const, const * 10))
-        norms = best_l2.sqrt()
-        success = torch.isfinite(norms)
-        if self.eps_value is not None:
-            success &= norms <= self.eps_value
-        x_adv = torch.where(success.view(-1, 1, 1, 1), best_adv, x)
-        norms = torch.where(success, norms, torch.full_like(norms, float("inf")))
-        return AttackOut(x_adv, success, norms=norms)
+        if target is not None:  # a targeted success beyond eps is not rescaled (scaling judges untargeted)
+            norms = best_l2.sqrt()
+            success = torch.isfinite(norms) & (norms <= (self.eps_value if self.eps_value is not None else math.inf))
+            x_adv = torch.where(success.view(-1, 1, 1, 1), best_adv, x)
+            return AttackOut(x_adv, success, norms=torch.where(success, norms, torch.full_like(norms, math.inf)))
+        return restrict_to_budget(counter, x, best_adv, y, best_l2.sqrt(), self.eps_value, "l2")

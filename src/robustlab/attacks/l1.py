@@ -18,34 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from robustlab import rng
-from robustlab.attacks.base import Attack, PassCounter
+from robustlab.attacks.base import Attack, restrict_to_budget
 from robustlab.registry import ATTACKS
 from robustlab.threat import per_sample_norm
-from robustlab.types import AttackOut
 from robustlab.validation import check_eps, check_positive, check_positive_int
 
 
 def _view(t: Tensor, x: Tensor) -> Tensor:
     return t.view(-1, *([1] * (x.dim() - 1)))
-
-
-def restrict_to_budget(counter: PassCounter, x: Tensor, x_adv: Tensor, y: Tensor, norms: Tensor,
-                       eps: float | None, norm: str = "l1") -> AttackOut:
-    """Final judging of a minimal attack's best points `x_adv` (norms: inf where nothing was found).
-
-    Without eps: success where a point was found. With eps: points beyond the budget are scaled onto the ball
-    (x + d * eps / ||d||, still in the box) and count only if the model is still fooled there."""
-    found = torch.isfinite(norms)
-    if eps is None:
-        return AttackOut(torch.where(_view(found, x), x_adv, x), found, norms=norms)
-    d = x_adv - x
-    scale = torch.clamp(eps / per_sample_norm(d, norm).clamp_min(1e-12), max=1.0)
-    x_in = torch.where(_view(found, x), x + d * _view(scale, x), x)
-    with torch.no_grad():
-        fooled = counter.logits(x_in).argmax(1) != y
-    success = found & fooled
-    out_norms = torch.where(success, per_sample_norm(x_in - x, norm), torch.full_like(norms, float("inf")))
-    return AttackOut(torch.where(_view(success, x), x_in, x), success, norms=out_norms)
 
 
 class _MinimalL1(Attack):
@@ -136,7 +116,7 @@ class EAD(_MinimalL1):
             upper = torch.where(found, torch.minimum(upper, const), upper)
             lower = torch.where(found, lower, torch.maximum(lower, const))
             const = torch.where(torch.isfinite(upper), (lower + upper) / 2, const * 10)
-        return restrict_to_budget(counter, x, best_adv, y, best_norm, self.eps_value)
+        return restrict_to_budget(counter, x, best_adv, y, best_norm, self.eps_value, "l1")
 
 
 def _shrink(z: Tensor, x: Tensor, beta: float) -> Tensor:
@@ -183,7 +163,7 @@ class SaltAndPepper(_MinimalL1):
             remaining = self.steps - it
             step = torch.where(better, p / remaining, step)
             p = torch.where(better, torch.zeros_like(p), (p + step).clamp(max=1.0))
-        return restrict_to_budget(counter, x, best_adv, y, best_norm, self.eps_value)
+        return restrict_to_budget(counter, x, best_adv, y, best_norm, self.eps_value, "l1")
 
 
-__all__ = ["EAD", "SaltAndPepper", "restrict_to_budget"]
+__all__ = ["EAD", "SaltAndPepper"]

@@ -50,7 +50,7 @@ BLACK_BOX_FLAG = 0.03
 MONOTONE_TOLERANCE = 0.01  # accuracy may rise by at most this much (or one image) between budgets
 BLACK_BOX_QUERIES = 1000
 CURVE_FRACTIONS = (0.25, 0.5, 1.0)
-GRADIENT_FREE = ("square", "salt-pepper")  # attacks that never read gradients
+GRADIENT_FREE = ("square", "salt-pepper", "gaussian-noise")  # attacks that never read gradients
 MIXED = ("autoattack",)  # white-box and black-box together: neither side of the black-box comparison
 
 
