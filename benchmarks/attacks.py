@@ -210,8 +210,17 @@ def _fast_model(key: str, data, args):
 
     name = yaml.safe_load(Path(how).read_text())["name"]
     run = Path(args.runs) / name
-    if not (run / "last.safetensors").exists():
-        raise SystemExit(f"train it first: robustlab train --config {how} --out-dir {args.runs}")
+    if not (run / "last.safetensors").exists():  # trained here (resumed if a state is there)
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-m", "robustlab.cli.main", "train", "--config", how, "--out-dir", args.runs,
+               "--threads", str(torch.get_num_threads())]
+        if (run / "train_state.safetensors").exists():
+            cmd.append("--resume")
+        elif run.exists():
+            cmd.append("--overwrite")
+        subprocess.run(cmd, check=True)
     return load_model(run / "last.safetensors")[0].eval()
 
 
@@ -224,6 +233,7 @@ def fast_table(args, dev) -> None:
     from pyautoattack import AutoAttack as Reference
 
     from robustlab import evaluate
+    from robustlab.engine.checkpoint import tensors_sha256
     from robustlab.outputs import atomic_write_text
 
     logging.getLogger("auto-attack").setLevel(logging.ERROR)
@@ -245,6 +255,12 @@ def fast_table(args, dev) -> None:
                 continue
             if key not in models:
                 models[key] = _fast_model(key, data, args).to(dev)
+                digest = tensors_sha256(dict(models[key].state_dict()))
+                if entry.setdefault("model_sha256", digest) != digest:  # retrained elsewhere into other weights
+                    print(f"{key}: the stored chunks are of other weights ({entry['model_sha256'][:12]}); "
+                          "starting this model over", flush=True)
+                    entry.update(model_sha256=digest, chunks={})
+                    entry.pop("probe", None)
             model = models[key]
             xs = F.pad(data.x_test, (2, 2, 2, 2)).repeat(1, 3, 1, 1) if cifar else data.x_test
             if "probe" not in entry:  # the fast evaluation's integrity probe and escalation decision, once per model
@@ -290,9 +306,17 @@ def fast_summary(state: dict) -> str:
     rows = ["| model | threat | images | fast robust % | robustlab standard % | reference standard % | misses vs "
             "robustlab / reference | fast s (+ probe s) | robustlab s | reference s | fast / reference |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    misses = []
+    misses, stages = [], []
     for key, e in state.items():
         chunks = list(e["chunks"].values())
+        if not chunks:
+            continue
+        for label in ("fast", "standard"):  # where the time went, per stage
+            total: dict[str, float] = {}
+            for c in chunks:
+                for stage, sec in c[label]["stages"].items():
+                    total[stage] = total.get(stage, 0.0) + sec
+            stages.append(f"{key} {label}: " + ", ".join(f"{k} {v:.1f} s" for k, v in total.items()))
         n = sum(c["n"] for c in chunks)
         correct = sum(c["clean_correct"] for c in chunks)
         broken = {k: {i for c in chunks for i in c[k]["broken"]} for k in ("fast", "standard", "reference")}
@@ -305,7 +329,8 @@ def fast_summary(state: dict) -> str:
                     f"{rob['reference']:.1f} | {len(miss['standard'])} / {len(miss['reference'])} | "
                     f"{secs['fast']:.1f} (+{probe:.1f}) | {secs['standard']:.1f} | {secs['reference']:.1f} | "
                     f"{(secs['fast'] + probe) / secs['reference']:.3f} |")
-    return "\n".join(rows + ["", "misses: " + ("; ".join(misses) if misses else "none")])
+    return "\n".join(rows + ["", "misses: " + ("; ".join(misses) if misses else "none"), "",
+                             "where the time went:", *stages])
 
 
 def main() -> None:
