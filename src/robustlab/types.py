@@ -3,7 +3,7 @@ training step's context, and an attack's result. Plain dataclasses with no behav
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,10 @@ class StepContext:
     progress: float = 0.0  # training progress in epochs (epoch + fraction), for eps ramps
     lr_factor: float = 1.0  # the lr schedule's factor at this step, for a method's own optimisers (a critic's)
     seed: int = 0  # the run's seed, for draws that are per epoch rather than per step
+    # (epoch, step) -> the training images at position `step` of a second shuffled, augmented pass of `epoch` (its
+    # own permutation and draws): what PART's official code pairs a batch with (mask_alignment="batch_index");
+    # None where the data is streamed
+    other_pass: Callable[[int, int], Tensor] | None = None
 
     def attacked(self, model: nn.Module) -> nn.Module:
         return self.attack_model if self.attack_model is not None else model

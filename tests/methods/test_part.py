@@ -286,3 +286,46 @@ def test_the_mask_model_is_a_frozen_snapshot_without_the_trainers_hooks():
     assert model.training and all(p.requires_grad for p in model.parameters())
     model.eval()
     assert torch.equal(model(x), snap(x))
+
+
+def test_batch_index_takes_the_masks_of_the_other_pass_of_the_last_refresh(mnist_cnn, mnist):
+    """mask_alignment="batch_index" (the official code, part.md 8): batch i of an epoch is attacked with the masks of
+    batch i of the second pass made at the last refresh, not with its own (a trained CNN: its maps differ per
+    digit)."""
+    x = mnist.x_test[:3]
+    others, asked = {}, []
+
+    def other_pass(epoch, step):
+        asked.append((epoch, step))
+        return others.setdefault((epoch, step), mnist.x_test[10 + 3 * len(others):13 + 3 * len(others)])
+
+    m = create_method("part", eps=0.3, eps_low=0.2, burn_in_epochs=2, refresh_epochs=10, mask_alignment="batch_index")
+    own = create_method("part", eps=0.3, eps_low=0.2, burn_in_epochs=2, refresh_epochs=10)
+    for epoch, step in ((2, 0), (2, 1), (13, 1)):  # PART epochs 1, 1 and 12 (last refresh: PART epoch 10)
+        ctx = StepContext(epoch, step, torch.Generator(), other_pass=other_pass)
+        got = m.batch_threat(mnist_cnn, x, ctx)[0].eps
+        theirs = own.batch_threat(mnist_cnn, others[asked[-1]], StepContext(epoch, step, torch.Generator()))[0].eps
+        assert torch.equal(got, theirs) and not torch.equal(got, own.batch_threat(mnist_cnn, x, ctx)[0].eps)
+    assert asked == [(2, 0), (2, 1), (11, 1)]  # global epoch 11 = PART epoch 10
+
+
+def test_batch_index_trains_on_data_in_memory_and_refuses_streamed_data(tmp_path):
+    from robustlab.data.standins import write_standin
+    from robustlab.engine.config import TrainConfig
+    from robustlab.engine.trainer import Trainer
+    from robustlab.errors import ConfigError
+
+    kw = dict(out_dir=str(tmp_path), model="small-cnn", model_kwargs={"width": 2, "hidden": 8}, method="part",
+              method_kwargs={"eps": 0.1, "eps_low": 0.05, "steps": 2, "step_size": 0.05, "burn_in_epochs": 0,
+                             "mask_alignment": "batch_index"},
+              epochs=1, batch_size=64, validation=0, select_best=False, eval_samples=16, progress=False)
+    trainer = Trainer(TrainConfig(name="mem", dataset="mnist5k", **{**kw, "batch_size": 512}))
+    a, b = trainer._other_pass(0, 1), trainer._other_pass(0, 1)
+    assert torch.equal(a, b) and a.shape[0] == 512  # a function of (seed, epoch, step)
+    assert not torch.equal(a, trainer._other_pass(0, 2))
+    trainer.fit()
+    assert trainer.history[0]["epoch"] == 1
+    stream = write_standin("tiny-imagenet", tmp_path / "data", 16, 4, 0)
+    with pytest.raises(ConfigError, match="batch_index"):
+        Trainer(TrainConfig(name="files", dataset="tiny-imagenet", dataset_kwargs={"root": stream["root"]},
+                            **{**kw, "model_kwargs": {"width": 2, "hidden": 8}}))

@@ -169,8 +169,10 @@ METHOD_CONTEXT = {
     ("part", "random_start"): {"start": "budget"},
     # the TRADES family starts 0.001 from x and takes steps of 0.007: give the budget a chance to bind
     **{(m, o): {"step_size": 0.05} for m in ("trades", "trades-inf", "mart", "part-t", "part-m")
-       for o in ("eps", "eps_low", "cam_method", "cam_layer", "upsample", "burn_in_epochs", "refresh_epochs")},
-    **{(m, o): {"eps_low": 0.01} for m in ("part", "part-t", "part-m") for o in ("cam_method", "cam_layer", "upsample")},
+       for o in ("eps", "eps_low", "cam_method", "cam_layer", "upsample", "burn_in_epochs", "refresh_epochs",
+                 "mask_alignment")},
+    **{(m, o): {"eps_low": 0.01} for m in ("part", "part-t", "part-m")
+       for o in ("cam_method", "cam_layer", "upsample", "mask_alignment")},
     # one norm per batch (SAT) or a per-sample winner (Adv_max, MSD): train on that norm alone so its options show
     **{(m, f"{k}_{n}"): {"norms": _ONE[n]} for m in ("sat", "sat-ac", "mng-ac", "adv-max", "msd")
        for k in ("eps", "steps", "step_size", "msd_step_size") for n in _ONE},
@@ -202,6 +204,7 @@ METHOD_ALTERNATIVES = {
     "alpha": (0.05, 0.5), "burn_in_epochs": (2,), "cam_layer": ("pool",), "eps_linf": (0.3,), "eps_l2": (2.0,),
     "eps_l1": (8.0,), "step_size_linf": (0.2,), "step_size_l2": (1.5,), "step_size_l1": (3.0,),
     "msd_step_size_linf": (0.2,), "msd_step_size_l2": (1.5,), "msd_step_size_l1": (0.3,),
+    "mask_alignment": ("batch_index",),
 }
 
 
@@ -239,7 +242,8 @@ def _train_two_steps(name, kwargs, digits, epochs=(1, 1)):
         x, y = digits.x_train[32 * s:32 * (s + 1)], digits.y_train[32 * s:32 * (s + 1)]
         step_index = 0 if s == 0 or epoch != epochs[s - 1] else s
         ctx = StepContext(epoch, step_index, torch.Generator().manual_seed(s), attack_model=model,
-                          progress=epoch + step_index / 2, lr_factor=0.5, seed=0)
+                          progress=epoch + step_index / 2, lr_factor=0.5, seed=0,
+                          other_pass=lambda e, i: digits.x_train[1000 + 32 * i:1032 + 32 * i])  # PART's batch_index
         out = method.train_step(model, Batch(x, y), opt, ctx, step)
         losses.append(out.loss.detach())
         passes.append(torch.tensor(ctx.passes))

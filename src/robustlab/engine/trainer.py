@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from robustlab import rng
 from robustlab.data import ImageData, load_dataset
-from robustlab.data.loading import resolve_workers
+from robustlab.data.loading import IndexLoader, resolve_workers
 from robustlab.engine.checkpoint import save_model, tensors_sha256, verify_sha256
 from robustlab.engine.config import TrainConfig, checkpoint_interval, validation_count
 from robustlab.engine.distributed import Torchrun
@@ -106,7 +106,12 @@ class Trainer:
             self.data = self.task.to_device(self.data, self.device)
         # file-backed training data is read by DataLoader workers (per-sample seeds), in-memory data indexed in place
         self.loader = self.task.train_loader(self.data, cfg.seed, resolve_workers(cfg.workers), self.device)
+        self._in_memory = isinstance(self.loader, IndexLoader)  # batches are index tensors into data on the host
         self.method = create_method(cfg.method, **cfg.method_kwargs)
+        if getattr(self.method, "needs_other_pass", False) and not self._in_memory:
+            raise ConfigError(f"method {cfg.method!r} with mask_alignment='batch_index' replays the official code's "
+                              "second pass over the training data, which needs data held in memory; this dataset "
+                              "is streamed from files (use the default mask_alignment)")
         tasks = {"dataset": self.task.name, "model": getattr(MODELS.get(cfg.model), "task", "classification"),
                  "method": self.method.task}
         if len(set(tasks.values())) > 1:
@@ -226,6 +231,16 @@ class Trainer:
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
+
+    def _other_pass(self, epoch: int, step: int) -> Tensor:
+        """The images at position `step` of a second shuffled, augmented pass over the training data in `epoch`: its
+        own permutation and augmentation draws, functions of (seed, epoch, step) as the training pass's are, and
+        this rank's share under torchrun (StepContext.other_pass)."""
+        cfg = self.cfg
+        perm = rng.randperm(self.data.n_train, generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, 4)))
+        idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size][self.ddp.rank::self.ddp.world]
+        x, _ = self._train_batch(idx, rng.device_generator(self.device, mix_seed(cfg.seed, epoch, step, 5)))
+        return x
 
     def _set_lr(self) -> float:
         """Sets the lr of this step; returns the schedule's factor (methods with optimisers of their own use it)."""
@@ -350,7 +365,8 @@ class Trainer:
                         factor = self._set_lr()
                         lr = cfg.lr * factor
                         ctx = StepContext(epoch, step, gen, attack_model=self.model,  # attacks skip DDP hooks
-                                          progress=epoch + step / spe, lr_factor=factor, seed=cfg.seed)
+                                          progress=epoch + step / spe, lr_factor=factor, seed=cfg.seed,
+                                          other_pass=self._other_pass if self._in_memory else None)
                         self._train_fwd_images = 0
                         with self._autocast():
                             out: LossOut = self.method.train_step(self.train_model, Batch(x, y), self.optimizer, ctx,

@@ -8,7 +8,9 @@ MART (`part-m`). The first `burn_in_epochs` train the base method with the unifo
 untrained model mean nothing); afterwards the masks come from a frozen snapshot of the model (the
 "mask model"), refreshed after burn-in and then every `refresh_epochs` (the seed's s) epochs, applied to
 each batch's own (augmented) images. That per-batch alignment fixes the official code's misalignment
-(part.md 8).
+(part.md 8); `mask_alignment="batch_index"` replays it (compatibility mode, in-memory data): batch i of an epoch
+takes the masks of batch i of a second shuffled, augmented pass made at the last refresh, as the code's list of
+masks indexed by batch position does.
 
 Pipeline (part.md 3): CAM (B, h, w) in [0, 1] -> bicubic upsampling to H x W -> square -> mask
 (`zscore`: v > mean + std per image, the same for every channel; `official_jet`: the official code's
@@ -30,6 +32,7 @@ from robustlab.attacks.pixel_ag import (
     part_budget,
     uniform_eps_start,
 )
+from robustlab.errors import ConfigError
 from robustlab.methods.mart import MART
 from robustlab.methods.pgd_at import PGDAT
 from robustlab.methods.trades import TRADES
@@ -53,17 +56,25 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return snap
 
 
+MASK_ALIGNMENTS = ("per_batch_snapshot", "batch_index")  # robustlab's default; the official code's (part.md 8)
+
+
 class PixelReweighting:
     """Mixin over a PGD-family method: the per-element budget after burn-in, and the mask model's refreshes."""
 
     def _part_init(self, eps_low: float, burn_in_epochs: int, refresh_epochs: int, cam_method: str,
-                   cam_layer: str | None, mask_mode: str, upsample: str) -> None:
+                   cam_layer: str | None, mask_mode: str, upsample: str,
+                   mask_alignment: str = "per_batch_snapshot") -> None:
         check_budgets(self.eps, eps_low)  # type: ignore[attr-defined]
         check_positive_int(burn_in_epochs, "burn_in_epochs", minimum=0)
         check_positive_int(refresh_epochs, "refresh_epochs")
         check_choice(cam_method, "CAM method", CAM_METHODS)
         check_choice(mask_mode, "mask_mode", MASK_MODES)
         check_choice(upsample, "upsample mode", UPSAMPLE)
+        check_choice(mask_alignment, "mask_alignment", MASK_ALIGNMENTS)
+        self.mask_alignment = mask_alignment
+        # batch_index replays the official code's second pass over the data (the trainer checks it has the data)
+        self.needs_other_pass = mask_alignment == "batch_index"
         self.eps_low, self.burn_in_epochs, self.refresh_epochs = float(eps_low), burn_in_epochs, refresh_epochs
         self.cam_method, self.cam_layer, self.mask_mode, self.upsample = cam_method, cam_layer, mask_mode, upsample
         self.mask_model: nn.Module | None = None
@@ -95,9 +106,20 @@ class PixelReweighting:
         self._refresh(model, ctx)
         assert self.mask_model is not None
         layer = self.cam_layer or default_cam_layer(model)
+        if self.mask_alignment == "batch_index":  # the official code's masks: those of another pass's batch
+            if ctx.other_pass is None:
+                raise ConfigError("mask_alignment='batch_index' takes its masks from a second pass over the training "
+                                  "data (StepContext.other_pass), which the trainer gives for data held in memory")
+            x = ctx.other_pass(self._last_refresh(ctx), ctx.step)
         budget = part_budget(self.mask_model, x, self.eps, self.eps_low, layer=layer,  # type: ignore[attr-defined]
                              cam_method=self.cam_method, mask_mode=self.mask_mode, upsample=self.upsample)
         return LinfBall(budget), 1.0
+
+    def _last_refresh(self, ctx: StepContext) -> int:
+        """The (0-based) epoch whose mask pass is in force: the last refresh, PART epoch 1 or a multiple of s."""
+        e = self.part_epoch(ctx)
+        r = (e // self.refresh_epochs) * self.refresh_epochs
+        return (r if r >= 2 else 1) + self.burn_in_epochs - 1
 
     def state_tensors(self) -> dict[str, Tensor]:
         if self.mask_model is None:
@@ -112,7 +134,7 @@ class PixelReweighting:
     def part_describe(self) -> dict[str, Any]:
         return {"eps_low": self.eps_low, "burn_in_epochs": self.burn_in_epochs, "refresh_epochs": self.refresh_epochs,
                 "cam_method": self.cam_method, "cam_layer": self.cam_layer, "mask_mode": self.mask_mode,
-                "upsample": self.upsample}
+                "upsample": self.upsample, "mask_alignment": self.mask_alignment}
 
 
 @METHODS.register("part")
@@ -128,9 +150,11 @@ class PART(PixelReweighting, PGDAT):
     def __init__(self, eps: float = 8 / 255, eps_low: float = 7 / 255, steps: int = 10, step_size: float = 2 / 255,
                  burn_in_epochs: int = 20, refresh_epochs: int = 1, cam_method: str = "gradcam",
                  cam_layer: str | None = None, mask_mode: str = "zscore", upsample: str = "torch_bicubic",
-                 random_start: bool = True, start: str = "uniform_eps", eps_ramp_epochs: float = 0.0) -> None:
+                 random_start: bool = True, start: str = "uniform_eps", eps_ramp_epochs: float = 0.0,
+                 mask_alignment: str = "per_batch_snapshot") -> None:
         PGDAT.__init__(self, "linf", eps, steps, step_size, random_start, eps_ramp_epochs)
-        self._part_init(eps_low, burn_in_epochs, refresh_epochs, cam_method, cam_layer, mask_mode, upsample)
+        self._part_init(eps_low, burn_in_epochs, refresh_epochs, cam_method, cam_layer, mask_mode, upsample,
+                        mask_alignment)
         check_choice(start, "Pixel-AG start", PIXEL_AG_STARTS)
         self.start = start
 
@@ -152,9 +176,10 @@ class PARTT(PixelReweighting, TRADES):
     def __init__(self, eps: float = 8 / 255, eps_low: float = 7 / 255, steps: int = 10, step_size: float = 2 / 255,
                  beta: float = 6.0, burn_in_epochs: int = 20, refresh_epochs: int = 1, cam_method: str = "gradcam",
                  cam_layer: str | None = None, mask_mode: str = "zscore", upsample: str = "torch_bicubic",
-                 eps_ramp_epochs: float = 0.0) -> None:
+                 eps_ramp_epochs: float = 0.0, mask_alignment: str = "per_batch_snapshot") -> None:
         TRADES.__init__(self, "linf", eps, steps, step_size, beta, eps_ramp_epochs)
-        self._part_init(eps_low, burn_in_epochs, refresh_epochs, cam_method, cam_layer, mask_mode, upsample)
+        self._part_init(eps_low, burn_in_epochs, refresh_epochs, cam_method, cam_layer, mask_mode, upsample,
+                        mask_alignment)
 
     def describe(self):
         return {**TRADES.describe(self), **self.part_describe()}
@@ -169,9 +194,10 @@ class PARTM(PixelReweighting, MART):
     def __init__(self, eps: float = 8 / 255, eps_low: float = 7 / 255, steps: int = 10, step_size: float = 2 / 255,
                  beta: float = 6.0, burn_in_epochs: int = 20, refresh_epochs: int = 1, cam_method: str = "gradcam",
                  cam_layer: str | None = None, mask_mode: str = "zscore", upsample: str = "torch_bicubic",
-                 eps_ramp_epochs: float = 0.0) -> None:
+                 eps_ramp_epochs: float = 0.0, mask_alignment: str = "per_batch_snapshot") -> None:
         MART.__init__(self, "linf", eps, steps, step_size, beta, eps_ramp_epochs)
-        self._part_init(eps_low, burn_in_epochs, refresh_epochs, cam_method, cam_layer, mask_mode, upsample)
+        self._part_init(eps_low, burn_in_epochs, refresh_epochs, cam_method, cam_layer, mask_mode, upsample,
+                        mask_alignment)
 
     def describe(self):
         return {**MART.describe(self), **self.part_describe()}
