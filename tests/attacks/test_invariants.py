@@ -37,7 +37,18 @@ FAST = {
     "pixel-ag": {"linf": {"steps": 3, "cam_layer": "conv"}},
 }
 CLASSIFIER_ATTACKS = [n for n in ATTACKS.names() if getattr(ATTACKS.get(n), "task", "classification") == "classification"]
-CASES = [(name, norm) for name in CLASSIFIER_ATTACKS for norm in FAST.get(name, {})]
+# Settings of an attack with their own code path, checked as attacks of their own ("name:option=value" specs)
+VARIANTS = {
+    "apgd-t:targeting=malt": {"linf": {"steps": 4, "n_targets": 2}, "l2": {"steps": 4, "n_targets": 2}},
+    "autoattack:version=fast": {"linf": {"apgd_steps": 3, "malt_targets": 2}, "l2": {"apgd_steps": 3, "malt_targets": 2}},
+}
+FAST.update(VARIANTS)
+CASES = [(name, norm) for name in [*CLASSIFIER_ATTACKS, *VARIANTS] for norm in FAST.get(name, {})]
+
+
+def _base(name: str) -> str:
+    """The registry name of a case ("apgd-t:targeting=malt" -> "apgd-t")."""
+    return name.partition(":")[0]
 
 
 def test_every_registered_attack_has_a_case():  # detection attacks: tests/detection/test_attacks.py
@@ -47,7 +58,7 @@ def test_every_registered_attack_has_a_case():  # detection attacks: tests/detec
 
 def _make(name, norm, model, eps):
     kwargs = dict(FAST[name][norm])
-    if name in ("cw", "critic", "ead", "salt-pepper", "gaussian-noise"):
+    if _base(name) in ("cw", "critic", "ead", "salt-pepper", "gaussian-noise"):
         kwargs["eps"] = eps
     elif name == "pixel-ag":  # eps on CAM-important pixels, 7/8 of it elsewhere (PART's ratio)
         kwargs.update(eps=eps, eps_low=0.875 * eps)
@@ -100,7 +111,7 @@ def test_on_a_trained_model_accuracy_never_rises_and_the_loss_never_falls(name, 
     assert clean_ok.float().mean() > 0.8  # the fixture is a trained model
     assert adv_ok.sum() <= clean_ok.sum()
     assert F.cross_entropy(adv, y) >= F.cross_entropy(clean, y) - 1e-4
-    if name not in FINAL_ITERATE:
+    if _base(name) not in FINAL_ITERATE:
         assert not (adv_ok & ~clean_ok).any()
 
 
@@ -124,6 +135,10 @@ UNBOUNDED = {
     "salt-pepper": {"l1": {"steps": 200}},
     "gaussian-noise": {"l2": {"eps": 8.0, "repeats": 100}},
     "pixel-ag": {"linf": {"eps": 1.0, "eps_low": 1.0, "steps": 20, "step_size": 0.1, "cam_layer": "conv"}},
+    "apgd-t:targeting=malt": {"linf": {"eps": 1.0, "steps": 20, "n_targets": 3},
+                              "l2": {"eps": 8.0, "steps": 20, "n_targets": 3}},
+    "autoattack:version=fast": {"linf": {"eps": 1.0, "apgd_steps": 10, "malt_targets": 3},
+                                "l2": {"eps": 8.0, "apgd_steps": 10, "malt_targets": 3}},
 }
 
 
@@ -136,7 +151,7 @@ def test_unbounded_budget_reaches_zero_accuracy_on_a_trained_model(name, norm, d
     model = digits_tiny_cnn
     x, y = digits.x_test[:64], digits.y_test[:64]
     kwargs = dict(UNBOUNDED[name][norm])
-    if name in ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack", "fab", "deepfool"):
+    if _base(name) in ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack", "fab", "deepfool"):
         kwargs["norm"] = norm
     if name == "deepfool":
         kwargs["num_classes"] = 10

@@ -118,6 +118,8 @@ class Noisy(nn.Module):
 
 
 FAST = "autoattack:eps=0.1,version=fast"
+# the escalation tests: standard AutoAttack (what fast escalates to) with shorter stages, the same code path
+FAST_SHORT = "autoattack:eps=0.1,version=fast,apgd_steps=20,fab_steps=20,square_queries=300"
 
 
 def test_an_honest_model_runs_the_fast_version_and_the_log_says_so(digits_mlp_at, digits):
@@ -144,15 +146,15 @@ def test_a_flagged_probe_escalates_to_standard_in_every_shard(digits_mlp_at, dig
     model, x, y = Quantised(digits_mlp_at).eval(), digits.x_test[:90], digits.y_test[:90]
     kw = dict(batch_size=30, progress=False)
     with pytest.warns(RuntimeWarning, match="standard AutoAttack runs instead of version=fast"):
-        single = evaluate(model, x, y, [FAST], **kw)
+        single = evaluate(model, x, y, [FAST_SHORT], **kw)
     entry = single["attacks"]["autoattack"]
     assert entry["ran"] == "standard" and any("exactly zero" in f for f in entry["escalated_because"])
     assert [s["attack"] for s in entry["stages"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    standard = evaluate(model, x, y, ["autoattack:eps=0.1"], **kw)
+    standard = evaluate(model, x, y, ["autoattack:eps=0.1,apgd_steps=20,fab_steps=20,square_queries=300"], **kw)
     assert entry["robust_accuracy"] == standard["attacks"]["autoattack"]["robust_accuracy"]
     with pytest.warns(RuntimeWarning):
         for i in (1, 0):  # the shard without batch 0 first: it makes (and stores) the decision
-            evaluate(model, x, y, [FAST], state=tmp_path / "s", shard=(i, 2), **kw)
+            evaluate(model, x, y, [FAST_SHORT], state=tmp_path / "s", shard=(i, 2), **kw)
         merged = merge_evaluations([tmp_path / "s"])
     assert without_seconds(merged) == without_seconds(single)
 
@@ -167,8 +169,8 @@ def test_a_resume_after_the_decision_recomputes_batch_0_of_the_escalated_attack(
     model, x, y = Quantised(digits_mlp_at).eval(), digits.x_test[:60], digits.y_test[:60]
     kw = dict(batch_size=30, progress=False)
     with pytest.warns(RuntimeWarning):
-        single = evaluate(model, x, y, [FAST], **kw)
-        evaluate(model, x, y, [FAST], state=tmp_path / "s", **kw)
+        single = evaluate(model, x, y, [FAST_SHORT], **kw)
+        evaluate(model, x, y, [FAST_SHORT], state=tmp_path / "s", **kw)
     # what a kill right after the decision leaves: the decision, batch 0's clean and fast records, nothing else
     for p in (tmp_path / "s").glob("batch-000001*"):
         p.unlink()
@@ -179,7 +181,7 @@ def test_a_resume_after_the_decision_recomputes_batch_0_of_the_escalated_attack(
     torch.save(stored, record)
     assert json.loads((tmp_path / "s" / "checks.json").read_text())["escalation"]["autoattack"]["ran"] == "standard"
     with pytest.warns(RuntimeWarning):
-        resumed = evaluate(model, x, y, [FAST], state=tmp_path / "s", **kw)
+        resumed = evaluate(model, x, y, [FAST_SHORT], state=tmp_path / "s", **kw)
     assert torch.load(record, weights_only=True)["ran"] == "standard"
     assert without_seconds(resumed) == without_seconds(single)
 

@@ -46,6 +46,7 @@ def _robust(runs, label) -> float:
     return (runs["correct"] & ~runs[label]).float().mean().item()
 
 
+@pytest.mark.xdist_group("aa-reference")  # the fixture is computed once, on one worker
 @pytest.mark.parametrize("norm,eps", [(n, e) for n, e, _ in AA_SETTINGS])
 def test_autoattack_agrees_with_reference_package(aa_broken, norm, eps):
     runs = aa_broken[norm, eps]
@@ -54,6 +55,7 @@ def test_autoattack_agrees_with_reference_package(aa_broken, norm, eps):
     assert abs(ours - ref) <= (0.01 if norm == "linf" else 0.015)  # l2: 3 of 200 samples
 
 
+@pytest.mark.xdist_group("aa-reference")
 @pytest.mark.parametrize("norm,eps", [(n, e) for n, e, _ in AA_SETTINGS])
 def test_the_fast_version_breaks_every_image_standard_breaks(aa_broken, norm, eps):
     """AutoAttack version=fast (APGD-CE + MALT-targeted APGD-T) loses none of standard's successes, robustlab's or
@@ -77,6 +79,7 @@ def test_pgd_and_apgd_agree_with_torchattacks(digits_mlp_at, digits):
     assert abs(ours_apgd - ta_apgd) <= 0.01
 
 
+@pytest.mark.xdist_group("aa-reference")
 def test_autoattack_torchattacks_impl_is_a_weaker_autoattack(digits_mlp_at, digits, aa_broken):
     """impl=torchattacks (torchattacks' AutoAttack, which PART's table used) stays in the ball and the box and finds
     about what AutoAttack finds, never clearly more (it is the weaker version)."""
