@@ -269,3 +269,23 @@ def test_output_options_are_checked_first(user, tmp_path):
     base = ["eval", "--model", str(folder / "exported.pt2"), "--data", str(folder / "data.npz"), "--quiet"]
     assert main([*base, "--save-adversarials", str(tmp_path / "adv.png")]) == 2
     assert main([*base, "--robustbench-json", str(tmp_path / "rb.json"), "--attack", "pgd:eps=0.1"]) == 2
+    # AutoAttack's fast version is not RobustBench's protocol
+    assert main([*base, "--robustbench-json", str(tmp_path / "rb.json"), "--attack",
+                 "autoattack:eps=8/255,version=fast"]) == 2
+
+
+def test_the_fast_version_through_the_cli_says_what_ran(user, tmp_path):
+    """`robustlab eval --attack autoattack:version=fast`: the JSON and the log name the version that ran, and the
+    results store keeps it apart from the standard protocol (the leaderboard's AutoAttack column)."""
+    from robustlab.reports.store import leaderboard
+
+    folder = user[0]
+    store, out, log = tmp_path / "store.sqlite", tmp_path / "r.json", tmp_path / "aa.log"
+    assert main(["eval", "--model", str(folder / "exported.pt2"), "--data", str(folder / "data.npz"), "--attack",
+                 "autoattack:norm=linf,eps=8/255,version=fast,apgd_steps=5", "--json", str(out), "--log", str(log),
+                 "--store", str(store), "--quiet", "--threads", "1"]) == 0
+    aa = json.loads(out.read_text())["attacks"]["autoattack"]
+    assert aa["version"] == "fast" and aa["ran"] == "fast" and aa["escalated_because"] == []
+    assert log.read_text().splitlines()[1] == "using fast version including apgd-ce, apgd-t-malt."
+    rows = leaderboard(store)
+    assert rows[0]["autoattack_accuracy"] is None and rows[0]["attacks"] == ["autoattack-fast"]

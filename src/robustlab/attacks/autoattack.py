@@ -177,3 +177,13 @@ class AutoAttack(Attack):
         with torch.no_grad():
             success = counter.logits(x_adv).argmax(1) != y
         return AttackOut(x_adv.detach(), success)
+
+
+def is_protocol_autoattack(spec: str) -> bool:
+    """An AutoAttack spec string of the published protocol (version standard or rand), not version=fast: what
+    RobustBench entries and the leaderboard's AutoAttack column report."""
+    if spec.split(":")[0].strip() != "autoattack":
+        return False
+    from robustlab.attacks.spec import parse_attack_spec
+
+    return parse_attack_spec(spec)[1].get("version", "standard") != "fast"

@@ -124,8 +124,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split, data = task.eval_data(args.data, args.split, extra or {}, model)
     task.probe(model, split, args.model, f"--data {args.data}" if args.data else f"dataset {data['name']!r}")
     specs = task.expand_specs(args.attack) if args.attack else task.default_attacks(data)
-    if args.robustbench_json and not any(s.split(":")[0] == "autoattack" for s in specs):
-        raise InputError("--robustbench-json reports AutoAttack accuracy: add --attack \"autoattack:norm=linf,eps=8/255\"")
+    from robustlab.attacks.autoattack import is_protocol_autoattack
+
+    if args.robustbench_json and not any(is_protocol_autoattack(s) for s in specs):
+        raise InputError("--robustbench-json reports AutoAttack accuracy (standard or rand; version=fast is not "
+                         "RobustBench's protocol): add --attack \"autoattack:norm=linf,eps=8/255\"")
     store = _results_store(args, wanted=True)
     options = dict(examples=task.report_examples if args.report else 0, precision=args.precision,
                    compile=args.compile, keep_adversarials=bool(args.save_adversarials),

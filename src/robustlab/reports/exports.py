@@ -53,7 +53,8 @@ def robustbench_entry(result: dict[str, Any], *, model_name: str, dataset: str |
     """The entry RobustBench's `model_info/<dataset>/<threat>/<name>.json` files hold, from an `evaluate` result with
     an AutoAttack attack: accuracies as percent strings with two decimals, eps as a string; `info` gives the keys
     only the user knows (ROBUSTBENCH_INFO; null where not given). dataset: a named dataset, None for a file."""
-    name, aa = next((n, a) for n, a in result["attacks"].items() if a.get("attack") == "autoattack")
+    name, aa = next((n, a) for n, a in result["attacks"].items()
+                    if a.get("attack") == "autoattack" and a.get("ran", a.get("version")) != "fast")
     threat = {"linf": "Linf", "l2": "L2"}[aa["norm"]]
     entry: dict[str, Any] = {key: None for key in ROBUSTBENCH_INFO}
     entry.update({

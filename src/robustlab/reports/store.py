@@ -180,7 +180,7 @@ def record(path: str | Path, *, model_digest: str, model_name: str, data: str, r
             cur = con.execute(
                 "INSERT INTO evaluations (model_hash, model, data, threat, attack, spec, clean_accuracy, "
                 "robust_accuracy, n_samples, created, robustlab_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (digest, model_name, data, threat_key(entry.get("norm"), entry.get("eps")), entry.get("attack", name),
+                (digest, model_name, data, threat_key(entry.get("norm"), entry.get("eps")), attack_kind(entry, name),
                  spec, result["clean_accuracy"], entry["robust_accuracy"], result["n_samples"], now, version))
             eid = int(cur.lastrowid or 0)
             ids.append(eid)
@@ -190,6 +190,16 @@ def record(path: str | Path, *, model_digest: str, model_name: str, data: str, r
                             [(eid, i, c, r if isinstance(r, float) else int(r))
                              for i, (c, r) in enumerate(zip(clean, records["robust"][name]))])
     return ids
+
+
+def attack_kind(entry: dict[str, Any], name: str) -> str:
+    """The attack as the store and the leaderboard name it: AutoAttack's fast version is "autoattack-fast" (the
+    leaderboard's AutoAttack column is the standard protocol: standard, or rand for a randomised model, which
+    includes a fast evaluation that escalated)."""
+    attack = entry.get("attack", name)
+    if attack == "autoattack" and entry.get("ran", entry.get("version")) == "fast":
+        return "autoattack-fast"
+    return attack
 
 
 def detector_threat_key(norm: str | None, eps: Any) -> str:
