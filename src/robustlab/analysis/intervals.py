@@ -27,7 +27,7 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
     if n < 2:
         return {"n": n, "mean": mean, "std": None, "ci": [None, None], "level": level}
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "ci": [mean - half, mean + half], "level": level}
 
 
