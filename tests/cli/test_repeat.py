@@ -18,7 +18,7 @@ pytestmark = pytest.mark.xdist_group("repeat")
 
 TINY = ("name: tiny\ndataset: digits\nmodel: mlp\nmodel_kwargs: {hidden: 16, depth: 1}\nmethod: {method}\n"
         "method_kwargs: {kwargs}\nepochs: 1\nbatch_size: 128\noptimizer: sgd\nlr: 0.1\neval_samples: 32\n"
-        "eval_attack: 'fgsm:eps=0.1'\nprogress: false\n")
+        "eval_attack: 'fgsm:eps=0.1'\nprogress: false\ncheckpoint_every: 1\n")
 
 
 def _config(tmp_path, method="standard", kwargs="{}"):
@@ -34,22 +34,25 @@ def _repeat(cfg, out, *extra, seeds="3"):
 
 @pytest.fixture(scope="module")
 def repeated(tmp_path_factory):
-    """The standard config repeated over 3 seeds, killed once after its first seed's result, then resumed."""
+    """The standard config repeated over 3 seeds, killed (SIGKILL) once seed 0 is evaluated and seed 1 has written a
+    training state (a state every step), then resumed."""
     tmp = tmp_path_factory.mktemp("repeat")
     cfg, out = _config(tmp), tmp / "std"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_repeat(cfg, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    first = out / "seed-0" / "result.json"
-    while proc.poll() is None and not first.exists():
-        time.sleep(0.02)
+    first, state = out / "seed-0" / "result.json", out / "seed-1" / "tiny" / "train_state.safetensors"
+    while proc.poll() is None and not (first.exists() and state.exists()):
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert first.exists(), "the repeat ended before its first seed was evaluated"
+    assert first.exists() and state.exists(), "the repeat ended before it could be killed in seed 1's training"
+    killed_in_training = not (out / "seed-1" / "trained.json").exists()
     stamp, log = first.stat().st_mtime_ns, (out / "seed-0" / "train.log").read_text()
     done = subprocess.run(_repeat(cfg, out), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {"cfg": cfg, "out": out, "stdout": done.stdout, "stamp": stamp, "log": log, "tmp": tmp, "env": env}
+    return {"cfg": cfg, "out": out, "stdout": done.stdout, "stamp": stamp, "log": log, "tmp": tmp, "env": env,
+            "killed_in_training": killed_in_training}
 
 
 def test_a_resumed_repeat_keeps_finished_seeds(repeated):
@@ -58,6 +61,10 @@ def test_a_resumed_repeat_keeps_finished_seeds(repeated):
     assert (out / "seed-0" / "train.log").read_text() == repeated["log"]  # not trained again
     assert "seeds 0 already evaluated: kept" in repeated["stdout"]
     assert all((out / f"seed-{s}" / "result.json").exists() for s in range(3))
+    # the seed killed in training went on from its last state (a state is written every step)
+    commands = [line for line in (out / "seed-1" / "train.log").read_text().splitlines() if line.startswith("$ ")]
+    if repeated["killed_in_training"]:
+        assert len(commands) == 2 and commands[1].endswith("--resume"), commands
 
 
 def test_the_aggregate_equals_the_per_seed_results(repeated):
