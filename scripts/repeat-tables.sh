@@ -15,3 +15,19 @@ for m in at part trades part-t mart part-m; do
   robustlab repeat --config configs/part/mnist5k-$m.yaml --seeds "$seeds" --out-dir "$out/part-$m" \
     --attack "$pgd20" --attack "$mma" --n-samples 1000 --jobs 1 --threads 1
 done
+# MNG-AC and the multi-perturbation baselines (the multi-norm panel without AutoAttack on 1,000 images; AutoAttack's
+# columns come from a separate 500-image evaluation of the same seeds' checkpoints)
+for m in mng-ac adv-avg adv-max msd sat sat-ac adv-inf; do
+  robustlab repeat --config configs/mng-ac/mnist5k-$m.yaml --seeds "$seeds" --out-dir "$out/mng-ac-$m" \
+    --attack "multi-norm:eps_linf=0.3,eps_l2=2.0,eps_l1=10,autoattack=false" --n-samples 1000 --jobs 1 --threads 1
+done
+# the adversary critic's ordering (rho of DeepFool, C&W and the critic attack)
+for m in reference fgsm-at vat margin critic; do
+  robustlab repeat --config configs/critic/mlp-$m-mnist5k.yaml --seeds "$seeds" --out-dir "$out/critic-$m" \
+    --attack critic-rho --n-samples 200 --jobs 1 --threads 1
+done
+# CWAT vs OWAT: mAP and the per-class AP's evenness under CWA (the spec's 3-seed comparison)
+for m in cwat owat; do
+  robustlab repeat --config configs/$m-mnistdet-coco.yaml --seeds "$seeds" --out-dir "$out/det-$m" \
+    --attack "cwa:eps=8" --n-samples 200 --jobs 1 --threads 1
+done

@@ -41,3 +41,31 @@ def test_paired_difference_verdicts():
     assert paired_difference([0.5], [0.4])["verdict"].startswith(NO_DIFFERENCE)
     d = paired_difference(a, b)
     assert d["mean"] == pytest.approx(0.0967, abs=1e-3)
+
+
+def _detector_result(clean_map, ap):
+    return {"n_images": 200, "clean": {"map": clean_map, "ap": [0.8, 0.6]},
+            "attacks": {"cwa": {"map": sum(ap) / 2, "ap": ap}}}
+
+
+def test_repeats_of_a_detector_aggregate_map_and_per_class_evenness(tmp_path):
+    """Detector results (mAP, per-class AP) aggregate without a binomial error (mAP is not a share of images), and
+    compare-runs judges the per-class AP spread lower-is-better."""
+    import json
+
+    from robustlab.analysis.repeat import aggregate, compare_runs, metrics_of
+
+    r = _detector_result(0.7, [0.5, 0.3])
+    m = metrics_of(r)
+    assert m["clean_map"] == 0.7 and m["attacks.cwa"] == 0.4 and m["attacks.cwa.ap_min"] == 0.3
+    assert m["attacks.cwa.ap_std"] == pytest.approx(0.1)
+    agg = aggregate({0: r, 1: _detector_result(0.72, [0.5, 0.35])})
+    assert agg["n_images"] == 200 and agg["metrics"]["clean_map"]["sampling"] is None
+    for name, spreads in (("even", [0.02, 0.03, 0.025]), ("uneven", [0.2, 0.22, 0.21])):  # A more even than B
+        for s, d in enumerate(spreads):
+            (tmp_path / name / f"seed-{s}").mkdir(parents=True)
+            (tmp_path / name / f"seed-{s}" / "result.json").write_text(
+                json.dumps(_detector_result(0.7, [0.4 + d, 0.4 - d])))
+    cmp = compare_runs(tmp_path / "even", tmp_path / "uneven")
+    spread = cmp["metrics"]["attacks.cwa.ap_std"]["difference"]
+    assert spread["mean"] < 0 and spread["ci"][1] < 0 and spread["verdict"] == "A better"

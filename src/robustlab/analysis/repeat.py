@@ -154,11 +154,29 @@ def run_repeat(rep: Repeat, seeds: Sequence[int], jobs: int, report: Callable[[s
     return write_aggregate(rep.folder, seeds)
 
 
+def is_detection(result: dict[str, Any]) -> bool:
+    return isinstance(result.get("clean"), dict) and "map" in result["clean"]
+
+
 def metrics_of(result: dict[str, Any]) -> dict[str, float]:
-    """The accuracies of one evaluation, flat: clean_accuracy, attacks.NAME, union_accuracy, per_norm.NORM,
-    norm_average_accuracy (those present)."""
+    """The numbers of one evaluation, flat. A classifier: its accuracies, clean_accuracy, attacks.NAME,
+    union_accuracy, per_norm.NORM, norm_average_accuracy, and attacks.NAME.rho for minimal attacks (those present).
+    A detector: clean_map, attacks.NAME (mAP) and the evenness of the per-class AP, clean_ap_std / clean_ap_min and
+    attacks.NAME.ap_std / .ap_min."""
+    if is_detection(result):
+        out: dict[str, float] = {}
+        for key, entry in [("clean", result["clean"])] + [(f"attacks.{n}", a) for n, a in result["attacks"].items()]:
+            ap = [float(v) for v in entry["ap"]]
+            mean = sum(ap) / len(ap)
+            out[f"{key}_map" if key == "clean" else key] = entry["map"]
+            out[f"{key}{'_' if key == 'clean' else '.'}ap_std"] = (sum((v - mean) ** 2 for v in ap) / len(ap)) ** 0.5
+            out[f"{key}{'_' if key == 'clean' else '.'}ap_min"] = min(ap)
+        return out
     out = {"clean_accuracy": result["clean_accuracy"]}
     out.update({f"attacks.{name}": a["robust_accuracy"] for name, a in result["attacks"].items()})
+    # minimal-perturbation attacks: rho, the mean relative l_2 norm (the critic paper's measure; higher is better)
+    out.update({f"attacks.{name}.rho": a["perturbation"]["rho"] for name, a in result["attacks"].items()
+                if a.get("perturbation") and a["perturbation"].get("rho") is not None})
     for key in ("union_accuracy", "norm_average_accuracy"):
         if result.get(key) is not None:
             out[key] = result[key]
@@ -183,12 +201,22 @@ def aggregate(results: dict[int, dict[str, Any]], level: float = LEVEL) -> dict[
     per_seed = {s: metrics_of(results[s]) for s in seeds}
     names = [k for k in per_seed[seeds[0]] if all(k in m for m in per_seed.values())] if seeds else []
     metrics = {}
+    n_images = _n_images(results[seeds[0]]) if seeds else 0
     for k in names:
         values = [per_seed[s][k] for s in seeds]
-        n_images = results[seeds[0]]["n_samples"]
-        metrics[k] = {"values": values, **t_interval(values, level), "sampling": sampling_error(values, n_images, level)}
-    return {"seeds": seeds, "level": level, "n_images": results[seeds[0]]["n_samples"] if seeds else None,
-            "metrics": metrics}
+        # the binomial error applies to accuracies (a share of images), not to mAP, its per-class spread or rho
+        sampling = sampling_error(values, n_images, level) if _is_share(results[seeds[0]], k) else None
+        metrics[k] = {"values": values, **t_interval(values, level), "sampling": sampling}
+    return {"seeds": seeds, "level": level, "n_images": n_images, "metrics": metrics}
+
+
+def _is_share(result: dict[str, Any], metric: str) -> bool:
+    """An accuracy: a share of the test images, with a binomial sampling error."""
+    return not is_detection(result) and not metric.endswith(".rho")
+
+
+def _n_images(result: dict[str, Any]) -> int:
+    return result["n_images"] if is_detection(result) else result["n_samples"]
 
 
 def write_aggregate(folder: Path, seeds: Sequence[int]) -> dict[str, Any]:
@@ -209,21 +237,28 @@ def compare_runs(a: Path, b: Path, level: float = LEVEL) -> dict[str, Any]:
     seeds = sorted(set(ra) & set(rb))
     if not seeds:
         raise InputError(f"{a} (seeds {sorted(ra)}) and {b} (seeds {sorted(rb)}) share no seed to pair")
-    na, nb = {ra[s]["n_samples"] for s in seeds}, {rb[s]["n_samples"] for s in seeds}
+    na, nb = {_n_images(ra[s]) for s in seeds}, {_n_images(rb[s]) for s in seeds}
     if na != nb:
         raise InputError(f"{a} and {b} were evaluated on different numbers of test images ({na} vs {nb})")
     ma, mb = {s: metrics_of(ra[s]) for s in seeds}, {s: metrics_of(rb[s]) for s in seeds}
     names = [k for k in ma[seeds[0]] if all(k in ma[s] and k in mb[s] for s in seeds)]
-    out = {"a": str(a), "b": str(b), "seeds": seeds, "level": level, "n_images": na.pop(), "metrics": {}}
+    n_images = na.pop()
+    metrics: dict[str, Any] = {}
+    out = {"a": str(a), "b": str(b), "seeds": seeds, "level": level, "n_images": n_images, "metrics": metrics}
     for k in names:
         va, vb = [ma[s][k] for s in seeds], [mb[s][k] for s in seeds]
-        out["metrics"][k] = {"a": t_interval(va, level)["mean"], "b": t_interval(vb, level)["mean"],
-                             "difference": paired_difference(va, vb, level, names=("A", "B")),
-                             # the test set's error of the difference, as if A's and B's were independent (an
-                             # upper bound: both are measured on the same images)
-                             "sampling_std_of_difference": (sampling_error(va, out["n_images"])["binomial_std"] ** 2
-                                                            + sampling_error(vb, out["n_images"])["binomial_std"] ** 2)
-                             ** 0.5}
+        # the test set's error of the difference, as if A's and B's were independent (an upper bound: both are
+        # measured on the same images); accuracies only
+        sampling = None if not _is_share(ra[seeds[0]], k) else (
+            sampling_error(va, n_images)["binomial_std"] ** 2 + sampling_error(vb, n_images)["binomial_std"] ** 2) ** 0.5
+        # higher is better, except the spread of the per-class AP (more even is better)
+        better_low = k.endswith("ap_std")
+        diff = paired_difference(vb, va, level, names=("A", "B")) if better_low else \
+            paired_difference(va, vb, level, names=("A", "B"))
+        if better_low:  # B - A > 0: A is the more even; reported as A - B like the others
+            diff = {**diff, "mean": -diff["mean"], "ci": [None if c is None else -c for c in diff["ci"][::-1]]}
+        metrics[k] = {"a": t_interval(va, level)["mean"], "b": t_interval(vb, level)["mean"], "difference": diff,
+                      "sampling_std_of_difference": sampling}
     return out
 
 

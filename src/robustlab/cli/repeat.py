@@ -46,7 +46,8 @@ def _table(agg: dict) -> str:
     for k, m in agg["metrics"].items():
         lo, hi = m["ci"]
         lines.append(f"| {k} | {_pct(m['mean'])} | {_pct(m['std'])} | "
-                     f"{'-' if lo is None else f'{_pct(lo)} to {_pct(hi)}'} | {_pct(m['sampling']['binomial_std'])} |")
+                     f"{'-' if lo is None else f'{_pct(lo)} to {_pct(hi)}'} | "
+                     f"{_pct(m['sampling']['binomial_std']) if m['sampling'] else '-'} |")
     return "\n".join(lines)
 
 
