@@ -1,7 +1,7 @@
 """AutoAttack "standard" (Croce & Hein, ICML 2020, arXiv:2003.01690): APGD-CE -> APGD-T -> FAB-T -> Square;
 version="rand" (randomised defenses): APGD-CE -> APGD-DLR, each step's gradient averaged over 20 passes (EoT);
 version="fast": APGD-CE -> APGD-T with MALT's targets (5 targets chosen by the gradient-normalised logit gap,
-Melamed et al., NeurIPS 2024), about a fifth of standard's passes on a robust model. Its escalation rule lives in
+Melamed et al., NeurIPS 2024), about an eighth of standard's time on a robust model (docs/benchmarks.md). Its escalation rule lives in
 `evaluate`, which holds the integrity probe: when the probe flags anything (or the model is randomised), standard
 (or rand) runs instead and the result says so (`ran`). Called on its own, version="fast" runs the two attacks.
 
