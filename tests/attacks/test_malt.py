@@ -196,8 +196,13 @@ def test_a_randomised_model_escalates_to_rand(digits_mlp_at, digits):
     assert [s["attack"] for s in entry["stages"]] == ["apgd-ce", "apgd-dlr"]
 
 
-def test_fast_without_the_probe_is_refused_before_any_work(digits_mlp_at, digits):
+def test_fast_without_the_probe_is_refused_before_any_work_or_says_it_is_unchecked(digits_mlp_at, digits):
+    """integrity='off' asked by name is refused; robustlab's own quiet evaluations (checks=False, the trainer's
+    per-epoch one) run fast unchecked and say so."""
     from robustlab import evaluate
 
+    x, y = digits.x_test[:10], digits.y_test[:10]
     with pytest.raises(InputError, match="integrity='off' would leave it unchecked"):
-        evaluate(digits_mlp_at, digits.x_test[:10], digits.y_test[:10], [FAST], integrity="off")
+        evaluate(digits_mlp_at, x, y, [FAST], integrity="off")
+    entry = evaluate(digits_mlp_at, x, y, [FAST], checks=False)["attacks"]["autoattack"]
+    assert entry["ran"] == "fast" and entry["escalated_because"] is None

@@ -222,7 +222,8 @@ def evaluate(
         raise InputTypeError(f"attacks must be a list of attack specs or Attack objects, got {attacks!r}; "
                              f"e.g. attacks=[{attacks!r}]" if isinstance(attacks, (str, Attack))
                              else f"attacks must be a list of attack specs or Attack objects, got {type(attacks).__name__}")
-    integrity = _integrity_mode(checks if integrity is None else integrity)
+    asked = checks if integrity is None else integrity
+    integrity = _integrity_mode(asked)
     loader = None
     if x is not None and not isinstance(x, Tensor):
         loader, x = x, None
@@ -252,11 +253,15 @@ def evaluate(
                       "average_accuracy are None)", RuntimeWarning, stacklevel=2)
     names = _unique_names(built)
     panel = [_attack_meta(name, atk) for name, atk in zip(names, built)]
+    # a fast AutoAttack escalates on batch 0's integrity probe; without the probe (robustlab's own quiet evaluations,
+    # the trainer's per-epoch one) it runs unchecked and says so (escalated_because: None)
     fast = [j for j, a in enumerate(built) if isinstance(a, AutoAttack) and a.version == "fast"]
-    if fast and integrity == "off":
+    if fast and asked == "off":
         raise InputError("autoattack version=fast escalates to standard AutoAttack when the integrity probe flags "
                          "anything; integrity='off' would leave it unchecked: use integrity='quick' or 'full', or "
                          "version=standard")
+    if integrity == "off":
+        fast = []
     shard_i, n_shards = check_shard(shard, state)
     saved = None
     if state is not None:
@@ -606,6 +611,8 @@ def result_from_records(panel: list[dict[str, Any]], batches: list[dict[str, Any
         if first_checks is not None and m["name"] in first_checks.get("escalation", {}):
             entry["ran"] = first_checks["escalation"][m["name"]]["ran"]
             entry["escalated_because"] = first_checks["escalation"][m["name"]]["because"]
+        elif m["attack"] == "autoattack" and m["describe"].get("version") == "fast":  # no probe ran: unchecked
+            entry["ran"], entry["escalated_because"] = "fast", None
         if first_checks is not None and m["name"] in first_checks["precision"]:
             check = entry["precision_check"] = first_checks["precision"][m["name"]]
             if not check["trusted"]:
