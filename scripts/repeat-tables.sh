@@ -3,10 +3,11 @@
 # resumable (run it again after a kill or in a later session: finished seeds are kept), one seed at a time per
 # config with one thread each, so it can run in the background beside other work.
 #
-#   bash scripts/repeat-tables.sh [OUT]        # OUT: where the repeats go (default repeats/)
+#   bash scripts/repeat-tables.sh [OUT]        # OUT: where the repeats go (default results/repeats, whose small
+#                                              # files are committed: checkpoints and logs are ignored by git)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-repeats}
+out=${1:-results/repeats}
 seeds=${SEEDS:-3}
 pgd20="pgd:norm=linf,eps=0.3,steps=20,step_size=0.0375"
 mma="mma:eps=0.3,steps=20,step_size=0.0375,k=3,confidence=50"

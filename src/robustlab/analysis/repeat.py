@@ -8,7 +8,8 @@ The folder of a repeat:
 - `seed-S/`: seed S's run (`robustlab train ... seed=S`, its run folder inside), `trained.json` once training
   ended, `eval-state/` (the evaluation's resumable state) and `result.json` (`robustlab eval --json`) once it is
   evaluated. A seed with a result is never run again; a killed one resumes (training from its last state,
-  evaluation from its last batch).
+  evaluation from its last batch); a trained seed whose checkpoint is gone trains again. So a folder kept with only
+  its small files (the manifest, results and markers: what `results/repeats/` in the repository holds) resumes.
 - `repeat.json`: the aggregate (`aggregate`), rewritten after every finished seed.
 
 Each seed runs the CLI in a subprocess (its own threads and memory; a kill of the repeat kills them too); `jobs`
@@ -89,7 +90,8 @@ class Repeat:
         d.mkdir(exist_ok=True)
         cli = [sys.executable, "-m", "robustlab.cli.main"]
         run = d / self.name
-        if not (d / "trained.json").exists():
+        # trained, unless its checkpoint is gone (a repeat folder kept without its checkpoints): then train again
+        if not (d / "trained.json").exists() or not (run / "best.safetensors").exists():
             train = [*cli, "train", "--config", str(self.config), "--out-dir", str(d), "--threads", str(self.threads),
                      *self.overrides, f"seed={seed}"]
             if (run / "train_state.safetensors").exists():
