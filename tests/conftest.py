@@ -56,6 +56,16 @@ def require(package: str):
     return pytest.importorskip(package, reason=f"{package} is not installed (bash scripts/setup.sh --test)")
 
 
+def process_running(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed child not yet reaped is dead)."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def train_classifier(model: nn.Module, x, y, *, epochs: int, adv_eps: float = 0.0, adv_steps: int = 5,
                      lr: float = 1e-3, batch_size: int = 100, seed: int = 0) -> nn.Module:
     """Plain (or PGD-AT when adv_eps > 0) training loop used to build test fixtures."""

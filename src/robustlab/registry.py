@@ -49,16 +49,21 @@ class Registry(Generic[T]):
         names = option_names(self.get(name))
         return [n for n in names[n_positional:]]
 
-    def create(self, name: str, *args: Any, **kwargs: Any) -> T:
-        """Build `name`; an unknown name lists the valid ones, an unknown or missing option names the entry and
-        its valid options. Errors raised inside the factory propagate unchanged."""
-        factory = self.get(name)
-        names = option_names(factory)
-        valid = names[len(args):]
+    def check_options(self, name: str, kwargs: dict[str, Any], n_positional: int = 0) -> list[str]:
+        """Refuse an option `name` does not take (naming the entry and its valid options), before any work;
+        returns the valid ones."""
+        valid = self.options(name, n_positional)
         unknown = [k for k in kwargs if k not in valid]
         if unknown:
             raise OptionError(f"bad options for {self.kind} {name!r}: no option {', '.join(map(repr, unknown))}; "
                               f"valid options: {', '.join(valid) or '(none)'}")
+        return valid
+
+    def create(self, name: str, *args: Any, **kwargs: Any) -> T:
+        """Build `name`; an unknown name lists the valid ones, an unknown or missing option names the entry and
+        its valid options. Errors raised inside the factory propagate unchanged."""
+        factory = self.get(name)
+        valid = self.check_options(name, kwargs, len(args))
         sig = inspect.signature(factory)
         if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
             try:

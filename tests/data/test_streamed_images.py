@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from robustlab.data.loading import ImageFiles
 from robustlab.data.standins import write_standin
 from robustlab.engine.config import TrainConfig
 from robustlab.engine.trainer import Trainer
+from tests.conftest import process_running
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +81,6 @@ class _Pids:
         return list(items)
 
 
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("cuda_initialised", [False, True])
 def test_close_ends_the_persistent_workers(cuda_initialised, monkeypatch):
     """Forked workers, or (once CUDA is initialised) forkserver ones, stop when the loader is closed."""
@@ -103,7 +96,7 @@ def test_close_ends_the_persistent_workers(cuda_initialised, monkeypatch):
     assert (context.get_start_method() if context else "fork") == (worker_start_method() if cuda_initialised else "fork")
     loader.close()
     deadline = time.monotonic() + 10
-    while any(_running(p) for p in pids):
+    while any(process_running(p) for p in pids):
         assert time.monotonic() < deadline, "the workers outlived close()"
         time.sleep(0.05)
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from robustlab.engine.checkpoint import load_model
+from tests.conftest import process_running
 
 pytestmark = pytest.mark.xdist_group("train-kill")
 
@@ -67,16 +68,9 @@ def _kill_tree(pid: int) -> None:
             pass
     deadline = time.monotonic() + 10
     for p in tree[1:]:  # none may outlive the kill and write on (a zombie is dead)
-        while _alive(p):
+        while process_running(p):
             assert time.monotonic() < deadline, f"process {p} survived the kill"
             time.sleep(0.01)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _kill_then_resume(cfg, tmp_path, name: str, seed: int, ranks: int = 1) -> None:

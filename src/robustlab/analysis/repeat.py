@@ -117,15 +117,11 @@ class SeedFailed(RuntimeError):
 def _check_attacks(specs: Sequence[str]) -> None:
     """Every attack spec parses and names only options its attack has: before any seed trains."""
     from robustlab.attacks.spec import expand_panels, parse_attack_spec
-    from robustlab.errors import AttackSpecError
     from robustlab.registry import ATTACKS
 
     for spec in expand_panels(list(specs)):
         name, kwargs = parse_attack_spec(spec)
-        unknown = [k for k in kwargs if k not in ATTACKS.options(name, 1)]
-        if unknown:
-            raise AttackSpecError(f"attack {name!r} has no option {', '.join(map(repr, unknown))} (in {spec!r}); "
-                                  f"valid options: {', '.join(ATTACKS.options(name, 1))}")
+        ATTACKS.check_options(name, kwargs, 1)  # the model is the attack's first argument
 
 
 def _run(command: list[str], log: Path) -> None:
