@@ -43,7 +43,8 @@ if [ "$test_extra" = 1 ]; then
   echo "setup: installing the reference implementations the tests cross-check against"
   # Test-only reference implementations; --no-deps keeps torchvision (and a second torch) out.
   pip install -q --no-deps torchattacks==3.5.1 pyautoattack==0.2.0 \
-      foolbox==3.3.4 eagerpy==0.30.0 GitPython==3.1.45 gitdb==4.0.12 smmap==5.0.2
+      foolbox==3.3.4 eagerpy==0.30.0 GitPython==3.1.45 gitdb==4.0.12 smmap==5.0.2 \
+      numba==0.68.1 llvmlite==0.50.0  # numba: foolbox's Brendel-Bethge solvers
 else
   echo "setup: installing robustlab and its dependencies (about a minute)"
   pip install -q -e .

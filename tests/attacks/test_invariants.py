@@ -34,6 +34,7 @@ FAST = {
     "ead": {"l1": {"steps": 10, "binary_steps": 2}},
     "salt-pepper": {"l1": {"steps": 20}},
     "gaussian-noise": {"l2": {"repeats": 10}},
+    "brendel-bethge": {"linf": {"steps": 10}, "l2": {"steps": 10}},
     "pixel-ag": {"linf": {"steps": 3, "cam_layer": "conv"}},
 }
 CLASSIFIER_ATTACKS = [n for n in ATTACKS.names() if getattr(ATTACKS.get(n), "task", "classification") == "classification"]
@@ -64,6 +65,8 @@ def _make(name, norm, model, eps):
         kwargs.update(eps=eps, eps_low=0.875 * eps)
     elif name == "deepfool":
         kwargs.update(norm=norm, eps=eps, num_classes=4)
+    elif name == "brendel-bethge":  # a minimal attack of either norm
+        kwargs.update(norm=norm, eps=eps)
     else:
         kwargs.update(norm=norm, eps=eps)
     return create_attack(name, model, **kwargs)
@@ -134,6 +137,7 @@ UNBOUNDED = {
     "ead": {"l1": {"steps": 100, "binary_steps": 4}},
     "salt-pepper": {"l1": {"steps": 200}},
     "gaussian-noise": {"l2": {"eps": 8.0, "repeats": 100}},
+    "brendel-bethge": {"linf": {"steps": 100}, "l2": {"steps": 100}},
     "pixel-ag": {"linf": {"eps": 1.0, "eps_low": 1.0, "steps": 20, "step_size": 0.1, "cam_layer": "conv"}},
     "apgd-t:targeting=malt": {"linf": {"eps": 1.0, "steps": 20, "n_targets": 3},
                               "l2": {"eps": 8.0, "steps": 20, "n_targets": 3}},
@@ -151,7 +155,8 @@ def test_unbounded_budget_reaches_zero_accuracy_on_a_trained_model(name, norm, d
     model = digits_tiny_cnn
     x, y = digits.x_test[:64], digits.y_test[:64]
     kwargs = dict(UNBOUNDED[name][norm])
-    if _base(name) in ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack", "fab", "deepfool"):
+    if _base(name) in ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack", "fab", "deepfool",
+                       "brendel-bethge"):
         kwargs["norm"] = norm
     if name == "deepfool":
         kwargs["num_classes"] = 10

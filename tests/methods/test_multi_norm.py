@@ -407,5 +407,9 @@ def test_multi_norm_panel_expands_and_rejects_bad_options():
     assert names.count("pgd") == 3 and names.count("autoattack") == 2 and "ead" in names and "salt-pepper" in names
     # the l_2 group of the protocol (mng_ac.md 6.1): C&W with foolbox's settings and additive Gaussian noise
     assert "cw:eps=2.0,steps=200,binary_steps=5" in specs and "gaussian-noise:eps=2.0,repeats=100" in specs
+    # Brendel-Bethge in the l_inf and l_2 groups, foolbox's 1,000 steps
+    assert "brendel-bethge:norm=linf,eps=0.3,steps=1000" in specs and "brendel-bethge:norm=l2,eps=2.0,steps=1000" in specs
+    assert [s.split(":")[0] for s in expand_panels(["multi-norm:bb_steps=10,autoattack=false"])][:4] == \
+        ["pgd", "brendel-bethge", "pgd", "brendel-bethge"]
     with pytest.raises(ValueError, match="multi-norm"):
         expand_panels(["multi-norm:eps_l0=3"])

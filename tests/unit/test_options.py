@@ -36,6 +36,7 @@ BASE = {
     "pixel-ag": dict(eps=0.1, eps_low=0.05, steps=3, step_size=0.02, cam_layer="conv"),
     "salt-pepper": dict(steps=50),
     "gaussian-noise": dict(eps=2.0, repeats=10),
+    "brendel-bethge": dict(norm="linf", steps=20),
     "square": dict(norm="linf", eps=0.1, n_queries=100),
 }
 # Changed values per option name (first one that differs from the base is used).
@@ -49,7 +50,7 @@ ALTERNATIVES = {
     "attack_bn_mode": ("eval",), "eps_ramp_epochs": (4.0,), "burn_in_epochs": (1,), "refresh_epochs": (2,),
     "generator_lr": (0.5,), "lookahead_lr": (0.5,), "critic_betas": ((0.9, 0.9),), "precision": ("bf16",),
     "targets_at_once": (3,),  # the broken set is the same by design; the passes spent differ
-    "targeting": ("malt",), "malt_candidates": (3,), "malt_targets": (2,),
+    "targeting": ("malt",), "malt_candidates": (3,), "malt_targets": (2,), "init": ("noise",),
 }
 # Options that change how the model's forward runs, not what it computes: each has its own test that it is used.
 EXECUTION_OPTIONS = {"compile": "tests/attacks/test_precision.py runs the gradient attacks compiled (every attack's "
@@ -76,6 +77,8 @@ CONTEXT = {
     ("autoattack", "malt_targets"): {"version": "fast", "apgd_steps": 5},
     # train-mode BatchNorm changes the outcome only near the boundary of the larger budgets
     ("gaussian-noise", "bn_mode"): {"eps": 4.0},
+    # Brendel-Bethge draws only for a noise start; its trust region decays every steps / lr_num_decay steps
+    ("brendel-bethge", "seed"): {"init": "noise"}, ("brendel-bethge", "lr_num_decay"): {"steps": 40},
 }
 
 

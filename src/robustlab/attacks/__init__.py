@@ -7,6 +7,7 @@ by its registry name; `parse_attack_spec("pgd:norm=linf,eps=0.3")` parses the CL
 from robustlab.attacks.apgd import APGD, APGDDLR, APGDT
 from robustlab.attacks.autoattack import AutoAttack
 from robustlab.attacks.base import Attack, PassCounter, attack_mode
+from robustlab.attacks.bb import BrendelBethge
 from robustlab.attacks.critic import CriticAttack
 from robustlab.attacks.cw import CW
 from robustlab.attacks.deepfool import DeepFool
@@ -21,5 +22,5 @@ from robustlab.attacks.square import Square
 from robustlab.types import AttackOut
 
 __all__ = ["Attack", "AttackOut", "GaussianNoise", "PassCounter", "attack_mode", "FGSM", "PGD", "APGD", "APGDDLR", "APGDT", "FAB",
-           "Square", "CW", "CriticAttack", "DeepFool", "MMA", "AutoAttack", "EAD",
+           "Square", "BrendelBethge", "CW", "CriticAttack", "DeepFool", "MMA", "AutoAttack", "EAD",
            "SaltAndPepper", "PixelAG", "create_attack", "parse_attack_spec"]

@@ -302,8 +302,8 @@ def restrict_to_budget(counter: PassCounter, x: Tensor, x_adv: Tensor, y: Tensor
                        eps: float | None, norm: str) -> AttackOut:
     """Final judging of a minimal attack's best points `x_adv` (norms: inf where nothing was found), as foolbox
     judges its minimisation attacks (MNG-AC's evaluation protocol): without eps, success where a point was found;
-    with eps, points beyond the budget are scaled onto the ball (x + d * eps / ||d||, still in the box) and count
-    only if the model is still fooled there."""
+    with eps, points beyond the budget are scaled onto the ball (x + d * eps / ||d||, still in the box; l_inf: d
+    clipped to [-eps, eps]) and count only if the model is still fooled there."""
     def view(t: Tensor) -> Tensor:
         return t.view(-1, *([1] * (x.dim() - 1)))
 
@@ -311,8 +311,12 @@ def restrict_to_budget(counter: PassCounter, x: Tensor, x_adv: Tensor, y: Tensor
     if eps is None:
         return AttackOut(torch.where(view(found), x_adv, x), found, norms=norms)
     d = x_adv - x
-    scale = torch.clamp(eps / per_sample_norm(d, norm).clamp_min(1e-12), max=1.0)
-    x_in = torch.where(view(found), x + d * view(scale), x)
+    if norm == "linf":  # foolbox clips an l_inf perturbation into the ball
+        d = d.clamp(-eps, eps)
+    else:
+        d = d * view(torch.clamp(eps / per_sample_norm(d, norm).clamp_min(1e-12), max=1.0))
+    within = norms <= eps  # kept as found: x + (x_adv - x) can round a point on the boundary to its other side
+    x_in = torch.where(view(found & within), x_adv, torch.where(view(found), x + d, x))
     with torch.no_grad():
         fooled = counter.logits(x_in).argmax(1) != y
     success = found & fooled
