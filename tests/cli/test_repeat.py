@@ -110,3 +110,24 @@ def test_bad_inputs_are_refused_before_any_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--seeds" in err and "epss" in err and "seed and out_dir" in err
     assert not (tmp_path / "r" / "seed-0").exists()
+
+
+def test_trained_from_evaluates_the_other_repeats_weights(repeated, capsys):
+    """Another evaluation of the same seeds (a costlier attack on fewer images): no training, the other repeat's
+    checkpoints; another config's repeat is refused."""
+    tmp, out = repeated["tmp"], repeated["out"]
+    logs = {s: (out / f"seed-{s}" / "train.log").read_text() for s in (0, 1)}
+    again = subprocess.run(_repeat(repeated["cfg"], tmp / "again", "--trained-from", str(out), "--attack",
+                                   "pgd:eps=0.1,steps=3", seeds="0,1"),
+                           env=repeated["env"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for s in (0, 1):
+        assert (out / f"seed-{s}" / "train.log").read_text() == logs[s]  # not trained again
+        assert not (tmp / "again" / f"seed-{s}" / "train.log").exists()
+        ours = json.loads((tmp / "again" / f"seed-{s}" / "result.json").read_text())
+        theirs = json.loads((out / f"seed-{s}" / "result.json").read_text())
+        assert ours["clean_accuracy"] == theirs["clean_accuracy"] and "pgd" in ours["attacks"]  # the same weights
+    other = _config(tmp, "pgd-at", "{eps: 0.1, steps: 2}")
+    assert main(["repeat", "--config", str(other), "--seeds", "1", "--out-dir", str(tmp / "x"),
+                 "--trained-from", str(out)]) == 2
+    assert "another config" in capsys.readouterr().err

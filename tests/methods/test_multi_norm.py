@@ -411,5 +411,7 @@ def test_multi_norm_panel_expands_and_rejects_bad_options():
     assert "brendel-bethge:norm=linf,eps=0.3,steps=1000" in specs and "brendel-bethge:norm=l2,eps=2.0,steps=1000" in specs
     assert [s.split(":")[0] for s in expand_panels(["multi-norm:bb_steps=10,autoattack=false"])][:4] == \
         ["pgd", "brendel-bethge", "pgd", "brendel-bethge"]
+    quick = expand_panels(["multi-norm:autoattack=false,brendel_bethge=false"])
+    assert not any(s.startswith(("autoattack", "brendel-bethge")) for s in quick) and len(quick) == len(specs) - 4
     with pytest.raises(ValueError, match="multi-norm"):
         expand_panels(["multi-norm:eps_l0=3"])

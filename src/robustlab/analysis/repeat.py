@@ -10,6 +10,8 @@ The folder of a repeat:
   evaluated. A seed with a result is never run again; a killed one resumes (training from its last state,
   evaluation from its last batch); a trained seed whose checkpoint is gone trains again. So a folder kept with only
   its small files (the manifest, results and markers: what `results/repeats/` in the repository holds) resumes.
+  With `--trained-from OTHER` (the same config and overrides), a seed's run is OTHER's `seed-S/` run (trained there
+  if it is not): another evaluation of the same weights, e.g. a costlier attack on fewer images.
 - `repeat.json`: the aggregate (`aggregate`), rewritten after every finished seed.
 
 Each seed runs the CLI in a subprocess (its own threads and memory; a kill of the repeat kills them too); `jobs`
@@ -31,6 +33,7 @@ from robustlab.outputs import atomic_create_text, atomic_write_text
 
 MANIFEST = "manifest.json"
 AGGREGATE = "repeat.json"
+CLI = [sys.executable, "-m", "robustlab.cli.main"]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -51,7 +54,7 @@ class Repeat:
     """One repeat folder: its manifest (created, or checked against this run's settings) and its seeds."""
 
     def __init__(self, folder: str | Path, config: Path, overrides: Sequence[str], attacks: Sequence[str],
-                 n_samples: int | None, threads: int) -> None:
+                 n_samples: int | None, threads: int, trained_from: str | Path | None = None) -> None:
         from robustlab.engine.config import load_config
 
         self.folder, self.config, self.threads = Path(folder), Path(config), threads
@@ -67,6 +70,20 @@ class Repeat:
         self.n_samples = n_samples
         self.manifest = {"config": self.config.read_text(), "overrides": self.overrides, "attacks": self.attacks,
                          "n_samples": n_samples, "name": self.name}
+        # another evaluation of the seeds another repeat trained (e.g. a costlier attack on fewer images): the same
+        # config and overrides, the checkpoints read from there
+        self.trained_from = Path(trained_from) if trained_from is not None else None
+        if self.trained_from is not None:
+            other = self.trained_from / MANIFEST
+            if not other.exists():
+                raise InputError(f"--trained-from {self.trained_from} holds no repeat (no {MANIFEST})")
+            theirs = json.loads(other.read_text())
+            if (theirs["config"], theirs["overrides"]) != (self.manifest["config"], self.overrides):
+                raise InputError(f"--trained-from {self.trained_from} repeats another config or other overrides: "
+                                 "its seeds are not this config's")
+            if self.trained_from.resolve() == Path(folder).resolve():
+                raise InputError("--trained-from names the repeat's own folder: give another --out-dir")
+            self.manifest["trained_from"] = str(self.trained_from)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / MANIFEST
         if not path.exists() and any(self.folder.iterdir()):
@@ -84,15 +101,14 @@ class Repeat:
     def done(self, seed: int) -> bool:
         return (self.seed_dir(seed) / "result.json").exists()
 
-    def run_seed(self, seed: int) -> dict[str, Any]:
-        """Train (or resume) seed `seed`, then evaluate its selected checkpoint; returns its result."""
-        d = self.seed_dir(seed)
+    def train_seed(self, seed: int) -> Path:
+        """Seed `seed`'s run folder, trained (or resumed) there unless it is: a folder kept
+        without its checkpoints trains again (training is deterministic per seed: the same weights)."""
+        d = (self.trained_from or self.folder) / f"seed-{seed}"
         d.mkdir(exist_ok=True)
-        cli = [sys.executable, "-m", "robustlab.cli.main"]
         run = d / self.name
-        # trained, unless its checkpoint is gone (a repeat folder kept without its checkpoints): then train again
         if not (d / "trained.json").exists() or not (run / "best.safetensors").exists():
-            train = [*cli, "train", "--config", str(self.config), "--out-dir", str(d), "--threads", str(self.threads),
+            train = [*CLI, "train", "--config", str(self.config), "--out-dir", str(d), "--threads", str(self.threads),
                      *self.overrides, f"seed={seed}"]
             if (run / "train_state.safetensors").exists():
                 train.append("--resume")
@@ -100,7 +116,14 @@ class Repeat:
                 train.append("--overwrite")
             _run(train, d / "train.log")
             atomic_write_text(d / "trained.json", json.dumps({"seed": seed, "run": str(run)}))
-        evaluate = [*cli, "eval", "--model", str(run / "best.safetensors"), "--json", str(d / "result.json"),
+        return run
+
+    def run_seed(self, seed: int) -> dict[str, Any]:
+        """Train (or resume) seed `seed`, then evaluate its selected checkpoint; returns its result."""
+        d = self.seed_dir(seed)
+        d.mkdir(exist_ok=True)
+        run = self.train_seed(seed)
+        evaluate = [*CLI, "eval", "--model", str(run / "best.safetensors"), "--json", str(d / "result.json"),
                     "--state", str(d / "eval-state"), "--threads", str(self.threads), "--quiet", "--no-store"]
         for spec in self.attacks:
             evaluate += ["--attack", spec]

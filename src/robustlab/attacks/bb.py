@@ -7,18 +7,19 @@ adversarial point, binary-searches towards x to the boundary, then each step lin
 (normal b: the gradient of the logit margin z_y - max_{j != y} z_j, averaged over steps with momentum; offset c: a
 step that overshoots the boundary slightly) and solves, per image,
 
-    min_delta ||x + ... - (x_k + delta)||_p   s.t.   b.delta = c,  0 <= x_k + delta <= 1,  ||delta||_2 <= r
+    min_delta ||x_k + delta - x||_p   s.t.   b.delta = c,   0 <= x_k + delta <= 1,   ||delta||_2 <= r
 
 (r: a trust region, lr * d, halved lr_num_decay times over the run). Where the linearised boundary cannot be reached
 inside the box and the trust region, the step goes as far towards it as they allow. The smallest adversarial
-iterate seen is the result. Every sub-problem is solved for the whole batch at once and exactly (the box-constrained
-projections are piecewise linear in their multiplier: sorted breakpoints instead of per-image iterative solvers).
+iterate seen is the result. The sub-problems of the whole batch are solved together (foolbox solves them image by
+image in numba), the rows that are done leaving the batch.
 
 Differences from foolbox's implementation (docs/deviations.md): the trust region is lr * d per image (foolbox's is
 lr * d * batch size, so its steps grow with the batch); where the boundary is out of reach, the step goes towards it
 (foolbox's steps along -b whatever the side); the start is the closest image of the batch the model classifies as
 another class (foolbox's DatasetAttack over a pool of test images, MNG-AC's protocol), blended uniform noise where
-there is none.
+there is none; so an image's result depends on the images that share its batch (an evaluation's batches are fixed
+by its batch size, and shards and resumes keep them).
 """
 from __future__ import annotations
 
@@ -338,7 +339,7 @@ class BrendelBethge(Attack):
         lr = torch.full((n,), self.lr, device=x.device, dtype=torch.float64)
         decay_every = max(1, self.steps // self.lr_num_decay)
         normal = None
-        for step in range(1, self.steps + 1):
+        for it in range(1, self.steps + 1):
             margin, g = self._margin_and_grad(counter, xk, y)
             dist = per_sample_norm(xk - x, self._norm)
             closer = (margin < 0) & (dist < best_norm)
@@ -346,10 +347,10 @@ class BrendelBethge(Attack):
             best_norm = torch.where(closer, dist, best_norm)
             g = g.flatten(1).double()
             normal = g if normal is None else (1 - self.momentum) * g + self.momentum * normal
-            if (step + 1) % decay_every == 0:
+            if (it + 1) % decay_every == 0:
                 lr = lr * self.lr_decay
             m = margin.double()
             c = torch.where(m > 0, -self.overshoot * m, -(2 - self.overshoot) * m)  # just past the boundary
-            step_ = self._solve(x0, xk.flatten(1).double(), normal, c, lr * d)
-            xk = (xk + step_.to(x.dtype).view_as(x)).clamp(0, 1)
+            step = self._solve(x0, xk.flatten(1).double(), normal, c, lr * d)
+            xk = (xk + step.to(x.dtype).view_as(x)).clamp(0, 1)
         return best, best_norm

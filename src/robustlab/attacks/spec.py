@@ -62,7 +62,7 @@ def _part(eps: float = 8 / 255, step_size: float = 2 / 255, aa_impl: str = "robu
 
 def _multi_norm(eps_linf: float = 8 / 255, eps_l2: float = 128 / 255, eps_l1: float = 2000 / 255,
                 autoattack: bool = True, ead_steps: int = 1000, sapa_steps: int = 1000, cw_steps: int = 200,
-                noise_repeats: int = 100, bb_steps: int = 1000) -> list[str]:
+                noise_repeats: int = 100, brendel_bethge: bool = True, bb_steps: int = 1000) -> list[str]:
     """MNG-AC's multi-perturbation protocol (mng_ac.md 6.1): per norm, PGD with the evaluation steps (l_inf 50 x
     eps/8, l_2 50 x eps*25/128, l_1 SLIDE 100 x eps*255/2000: the official code's steps at CIFAR budgets,
     scaled with the budget), AutoAttack standard for l_inf and l_2, Brendel-Bethge for l_inf and l_2 (bb_steps,
@@ -70,7 +70,7 @@ def _multi_norm(eps_linf: float = 8 / 255, eps_l2: float = 128 / 255, eps_l1: fl
     noise (noise_repeats draws) in the l_2 group, and the l_1 attacks EAD and salt-and-pepper; the minimisation
     attacks are judged inside their ball as foolbox judges them. `evaluate` reports per attack, per norm (worst case
     over that norm's attacks), the union over all, and the average of the per-norm accuracies. autoattack=false
-    for a quick run."""
+    and brendel_bethge=false for a quick run (the two cost the most)."""
     specs = [f"pgd:norm=linf,eps={eps_linf!r},steps=50,step_size={eps_linf / 8!r}",
              f"brendel-bethge:norm=linf,eps={eps_linf!r},steps={bb_steps}",
              f"pgd:norm=l2,eps={eps_l2!r},steps=50,step_size={eps_l2 * 25 / 128!r}",
@@ -80,9 +80,12 @@ def _multi_norm(eps_linf: float = 8 / 255, eps_l2: float = 128 / 255, eps_l1: fl
              f"pgd:norm=l1,eps={eps_l1!r},steps=100,step_size={eps_l1 * 255 / 2000!r}",
              f"ead:eps={eps_l1!r},steps={ead_steps}",
              f"salt-pepper:eps={eps_l1!r},steps={sapa_steps}"]
+    if not brendel_bethge:
+        specs = [s for s in specs if not s.startswith("brendel-bethge:")]
     if autoattack:
-        specs[1:1] = [f"autoattack:norm=linf,eps={eps_linf!r}"]
-        specs[4:4] = [f"autoattack:norm=l2,eps={eps_l2!r}"]
+        specs.insert(1, f"autoattack:norm=linf,eps={eps_linf!r}")
+        specs.insert(specs.index(next(s for s in specs if s.startswith("pgd:norm=l2"))) + 1,
+                     f"autoattack:norm=l2,eps={eps_l2!r}")
     return specs
 
 

@@ -22,7 +22,8 @@ def cmd_repeat(args: argparse.Namespace) -> int:
     if args.n_samples is not None:
         check_positive_int(args.n_samples, "--n-samples")
     out = args.out_dir or Path("repeats") / load_config(args.config, list(args.overrides)).name
-    rep = Repeat(out, args.config, args.overrides, args.attack or [], args.n_samples, args.threads)
+    rep = Repeat(out, args.config, args.overrides, args.attack or [], args.n_samples, args.threads,
+                 trained_from=args.trained_from)
     print(f"repeat {rep.name}: seeds {', '.join(map(str, seeds))}, {min(jobs, len(seeds))} at a time, in {out}",
           flush=True)
     try:
@@ -85,6 +86,9 @@ def add_commands(sub) -> None:
     pr.add_argument("--attack", action="append", metavar="SPEC",
                     help="the evaluation's attack spec or panel (repeatable; default: the config's eval_attack)")
     pr.add_argument("--n-samples", type=int, help="evaluate the first N test images (default: all)")
+    pr.add_argument("--trained-from", type=Path, metavar="DIR",
+                    help="evaluate the seeds another repeat of the same config and overrides trained (its seed-S "
+                         "runs; trained there first where missing), e.g. a costlier attack on fewer images")
     pr.add_argument("--jobs", type=int, help="seeds run side by side (default: the machine's cores / --threads)")
     pr.add_argument("--threads", type=int, default=1, help="torch CPU threads of each seed's processes")
     pr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=3")
