@@ -160,6 +160,17 @@ def _robustlab_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that runs the CLI in-process (`--threads 2`) must not leave torch on other threads for the tests after
+    it: a fixture trained later would come out with other weights (float sums in another order), so a test's
+    outcome would depend on which tests ran before it on its worker."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 # pytest-xdist (CI runs `-n 2 --dist loadgroup`): tests that share an expensive trained fixture run on one worker,
 # so the fixture is built once per run instead of once per worker.
 _XDIST_GROUPS = {"trained_std_detector": "det-std", "standard": "train-robust", "multi_norm_trained": "multi-norm",
