@@ -93,7 +93,8 @@ CUDA_ATTACKS = ["fgsm:norm=linf,eps=0.3", "pgd:norm=linf,eps=0.3,steps=10", "pgd
                 "apgd-t:norm=linf,eps=0.3,steps=5", "apgd-t:norm=l2,eps=2.0,steps=5,targets_at_once=3",
                 "fab:norm=linf,eps=0.3,steps=5", "fab:norm=l2,eps=2.0,steps=5,targeted=True,targets_at_once=3",
                 "square:norm=linf,eps=0.3,n_queries=50", "cw:eps=2.0,steps=20", "deepfool:norm=l2,eps=2.0,steps=10",
-                "ead:eps=10.0,steps=20"]
+                "ead:eps=10.0,steps=20", "brendel-bethge:norm=linf,eps=0.3,steps=20",
+                "brendel-bethge:norm=l2,eps=2.0,steps=20,init=noise", "gaussian-noise:eps=2.0,repeats=10"]
 
 
 @pytest.mark.parametrize("spec", CUDA_ATTACKS)
