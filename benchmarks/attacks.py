@@ -181,6 +181,50 @@ def autoattack_table(args, dev) -> None:
                 for r in rows]}, f, indent=2)
 
 
+def brendel_bethge_table(args, dev) -> None:
+    """Brendel-Bethge, robustlab's against foolbox's (numba, one image at a time) on the PGD-AT small CNN of the
+    AutoAttack table, from the same starts, with the same trust region (foolbox's lr divided by the batch size:
+    its region grows with the batch), back to back on the same images and threads. foolbox's numba compilation is
+    done by a one-step call before the timed one (reported apart)."""
+    import foolbox as fb
+
+    from robustlab.attacks import BrendelBethge
+
+    data = load_dataset("mnist5k")
+    model = adversarially_trained("small-cnn", data.x_train, data.y_train, epochs=12, cache=args.cache, width=16,
+                                  hidden=128).to(dev)
+    x, y = data.x_test[: args.n].to(dev), data.y_test[: args.n].to(dev)
+    with torch.no_grad():
+        keep = model(x).argmax(1) == y
+    x, y = x[keep], y[keep]
+    fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=dev)
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
+        torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU")
+    print(f"Brendel-Bethge, {x.shape[0]} correctly classified test images, {args.bb_steps} steps; {machine}\n")
+    print("| norm | robustlab s | foolbox s (+ compile s) | ratio | median minimal norm, robustlab / foolbox | "
+          "robust at eps, robustlab / foolbox |")
+    print("|---|---|---|---|---|---|", flush=True)
+    for norm, eps, reference, p in (("linf", 0.3, fb.attacks.LinfinityBrendelBethgeAttack, float("inf")),
+                                    ("l2", 2.0, fb.attacks.L2BrendelBethgeAttack, 2.0)):
+        ours = BrendelBethge(model, norm=norm, steps=args.bb_steps)
+        start, found = ours._start(ours.make_counter(), x, y, model(x).argmax(1).detach(), torch.Generator(dev))
+        assert found.all()
+        t = time.perf_counter()
+        out = ours.run(x, y)
+        t_ours = time.perf_counter() - t
+        t = time.perf_counter()
+        reference(steps=1)(fmodel, x[:2], y[:2], epsilons=None, starting_points=start[:2])  # numba compilation
+        t_compile = time.perf_counter() - t
+        t = time.perf_counter()
+        raw, _, _ = reference(steps=args.bb_steps, lr=1e-3 / x.shape[0])(fmodel, x, y, epsilons=None,
+                                                                          starting_points=start)
+        t_ref = time.perf_counter() - t
+        ref = (raw - x).flatten(1).norm(p=p, dim=1)
+        print(f"| {norm} | {t_ours:.1f} | {t_ref:.1f} (+ {t_compile:.1f}) | {t_ours / t_ref:.2f} | "
+              f"{out.norms.median():.4f} / {ref.median():.4f} | {100 * (out.norms > eps).float().mean():.1f} / "
+              f"{100 * (ref > eps).float().mean():.1f} |", flush=True)
+
+
 # --fast: the models of the proof (issue 30). Each: (what, how it is built, threat, eps, CIFAR-shaped, test images).
 # Trained by `robustlab train --config C --out-dir RUNS` (the seeds' CPU-scale configs) or, for the PGD-AT CNN and
 # ResNet, by `adversarially_trained` (the AutoAttack table's models).
@@ -352,6 +396,9 @@ def main() -> None:
     p.add_argument("--fast", action="store_true",
                    help="instead: AutoAttack version=fast against standard (robustlab's and pyautoattack's) on the "
                         "six models of FAST_MODELS, resumable through --out (slow: hours on a CPU)")
+    p.add_argument("--brendel-bethge", action="store_true",
+                   help="instead: Brendel-Bethge against foolbox's on the PGD-AT small CNN (--n images)")
+    p.add_argument("--bb-steps", type=int, default=1000, help="--brendel-bethge: steps of both")
     p.add_argument("--out", default="fast-autoattack.json", help="--fast: results, kept per chunk of images")
     p.add_argument("--runs", default="/tmp/fastaa/runs", help="--fast: where `robustlab train` put the config runs")
     p.add_argument("--summary", action="store_true", help="--fast: only print the table of --out")
@@ -363,6 +410,8 @@ def main() -> None:
     dev = torch.device(args.device)
     if args.autoattack:
         return autoattack_table(args, dev)
+    if args.brendel_bethge:
+        return brendel_bethge_table(args, dev)
     if args.fast:
         if args.summary:
             return print(fast_summary(json.loads(Path(args.out).read_text())))
