@@ -68,6 +68,7 @@ def plane_min_l2(b: Tensor, c: Tensor, lo: Tensor, hi: Tensor, lam: Tensor | Non
     b_, lo_, hi_, c_ = b, lo, hi, c
     below = torch.full_like(c, -math.inf)  # the bracket: b.delta < c below it, > c above it
     above = torch.full_like(c, math.inf)
+    g_below, g_above = torch.zeros_like(c), torch.zeros_like(c)  # b.delta at the bracket's ends
     for _ in range(PLANE_ITERATIONS):
         step = _rows(lam_) * b_ / 2
         d = torch.clamp(step, lo_, hi_)
@@ -79,18 +80,24 @@ def plane_min_l2(b: Tensor, c: Tensor, lo: Tensor, hi: Tensor, lam: Tensor | Non
             break
         if keep.numel() < rows.numel():
             rows, b_, lo_, hi_, c_, lam_ = rows[keep], b_[keep], lo_[keep], hi_[keep], c_[keep], lam_[keep]
-            step, d, g, below, above = step[keep], d[keep], g[keep], below[keep], above[keep]
-        below = torch.where(g < c_, lam_, below)
-        above = torch.where(g > c_, lam_, above)
+            step, d, g = step[keep], d[keep], g[keep]
+            below, above, g_below, g_above = below[keep], above[keep], g_below[keep], g_above[keep]
+        low = g < c_
+        below, g_below = torch.where(low, lam_, below), torch.where(low, g, g_below)
+        above, g_above = torch.where(low, above, lam_), torch.where(low, g_above, g)
         slope = (torch.where(d == step, b_, 0) * b_).sum(1) / 2  # over the coordinates inside their box
         newton = lam_ + (c_ - g) / slope.clamp_min(TINY)
         # a flat stretch (no coordinate inside its box) without a bracket yet: move out geometrically
-        out = lam_ + torch.where(g < c_, 1.0, -1.0) * (lam_.abs() + 1)
+        out = lam_ + torch.where(low, 1.0, -1.0) * (lam_.abs() + 1)
         guess = torch.where(slope > 0, newton, out)
         width = above - below
         bounded = torch.isfinite(width)
-        off = (guess <= below + 0.1 * width) | (guess >= above - 0.1 * width)
-        guess = torch.where(bounded & off, (below + above) / 2, guess)
+        # inside a bracket, a Newton step that would leave its inner part is replaced by the secant through its
+        # ends (g is monotone and piecewise linear: the secant lands near the root), kept off the ends
+        secant = below + (c_ - g_below) / (g_above - g_below).clamp_min(TINY) * width
+        secant = torch.minimum(torch.maximum(secant, below + 0.01 * width), above - 0.01 * width)
+        off = (guess <= below + 0.01 * width) | (guess >= above - 0.01 * width)
+        guess = torch.where(bounded & off, secant, guess)
         lam_ = torch.where(~bounded & ((guess <= below) | (guess >= above)), out, guess)
     return delta, reachable, lam
 
