@@ -102,8 +102,9 @@ class Repeat:
         return (self.seed_dir(seed) / "result.json").exists()
 
     def train_seed(self, seed: int) -> Path:
-        """Seed `seed`'s run folder, trained (or resumed) there unless it is: a folder kept
-        without its checkpoints trains again (training is deterministic per seed: the same weights)."""
+        """Seed `seed`'s run folder (in the --trained-from repeat's folder if there is one), trained or resumed
+        unless it holds a trained checkpoint: a folder kept without its checkpoints trains again (training is
+        deterministic per seed: the same weights)."""
         d = (self.trained_from or self.folder) / f"seed-{seed}"
         d.mkdir(exist_ok=True)
         run = d / self.name
