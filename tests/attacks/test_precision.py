@@ -31,6 +31,10 @@ def test_every_gradient_attack_is_covered():
     """A new gradient attack must join GRADIENT_SPECS (its bf16 and compiled runs are checked here)."""
     covered = {s.split(":")[0] for s in GRADIENT_SPECS}
     not_gradient = {"square", "salt-pepper", "gaussian-noise", "autoattack", "critic", "pixel-ag"}  # black-box, or tested below/elsewhere
+    # Brendel-Bethge's points sit within float rounding of the boundary (its walk ends on it): another float path
+    # flips some (compiled, 30 steps on this model: 71.5% vs 68.5% eager), so it is not held to 1 point here; its
+    # fp32 results are checked against foolbox's (test_reference.py)
+    not_gradient |= {"brendel-bethge"}
     classifier = {n for n in ATTACKS.names() if getattr(ATTACKS.get(n), "task", "classification") == "classification"}
     assert classifier - not_gradient <= covered, classifier - not_gradient - covered
 
