@@ -28,6 +28,12 @@ from robustlab.data import load_dataset
 from robustlab.models import create_model
 
 
+def machine_of(dev: torch.device) -> str:
+    """The machine a benchmark's numbers come from: processor, torch threads, the device."""
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
+        torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU")
+
+
 def plain_pgd(model, x, y, eps, alpha, steps, norm):
     """Hand-written PGD: the loop a user would write, with the same passes as robustlab's."""
     x_adv = (x + (torch.rand_like(x) * 2 - 1) * eps).clamp(0, 1) if norm == "linf" else x.clone()
@@ -130,8 +136,7 @@ def autoattack_table(args, dev) -> None:
     cases = {"cnn-linf": ("small-cnn, mnist5k", cnn, "linf", 0.3, data.x_test),
              "cnn-l2": ("small-cnn, mnist5k", cnn, "l2", 2.0, data.x_test),
              "resnet-linf": ("preact-resnet18 (width 8), 32x32x3", resnet, "linf", 0.3, cifar_shaped(data.x_test))}
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
-        torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU")
+    machine = machine_of(dev)
     print(f"AutoAttack standard, {args.n} test images per model, back to back in one process; {machine}\n")
     print("| model | threat | robustlab precision | robustlab s | pyautoattack s | ratio (target <= 0.5) | "
           "robustlab robust acc | pyautoattack robust acc |")
@@ -198,8 +203,7 @@ def brendel_bethge_table(args, dev) -> None:
         keep = model(x).argmax(1) == y
     x, y = x[keep], y[keep]
     fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=dev)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
-        torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU")
+    machine = machine_of(dev)
     print(f"Brendel-Bethge, {x.shape[0]} correctly classified test images, {args.bb_steps} steps; {machine}\n")
     print("| norm | robustlab s | foolbox s (+ compile s) | ratio | median minimal norm, robustlab / foolbox | "
           "robust at eps, robustlab / foolbox |")
@@ -284,8 +288,7 @@ def fast_table(args, dev) -> None:
     data = load_dataset("mnist5k")
     out = Path(args.out)
     state = json.loads(out.read_text()) if out.exists() else {}
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
-        torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU")
+    machine = machine_of(dev)
     keys = args.cases.split(",")
     models: dict[str, torch.nn.Module] = {}
     # in rounds (chunk r of every model, then r + 1), so a run cut short has a part of every model
@@ -455,8 +458,7 @@ def main() -> None:
         t_ours = timeit(lambda: apgd(x, y), args.repeats, sync)
         t_ref = timeit(lambda: plain_passes(model, x, y, round(out.backward / n)), args.repeats, sync)
         rows.append(("apgd-ce", per, n / t_ours, n / t_ref, "same number of fwd+bwd passes"))
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " + (
-        torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU")
+    machine = machine_of(dev)
     print(f"model {args.model} (width {args.width}), batch {n}, {T} steps, amp {args.amp}, "
           f"channels_last {args.channels_last}; {machine}\n")
     print("| attack | passes/img | robustlab img/s | plain img/s | ratio | plain reference |")
