@@ -160,9 +160,7 @@ def test_brendel_bethge_agrees_with_foolbox(digits_mlp_at, digits):
                                         ("l2", fb.attacks.L2BrendelBethgeAttack, (0.5, 1.0), 2.0)):
         attack = BrendelBethge(digits_mlp_at, norm=norm, steps=steps)
         ours = attack.run(x, y)
-        with torch.no_grad():
-            pred = digits_mlp_at(x).argmax(1)
-        start, found = attack._start(attack.make_counter(), x, y, pred, torch.Generator())
+        start, found = attack.starting_points(x, y)
         assert found.all()
         raw, _, _ = reference(steps=steps, lr=1e-3 / x.shape[0])(fmodel, x, y, epsilons=None, starting_points=start)
         ref_norms = (raw - x).flatten(1).norm(p=p, dim=1)

@@ -75,6 +75,8 @@ API = [
     ("unknown-loss", lambda: create_attack("pgd:loss=hinge", _m()), E.InputError, "'hinge'"),
     ("slide-q-on-linf", lambda: create_attack("pgd:norm=linf,q=0.5", _m()), E.OptionError, "q=0.5"),
     ("fgsm-l1", lambda: create_attack("fgsm:norm=l1", _m()), E.InputError, "'l1'"),
+    ("brendel-bethge-l1", lambda: create_attack("brendel-bethge:norm=l1", _m()), E.InputError, "'l1'"),
+    ("brendel-bethge-unknown-init", lambda: create_attack("brendel-bethge:init=zeros", _m()), E.InputError, "batch, noise"),
     ("targeted-with-true-label", lambda: create_attack("pgd", _m())(_x(), _y(), target=torch.zeros(4).long() * 0
                                                                        + 0) if False else
      create_attack("pgd", _m()).run(_x(), torch.zeros(4).long(), target=torch.zeros(4).long()),

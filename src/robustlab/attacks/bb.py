@@ -23,6 +23,7 @@ by its batch size, and shards and resumes keep them).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from robustlab import rng
-from robustlab.attacks.base import Attack, restrict_to_budget
+from robustlab.attacks.base import Attack, attack_mode, make_generator, restored_buffers, restrict_to_budget
 from robustlab.errors import InputError
 from robustlab.registry import ATTACKS
 from robustlab.threat.lp import per_sample_norm
@@ -265,6 +266,17 @@ class BrendelBethge(Attack):
             start[idx[hit]] = cand[hit]
             settled[idx[hit]] = True
         return start, found
+
+    def starting_points(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The adversarial points `run` starts its walk from, and per image whether one was found (to give another
+        implementation the same starts: foolbox's `starting_points`)."""
+        y, _ = self.prepare(x, y, None)
+        keep = restored_buffers(self.model) if self.bn_mode == "train" else contextlib.nullcontext()
+        with keep, attack_mode(self.model, self.bn_mode):
+            counter = self.make_counter(y)
+            with torch.no_grad():
+                pred = counter.logits(x).argmax(1)
+            return self._start(counter, x.detach(), y, pred, make_generator(x.device, self.seed))
 
     def _start(self, counter, x: Tensor, y: Tensor, pred: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """An adversarial start per image and whether one was found."""
