@@ -131,3 +131,33 @@ def test_trained_from_evaluates_the_other_repeats_weights(repeated, capsys):
     assert main(["repeat", "--config", str(other), "--seeds", "1", "--out-dir", str(tmp / "x"),
                  "--trained-from", str(out)]) == 2
     assert "another config" in capsys.readouterr().err
+
+
+def test_a_second_repeat_of_a_folder_in_use_is_refused_and_a_held_seed_is_waited_for(repeated, capsys):
+    """Two repeats of one folder would train a seed over each other: the second is refused at once (exit 2, naming
+    the holder), and a seed's training lock makes a --trained-from repeat wait for the repeat training it."""
+    import threading
+
+    from robustlab.analysis.repeat import LOCK, locked
+
+    out = repeated["out"]
+    args = ["repeat", "--config", str(repeated["cfg"]), "--seeds", "3", "--out-dir", str(out), "--n-samples", "100",
+            "--jobs", "1"]
+    with locked(out / LOCK, wait=False):
+        assert main(args) == 2
+    assert f"in use by robustlab repeat (pid {os.getpid()})" in capsys.readouterr().err
+    assert main(args) == 0  # released: the finished repeat resumes to its aggregate, nothing re-run
+    held, order = out / "seed-0" / "train.lock", []
+
+    def wait_for_it() -> None:
+        with locked(held, wait=True):
+            order.append("waiter")
+
+    with locked(held, wait=False):
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        time.sleep(0.3)
+        order.append("holder")
+    waiter.join(5)
+    assert order == ["holder", "waiter"]
+    assert "waiting for robustlab repeat" in capsys.readouterr().err

@@ -15,24 +15,31 @@ The folder of a repeat:
 - `repeat.json`: the aggregate (`aggregate`), rewritten after every finished seed.
 
 Each seed runs the CLI in a subprocess (its own threads and memory; a kill of the repeat kills them too); `jobs`
-seeds run side by side.
+seeds run side by side. A repeat holds `repeat.lock` in its folder while it runs, so a second repeat of the same folder
+is refused at once; a seed's training holds `seed-S/train.lock`, so a `--trained-from` repeat that needs a seed
+another repeat is training waits for it instead of training it again over it (advisory `flock` locks: the system
+drops them when their process dies, so a killed repeat never leaves one behind).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 from robustlab.analysis.intervals import LEVEL, paired_difference, sampling_error, t_interval
-from robustlab.errors import InputError, ResumeError
+from robustlab.errors import InputError, ResumeError, RunExistsError
 from robustlab.outputs import atomic_create_text, atomic_write_text
 
 MANIFEST = "manifest.json"
 AGGREGATE = "repeat.json"
+LOCK = "repeat.lock"
 CLI = [sys.executable, "-m", "robustlab.cli.main"]
 
 
@@ -108,6 +115,11 @@ class Repeat:
         d = (self.trained_from or self.folder) / f"seed-{seed}"
         d.mkdir(exist_ok=True)
         run = d / self.name
+        with locked(d / "train.lock", wait=True):
+            self._train(seed, d, run)
+        return run
+
+    def _train(self, seed: int, d: Path, run: Path) -> None:
         if not (d / "trained.json").exists() or not (run / "best.safetensors").exists():
             train = [*CLI, "train", "--config", str(self.config), "--out-dir", str(d), "--threads", str(self.threads),
                      *self.overrides, f"seed={seed}"]
@@ -117,7 +129,6 @@ class Repeat:
                 train.append("--overwrite")
             _run(train, d / "train.log")
             atomic_write_text(d / "trained.json", json.dumps({"seed": seed, "run": str(run)}))
-        return run
 
     def run_seed(self, seed: int) -> dict[str, Any]:
         """Train (or resume) seed `seed`, then evaluate its selected checkpoint; returns its result."""
@@ -132,6 +143,28 @@ class Repeat:
             evaluate += ["--n-samples", str(self.n_samples)]
         _run(evaluate, d / "eval.log")
         return json.loads((d / "result.json").read_text())
+
+
+@contextlib.contextmanager
+def locked(path: Path, wait: bool) -> Iterator[IO[str]]:
+    """An exclusive `flock` on `path` (created if missing) while the block runs. Taken by another process: wait for
+    it (wait=True) or raise RunExistsError naming that process."""
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            if not wait:
+                raise RunExistsError(f"{path.parent} is in use by {holder}: wait for it to end, or use another "
+                                     "--out-dir") from None
+            print(f"waiting for {holder}, which holds {path}", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"robustlab repeat (pid {os.getpid()})\n")
+        f.flush()
+        yield f
 
 
 class SeedFailed(RuntimeError):
@@ -159,21 +192,22 @@ def _run(command: list[str], log: Path) -> None:
 
 def run_repeat(rep: Repeat, seeds: Sequence[int], jobs: int, report: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every seed without a result (`jobs` at a time), rewriting the aggregate after each; returns it."""
-    todo = [s for s in seeds if not rep.done(s)]
-    if len(todo) < len(seeds):
-        report(f"seeds {', '.join(str(s) for s in seeds if rep.done(s))} already evaluated: kept")
-    lock = threading.Lock()
+    with locked(rep.folder / LOCK, wait=False):
+        todo = [s for s in seeds if not rep.done(s)]
+        if len(todo) < len(seeds):
+            report(f"seeds {', '.join(str(s) for s in seeds if rep.done(s))} already evaluated: kept")
+        lock = threading.Lock()
 
-    def one(seed: int) -> None:
-        rep.run_seed(seed)
-        with lock:
-            write_aggregate(rep.folder, seeds)
-            report(f"seed {seed} done ({rep.seed_dir(seed) / 'result.json'})")
+        def one(seed: int) -> None:
+            rep.run_seed(seed)
+            with lock:
+                write_aggregate(rep.folder, seeds)
+                report(f"seed {seed} done ({rep.seed_dir(seed) / 'result.json'})")
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for future in [pool.submit(one, s) for s in todo]:
-            future.result()
-    return write_aggregate(rep.folder, seeds)
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for future in [pool.submit(one, s) for s in todo]:
+                future.result()
+        return write_aggregate(rep.folder, seeds)
 
 
 def is_detection(result: dict[str, Any]) -> bool:
