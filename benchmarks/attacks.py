@@ -370,14 +370,15 @@ def fast_summary(state: dict) -> str:
         broken = {k: {i for c in chunks for i in c[k]["broken"]} for k in ("fast", "standard", "reference")}
         secs = {k: sum(c[k]["seconds"] for c in chunks) for k in broken}
         miss = {k: sorted(broken[k] - broken["fast"]) for k in ("standard", "reference")}
-        misses += [f"{key}: image {i} (broken by {k})" for k in miss for i in miss[k]]
+        misses.append(f"- {key}: " + "; ".join(f"{'robustlab standard' if k == 'standard' else 'the reference'} broke "
+                                             f"{', '.join(map(str, miss[k])) or 'none'}" for k in miss))
         probe = e["probe"]["seconds"]
         rob = {k: 100 * (correct - len(broken[k])) / max(n, 1) for k in broken}
         rows.append(f"| {e['model']} | {e['threat']} | {n} | {rob['fast']:.1f} | {rob['standard']:.1f} | "
                     f"{rob['reference']:.1f} | {len(miss['standard'])} / {len(miss['reference'])} | "
                     f"{secs['fast']:.1f} (+{probe:.1f}) | {secs['standard']:.1f} | {secs['reference']:.1f} | "
                     f"{secs['fast'] / secs['reference']:.3f} ({(secs['fast'] + probe) / secs['reference']:.3f}) |")
-    return "\n".join(rows + ["", "misses: " + ("; ".join(misses) if misses else "none"), "",
+    return "\n".join(rows + ["", "misses (the test images, by index, that a standard run broke and fast did not):", "", *misses, "",
                              "where the time went:", *stages])
 
 
