@@ -5,6 +5,7 @@ AutoAttack panel, each next to a plain hand-written PyTorch loop doing the same 
     python benchmarks/attacks.py --device cuda --amp bf16 --channels-last --model preact-resnet18
     python benchmarks/attacks.py --autoattack --threads 2 --n 100   # AutoAttack vs pyautoattack (trains 2 models)
     python benchmarks/attacks.py --fast --threads 1 --out fast.json   # version=fast vs standard: misses, time
+    python benchmarks/attacks.py --fast --misses --threads 1 --out fast.json   # which stage finds fast's misses
 
 The ratio column is robustlab's images/s divided by the plain loop's (>= 0.95 is the target for PGD).
 Timings are medians of --repeats runs after a warm-up. Results print as a Markdown table and go to
@@ -382,6 +383,41 @@ def fast_summary(state: dict) -> str:
                              "where the time went:", *stages])
 
 
+def fast_misses(args, dev) -> None:
+    """Which one more stage would have found fast's misses: on each model's missed images (those either standard run
+    broke and fast did not, from --out), each candidate stage alone, from the clean images."""
+    from robustlab.attacks import create_attack
+
+    data = load_dataset("mnist5k")
+    state = json.loads(Path(args.out).read_text())
+    print(f"machine: {machine_of(dev)}")
+    print("| model | missed | " + " | ".join(MISS_STAGES) + " |")
+    print("|---|---|" + "---|" * len(MISS_STAGES))
+    for key in args.cases.split(","):
+        e = state[key]
+        norm, eps = e["threat"].split()
+        chunks = e["chunks"].values()
+        broken = {k: {i for c in chunks for i in c[k]["broken"]} for k in ("fast", "standard", "reference")}
+        missed = sorted((broken["standard"] | broken["reference"]) - broken["fast"])
+        if not missed:
+            continue
+        model = _fast_model(key, data, args).to(dev)
+        xs = F.pad(data.x_test, (2, 2, 2, 2)).repeat(1, 3, 1, 1) if FAST_MODELS[key][4] else data.x_test
+        x, y = xs[missed].to(dev), data.y_test[missed].to(dev)
+        cells = []
+        for stage in MISS_STAGES.values():
+            t = time.perf_counter()
+            found = create_attack(f"{stage},norm={norm},eps={eps}", model).run(x, y).success
+            cells.append(f"{int(found.sum())} ({time.perf_counter() - t:.0f} s)")
+        print(f"| {key} | {len(missed)} | " + " | ".join(cells) + " |", flush=True)
+
+
+# the candidate stages of --fast-misses: what standard has beyond fast, and a second look with what fast has
+MISS_STAGES = {"APGD-T MALT, 9 targets": "apgd-t:targeting=malt,n_targets=9", "APGD-T rank, 9 targets": "apgd-t:seed=0",
+               "APGD-CE, another seed": "apgd-ce:seed=1", "FAB-T": "fab:targeted=true",
+               "Square 1,000 queries": "square:n_queries=1000", "Square 5,000 queries": "square:n_queries=5000"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -406,6 +442,8 @@ def main() -> None:
     p.add_argument("--out", default="fast-autoattack.json", help="--fast: results, kept per chunk of images")
     p.add_argument("--runs", default="/tmp/fastaa/runs", help="--fast: where `robustlab train` put the config runs")
     p.add_argument("--summary", action="store_true", help="--fast: only print the table of --out")
+    p.add_argument("--misses", action="store_true",
+                   help="--fast: instead, each stage standard has beyond fast run alone on fast's misses in --out")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json")
     args = p.parse_args()
@@ -421,6 +459,8 @@ def main() -> None:
             return print(fast_summary(json.loads(Path(args.out).read_text())))
         if args.cases == "cnn-linf,cnn-l2,resnet-linf":  # the --autoattack default: --fast runs all six
             args.cases = ",".join(FAST_MODELS)
+        if args.misses:
+            return fast_misses(args, dev)
         args.n = None if args.n == 100 else args.n
         return fast_table(args, dev)
     data = load_dataset("mnist5k")
