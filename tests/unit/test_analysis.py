@@ -18,6 +18,7 @@ from robustlab.analysis.wpgd import (
 )
 from robustlab.cli.main import main
 from robustlab.engine.checkpoint import save_model
+from robustlab.errors import InputError
 from robustlab.label_metrics.metric import cifar10_wordnet, uniform_metric
 
 
@@ -99,12 +100,42 @@ def test_entropy_tsne_and_features(tmp_path, digits_mlp, digits):
 
 
 def test_toy_problem_is_deterministic_under_a_seed(tmp_path):
-    a = toy3(tmp_path / "a.png", eps_list=(0.25,), seed=3, epochs=40, grid=21)
-    b = toy3(tmp_path / "b.png", eps_list=(0.25,), seed=3, epochs=40, grid=21)
-    assert a == b and [m["kind"] for m in a["models"]] == ["ce", "pgd", "wpgd"]
+    a = toy3(tmp_path / "a.png", eps_list=(0.25,), seeds=(3,), epochs=40, grid=21)
+    b = toy3(tmp_path / "b.png", eps_list=(0.25,), seeds=(3,), epochs=40, grid=21)
+    assert a == b and [m["kind"] for m in a["models"]] == ["ce", "pgd", "wpgd"] and "check" not in a
     assert (tmp_path / "a.png").stat().st_size > 1000
-    c = toy3(tmp_path / "c.png", eps_list=(0.25,), seed=4, epochs=40, grid=21)
+    c = toy3(tmp_path / "c.png", eps_list=(0.25,), seeds=(4,), epochs=40, grid=21)
     assert c != a
+    both = toy3(tmp_path / "both.png", eps_list=(0.25,), seeds=(3, 4), epochs=40, grid=21)
+    assert both["models"] == a["models"] + c["models"]  # a seed's row does not depend on the other seeds
+    check = both["check"]["0.25"]
+    pgd, wpgd = ([m["accuracy_02"] for m in (a, c) for m in m["models"] if m["kind"] == k] for k in ("pgd", "wpgd"))
+    assert check["pgd"] == pgd and check["wpgd"] == wpgd
+    assert check["wpgd_mean_higher"] == (sum(wpgd) > sum(pgd))
+    assert check["wpgd_minus_pgd"]["mean"] == pytest.approx((wpgd[0] - pgd[0] + wpgd[1] - pgd[1]) / 2)
+    with pytest.raises(InputError, match="distinct seeds"):
+        toy3(tmp_path / "d.png", seeds=(3, 3), epochs=1)
+
+
+@pytest.mark.seed_check
+def test_toy_check_over_five_seeds(tmp_path):
+    """The spec's 5-seed check (wpgd.md 5.5): accuracy on the cheap pair {0, 2}, averaged over seeds 0-4, is higher
+    for WPGD than for PGD at eps 0.25 and 0.5. It holds as worded; the paired interval includes 0 at both budgets
+    (docs/results.md: inconclusive at 5 seeds), so the interval is checked to be reported, not its sign."""
+    r = toy3(tmp_path / "toy.png", eps_list=(0.25, 0.5), seeds=range(5), grid=21)
+    for eps in ("0.25", "0.5"):
+        check = r["check"][eps]
+        assert check["wpgd_mean_higher"], (eps, check)
+        lo, hi = check["wpgd_minus_pgd"]["ci"]
+        assert lo < check["wpgd_minus_pgd"]["mean"] < hi
+
+
+def test_analyze_toy_cli_over_seeds(tmp_path, capsys):
+    assert main(["analyze", "toy", "--out", str(tmp_path / "t.png"), "--eps", "0.5", "--epochs", "3",
+                 "--seed", "1", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 2 wpgd  eps 0.5" in out and "eps 0.5: acc{0,2} WPGD - PGD over 2 seeds" in out
+    assert json.loads((tmp_path / "t.json").read_text())["seeds"] == [1, 2]
 
 
 def test_analyze_cli(tmp_path, digits_mlp, capsys):

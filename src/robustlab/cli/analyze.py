@@ -86,9 +86,15 @@ def cmd_toy(args) -> int:
     from robustlab.utils import set_threads
 
     set_threads(args.threads)
-    r = toy3(args.out, eps_list=args.eps, seed=args.seed, epochs=args.epochs, p=args.p)
+    r = toy3(args.out, eps_list=args.eps, seeds=args.seed, epochs=args.epochs, p=args.p)
     for m in r["models"]:
-        print(f"{m['kind']:5s} eps {m['eps']:<5g} acc {m['accuracy']:.3f} acc{{0,2}} {m['accuracy_02']:.3f}")
+        print(f"seed {m['seed']} {m['kind']:5s} eps {m['eps']:<5g} acc {m['accuracy']:.3f} "
+              f"acc{{0,2}} {m['accuracy_02']:.3f}")
+    for e, c in r.get("check", {}).items():
+        d = c["wpgd_minus_pgd"]
+        print(f"eps {e}: acc{{0,2}} WPGD - PGD over {len(args.seed)} seeds {d['mean']:+.3f} (95% interval "
+              f"{d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}): {d['verdict']}; the mean is "
+              f"{'higher' if c['wpgd_mean_higher'] else 'not higher'} for WPGD")
     print(f"wrote {args.out}")
     return 0
 
@@ -215,7 +221,9 @@ def add_commands(sub) -> None:
     y.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="l_2 budgets, one panel each")
     y.add_argument("--epochs", type=int, default=2000, help="full-batch training steps")
     y.add_argument("--p", type=float, default=1.0, help="metric exponent")
-    y.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisation and the attacks")
+    y.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="seeds of the data, the initialisation and the attacks, one row of panels each; with several, "
+                        "WPGD - PGD on classes {0, 2} paired by seed with its 95%% t interval (wpgd.md 5.5)")
     y.add_argument("--threads", type=int, help="torch CPU threads")
     y.set_defaults(func=cmd_toy)
     w = asub.add_parser("two-class", help="balanced and unbalanced two-class training curves, CE vs PGD",
