@@ -18,7 +18,7 @@ Each seed runs the CLI in a subprocess (its own threads and memory; a kill of th
 seeds run side by side. A repeat holds `repeat.lock` in its folder while it runs, so a second repeat of the same folder
 is refused at once; a seed's training holds `seed-S/train.lock`, so a `--trained-from` repeat that needs a seed
 another repeat is training waits for it instead of training it again over it (advisory `flock` locks: the system
-drops them when their process dies, so a killed repeat never leaves one behind).
+drops them when their process dies, so a killed repeat leaves no lock held; the files stay, empty of meaning).
 """
 from __future__ import annotations
 
