@@ -391,8 +391,9 @@ def fast_misses(args, dev) -> None:
     data = load_dataset("mnist5k")
     state = json.loads(Path(args.out).read_text())
     print(f"machine: {machine_of(dev)}")
-    print("| model | missed | " + " | ".join(MISS_STAGES) + " |")
-    print("|---|---|" + "---|" * len(MISS_STAGES))
+    stages = {k: v for k, v in MISS_STAGES.items() if not args.stages or k in args.stages.split(";")}
+    print("| model | missed | " + " | ".join(stages) + " |")
+    print("|---|---|" + "---|" * len(stages))
     for key in args.cases.split(","):
         e = state[key]
         norm, eps = e["threat"].split()
@@ -405,7 +406,7 @@ def fast_misses(args, dev) -> None:
         xs = F.pad(data.x_test, (2, 2, 2, 2)).repeat(1, 3, 1, 1) if FAST_MODELS[key][4] else data.x_test
         x, y = xs[missed].to(dev), data.y_test[missed].to(dev)
         cells = []
-        for stage in MISS_STAGES.values():
+        for stage in stages.values():
             t = time.perf_counter()
             found = create_attack(f"{stage},norm={norm},eps={eps}", model).run(x, y).success
             cells.append(f"{int(found.sum())} ({time.perf_counter() - t:.0f} s)")
@@ -414,7 +415,8 @@ def fast_misses(args, dev) -> None:
 
 # the candidate stages of --fast-misses: what standard has beyond fast, and a second look with what fast has
 MISS_STAGES = {"APGD-T MALT, 9 targets": "apgd-t:targeting=malt,n_targets=9", "APGD-T rank, 9 targets": "apgd-t:seed=0",
-               "APGD-CE, another seed": "apgd-ce:seed=1", "FAB-T": "fab:targeted=true",
+               "APGD-CE, another seed": "apgd-ce:seed=1", "APGD-PM (PMA's loss)": "apgd-ce:loss=pm",
+               "FAB-T": "fab:targeted=true",
                "Square 1,000 queries": "square:n_queries=1000", "Square 5,000 queries": "square:n_queries=5000"}
 
 
@@ -442,6 +444,7 @@ def main() -> None:
     p.add_argument("--out", default="fast-autoattack.json", help="--fast: results, kept per chunk of images")
     p.add_argument("--runs", default="/tmp/fastaa/runs", help="--fast: where `robustlab train` put the config runs")
     p.add_argument("--summary", action="store_true", help="--fast: only print the table of --out")
+    p.add_argument("--stages", help="--misses: only these stages (names of MISS_STAGES, ';'-separated)")
     p.add_argument("--misses", action="store_true",
                    help="--fast: instead, each stage standard has beyond fast run alone on fast's misses in --out")
     p.add_argument("--threads", type=int, default=None)

@@ -42,6 +42,7 @@ CLASSIFIER_ATTACKS = [n for n in ATTACKS.names() if getattr(ATTACKS.get(n), "tas
 VARIANTS = {
     "apgd-t:targeting=malt": {"linf": {"steps": 4, "n_targets": 2}, "l2": {"steps": 4, "n_targets": 2}},
     "autoattack:version=fast": {"linf": {"apgd_steps": 3, "malt_targets": 2}, "l2": {"apgd_steps": 3, "malt_targets": 2}},
+    "apgd-ce:loss=pm": {"linf": {"steps": 5}, "l2": {"steps": 5}},
 }
 FAST.update(VARIANTS)
 CASES = [(name, norm) for name in [*CLASSIFIER_ATTACKS, *VARIANTS] for norm in FAST.get(name, {})]
@@ -143,6 +144,7 @@ UNBOUNDED = {
                               "l2": {"eps": 8.0, "steps": 20, "n_targets": 3}},
     "autoattack:version=fast": {"linf": {"eps": 1.0, "apgd_steps": 10, "malt_targets": 3},
                                 "l2": {"eps": 8.0, "apgd_steps": 10, "malt_targets": 3}},
+    "apgd-ce:loss=pm": {"linf": {"eps": 1.0, "steps": 20}, "l2": {"eps": 8.0, "steps": 20}},
 }
 
 

@@ -206,3 +206,19 @@ def test_fast_without_the_probe_is_refused_before_any_work_or_says_it_is_uncheck
         evaluate(digits_mlp_at, x, y, [FAST], integrity="off")
     entry = evaluate(digits_mlp_at, x, y, [FAST], checks=False)["attacks"]["autoattack"]
     assert entry["ran"] == "fast" and entry["escalated_because"] is None
+
+
+def test_probability_margin_loss_is_pmas_margin():
+    """PMA's loss (Xie et al. 2024): max_{j != y} p_j - p_y of the softmax (targeted: p_t - p_y), positive exactly
+    where the image is misclassified."""
+    from robustlab.losses import probability_margin_loss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(64, 10) * 3, torch.randint(0, 10, (64,))
+    p = logits.softmax(1)
+    other = torch.stack([torch.cat([p[i, :y[i]], p[i, y[i] + 1:]]).max() for i in range(64)])
+    assert torch.allclose(probability_margin_loss(logits, y), other - p[torch.arange(64), y], atol=1e-6)
+    assert torch.equal(probability_margin_loss(logits, y) > 0, logits.argmax(1) != y)
+    t = (y + 1) % 10
+    assert torch.allclose(probability_margin_loss(logits, y, t), p[torch.arange(64), t] - p[torch.arange(64), y])
+

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from robustlab import rng
 from robustlab.attacks.base import Attack, PassCounter, targets_at_once
 from robustlab.errors import InputError
-from robustlab.losses import ce_loss, dlr_loss, dlr_targeted_loss
+from robustlab.losses import ce_loss, dlr_loss, dlr_targeted_loss, probability_margin_loss
 from robustlab.registry import ATTACKS
 from robustlab.threat import LpBall, make_threat
 from robustlab.types import AttackOut
@@ -23,6 +23,7 @@ from robustlab.utils import mix_seed
 from robustlab.validation import check_choice, check_positive_int
 
 _TINY = 1e-12
+APGD_LOSSES = {"ce": ce_loss, "dlr": dlr_loss, "pm": probability_margin_loss}  # the untargeted objectives of apgd-ce
 
 
 def _v(t: Tensor) -> Tensor:
@@ -231,17 +232,17 @@ class _APGDBase(Attack):
 
 @ATTACKS.register("apgd-ce")
 class APGD(_APGDBase):
-    """APGD with the cross-entropy loss (untargeted); `loss="dlr"` gives APGD-DLR."""
+    """APGD with the cross-entropy loss (untargeted); `loss="dlr"` gives APGD-DLR, `loss="pm"` APGD on PMA's
+    probability margin."""
 
     name = "apgd-ce"
     forwards_options_to = (_APGDBase,)
 
     def __init__(self, model: nn.Module, *, loss: str = "ce", **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        if loss not in ("ce", "dlr"):
-            raise InputError(f"APGD loss must be 'ce' or 'dlr', got {loss!r}")
+        check_choice(loss, "APGD loss", APGD_LOSSES)
         self.loss_name = loss
-        self.loss_fn = ce_loss if loss == "ce" else dlr_loss
+        self.loss_fn = APGD_LOSSES[loss]
 
     def _run(self, counter, x, y, target, gen):
         return apgd_restarts(counter, x, y, threat=self.threat, loss_fn=self.loss_fn, steps=self.steps,

@@ -60,7 +60,19 @@ def dlr_targeted_loss(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
     return -(z_y - z_t) / (z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12)
 
 
-LOSSES: dict[str, LossFn] = {"ce": ce_loss, "cw": cw_margin_loss, "dlr": dlr_loss}
+def probability_margin_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """The probability margin of PMA (Xie et al. 2024, "Towards Million-Scale Adversarial Robustness Evaluation With
+    Stronger Individual Attacks"): max_{j != y} p_j - p_y of the softmax, in [-1, 1], positive iff misclassified;
+    targeted, p_t - p_y. Unlike CE it saturates once the point is fooled, and unlike the logit margin it weighs
+    classes by their probability."""
+    p = logits.softmax(1)
+    p_y = p.gather(1, y[:, None]).squeeze(1)
+    if target is not None:
+        return p.gather(1, target[:, None]).squeeze(1) - p_y
+    return p.scatter(1, y[:, None], float("-inf")).amax(1) - p_y
+
+
+LOSSES: dict[str, LossFn] = {"ce": ce_loss, "cw": cw_margin_loss, "dlr": dlr_loss, "pm": probability_margin_loss}
 
 
 def get_loss(name: str) -> LossFn:
