@@ -69,18 +69,21 @@ det() {
 # comes from one linear model (a property of the data, as in the single-seed table)
 wpgd() {
   pgd_w="pgd:norm=linf,eps=0.2,steps=20,step_size=0.025"
-  for m in ce pgd wpgd-p1 wpgd-p2.5; do
-    robustlab repeat --config configs/wpgd/mnist5k-$m.yaml --seeds "$seeds" --out-dir "$out/wpgd-$m" \
-      --attack "$pgd_w" --n-samples 1000 --jobs 1 --threads 1
-  done
   w="$out/wpgd-analyses"
   mkdir -p "$w"
+  # WPGD trains with the visual metric: the configs name runs/wpgd-mnist5k-visual.npy, the repeats below this one
   if [ ! -f "$w/visual.npy" ]; then
     [ -f "$w/wpgd-mnist5k-linear/last.safetensors" ] ||
       robustlab train --config configs/wpgd/mnist5k-linear.yaml --out-dir "$w" --threads 1 --overwrite
     robustlab metric visual --model "$w/wpgd-mnist5k-linear/last.safetensors" --method linear_exact --per-class 1000 \
       --out "$w/visual.npy.tmp.npy" && mv "$w/visual.npy.tmp.npy" "$w/visual.npy"
   fi
+  for m in ce pgd wpgd-p1 wpgd-p2.5; do
+    metric=()
+    [ "${m#wpgd-}" = "$m" ] || metric=("method_kwargs.metric=$w/visual.npy")
+    robustlab repeat --config configs/wpgd/mnist5k-$m.yaml --seeds "$seeds" --out-dir "$out/wpgd-$m" \
+      --attack "$pgd_w" --n-samples 1000 --jobs 1 --threads 1 "${metric[@]}"
+  done
   for s in $(seq 0 $((seeds - 1))); do
     run() { echo "$out/wpgd-$1/seed-$s/wpgd-mnist5k-$1/best.safetensors"; }
     [ -f "$w/gap-seed$s.json" ] || robustlab analyze gap --model ce="$(run ce)" --model pgd="$(run pgd)" \
