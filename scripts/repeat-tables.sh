@@ -58,10 +58,18 @@ part_aa() {
   done
 }
 # CWAT vs OWAT: mAP and the per-class AP's evenness under CWA (the spec's 3-seed comparison)
+# Both fine-tune the one STD detector of configs/det-std-mnistdet-coco.yaml (the configs' init_from), trained here
+# first, resumably; a folder kept without its checkpoint trains it again (deterministic: the same weights).
 det() {
+  local d="$out/det-std" run="$out/det-std/det-std-mnistdet-coco" how=()
+  if [ ! -f "$d/trained" ] || [ ! -f "$run/best.safetensors" ]; then
+    if [ -f "$run/train_state.safetensors" ]; then how=(--resume); elif [ -d "$run" ]; then how=(--overwrite); fi
+    robustlab train --config configs/det-std-mnistdet-coco.yaml --out-dir "$d" --threads 1 "${how[@]}"
+    touch "$d/trained"
+  fi
   for m in cwat owat; do
     robustlab repeat --config configs/$m-mnistdet-coco.yaml --seeds "$seeds" --out-dir "$out/det-$m" \
-      --attack "cwa:eps=8" --n-samples 200 --jobs 1 --threads 1
+      --attack "cwa:eps=8" --n-samples 200 --jobs 1 --threads 1 "init_from=$run/best.safetensors"
   done
 }
 # WPGD on mnist5k (docs/results.md's WPGD section) over seeds: accuracy and PGD-20 per seed, then per seed the accuracy
