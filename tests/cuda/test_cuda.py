@@ -90,6 +90,7 @@ def trained_cuda_model(tmp_path_factory):
 
 CUDA_ATTACKS = ["fgsm:norm=linf,eps=0.3", "pgd:norm=linf,eps=0.3,steps=10", "pgd:norm=l2,eps=2.0,steps=10",
                 "pgd:norm=l1,eps=10.0,steps=10", "apgd-ce:norm=linf,eps=0.3,steps=10",
+                "apgd-ce:norm=linf,eps=0.3,steps=10,loss=pm", "apgd-t:norm=linf,eps=0.3,steps=5,targeting=malt",
                 "apgd-t:norm=linf,eps=0.3,steps=5", "apgd-t:norm=l2,eps=2.0,steps=5,targets_at_once=3",
                 "fab:norm=linf,eps=0.3,steps=5", "fab:norm=l2,eps=2.0,steps=5,targeted=True,targets_at_once=3",
                 "square:norm=linf,eps=0.3,n_queries=50", "cw:eps=2.0,steps=20", "deepfool:norm=l2,eps=2.0,steps=10",
