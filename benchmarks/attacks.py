@@ -379,8 +379,8 @@ def fast_summary(state: dict) -> str:
                     f"{rob['reference']:.1f} | {len(miss['standard'])} / {len(miss['reference'])} | "
                     f"{secs['fast']:.1f} (+{probe:.1f}) | {secs['standard']:.1f} | {secs['reference']:.1f} | "
                     f"{secs['fast'] / secs['reference']:.3f} ({(secs['fast'] + probe) / secs['reference']:.3f}) |")
-    return "\n".join(rows + ["", "misses (the test images, by index, that a standard run broke and fast did not):", "", *misses, "",
-                             "where the time went:", *stages])
+    return "\n".join(rows + ["", "misses (the test images, by index, that a standard run broke and fast did not):", "",
+                             *misses, "", "where the time went:", *stages])
 
 
 def fast_misses(args, dev) -> None:
@@ -391,7 +391,11 @@ def fast_misses(args, dev) -> None:
     data = load_dataset("mnist5k")
     state = json.loads(Path(args.out).read_text())
     print(f"machine: {machine_of(dev)}")
-    stages = {k: v for k, v in MISS_STAGES.items() if not args.stages or k in args.stages.split(";")}
+    chosen = args.stages.split(";") if args.stages else list(MISS_STAGES)
+    unknown = [c for c in chosen if c not in MISS_STAGES]
+    if unknown:
+        raise SystemExit(f"--stages: unknown {unknown}; valid: {'; '.join(MISS_STAGES)}")
+    stages = {k: MISS_STAGES[k] for k in chosen}
     print("| model | missed | " + " | ".join(stages) + " |")
     print("|---|---|" + "---|" * len(stages))
     for key in args.cases.split(","):
@@ -413,7 +417,7 @@ def fast_misses(args, dev) -> None:
         print(f"| {key} | {len(missed)} | " + " | ".join(cells) + " |", flush=True)
 
 
-# the candidate stages of --fast-misses: what standard has beyond fast, and a second look with what fast has
+# the candidate stages of --fast --misses: what standard has beyond fast, and a second look with what fast has
 MISS_STAGES = {"APGD-T MALT, 9 targets": "apgd-t:targeting=malt,n_targets=9", "APGD-T rank, 9 targets": "apgd-t:seed=0",
                "APGD-CE, another seed": "apgd-ce:seed=1", "APGD-PM (PMA's loss)": "apgd-ce:loss=pm",
                "FAB-T": "fab:targeted=true",
