@@ -240,7 +240,7 @@ class APGD(_APGDBase):
 
     def __init__(self, model: nn.Module, *, loss: str = "ce", **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        check_choice(loss, "APGD loss", APGD_LOSSES)
+        check_choice(loss, "APGD loss", tuple(APGD_LOSSES))
         self.loss_name = loss
         self.loss_fn = APGD_LOSSES[loss]
 
