@@ -177,21 +177,12 @@ _XDIST_GROUPS = {"trained_std_detector": "det-std", "standard": "train-robust", 
                  "wpgd_models": "wpgd"}
 
 
-def pytest_addoption(parser):
-    parser.addoption("--seed-checks", action="store_true",
-                     help="also run the tests marked seed_check (the papers' checks over seeds: minutes each)")
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marker into the node id
 def pytest_collection_modifyitems(config, items):
     no_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
-    no_seed_checks = pytest.mark.skip(reason="a check over seeds (minutes of CPU, more than CI's budget): run it with "
-                                             "--seed-checks")
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_cuda)
-        if "seed_check" in item.keywords and not config.getoption("--seed-checks"):
-            item.add_marker(no_seed_checks)
         for fixture, group in _XDIST_GROUPS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))

@@ -115,14 +115,20 @@ def test_toy_problem_is_deterministic_under_a_seed(tmp_path):
     assert check["wpgd_minus_pgd"]["mean"] == pytest.approx((wpgd[0] - pgd[0] + wpgd[1] - pgd[1]) / 2)
     with pytest.raises(InputError, match="distinct seeds"):
         toy3(tmp_path / "d.png", seeds=(3, 3), epochs=1)
+    with pytest.raises(InputError, match="lr=0"):
+        toy3(tmp_path / "d.png", epochs=1, lr=0)
 
 
-@pytest.mark.seed_check
+@pytest.mark.slow
 def test_toy_check_over_five_seeds(tmp_path):
     """The spec's 5-seed check (wpgd.md 5.5): accuracy on the cheap pair {0, 2}, averaged over seeds 0-4, is higher
-    for WPGD than for PGD at eps 0.25 and 0.5. It holds as worded; the paired interval includes 0 at both budgets
-    (docs/results.md: inconclusive at 5 seeds), so the interval is checked to be reported, not its sign."""
-    r = toy3(tmp_path / "toy.png", eps_list=(0.25, 0.5), seeds=range(5), grid=21)
+    for WPGD than for PGD at eps 0.25 and 0.5. At CI size: the spec's data, network, attack and seeds, but 500
+    full-batch epochs at lr 4e-3 instead of 2,000 at 1e-3 (a quarter of the CPU: about 90 s). Measured 2026-12-07: 17
+    of the 20 accuracies within 2 points of the spec's protocol's, the largest difference 5.3 (docs/results.md, WPGD
+    toy), WPGD - PGD +2.6 / +7.8 points on average (the spec's protocol: +1.9 / +8.7). It holds as worded; the paired
+    interval includes 0 at both budgets (docs/results.md: inconclusive at 5 seeds), so the interval is checked to be
+    reported around the mean, not its sign."""
+    r = toy3(tmp_path / "toy.png", eps_list=(0.25, 0.5), seeds=range(5), epochs=500, lr=4e-3, grid=21)
     for eps in ("0.25", "0.5"):
         check = r["check"][eps]
         assert check["wpgd_mean_higher"], (eps, check)
@@ -136,6 +142,8 @@ def test_analyze_toy_cli_over_seeds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seed 2 wpgd  eps 0.5" in out and "eps 0.5: acc{0,2} WPGD - PGD over 2 seeds" in out
     assert json.loads((tmp_path / "t.json").read_text())["seeds"] == [1, 2]
+    assert main(["analyze", "toy", "--out", str(tmp_path / "u.png"), "--lr", "0"]) == 2
+    assert "lr > 0, got epochs=2000, lr=0.0" in capsys.readouterr().err
 
 
 def test_analyze_cli(tmp_path, digits_mlp, capsys):

@@ -222,7 +222,7 @@ def train_toy(kind: str, eps: float, x: Tensor, y: Tensor, seed: int = 0, epochs
 
 
 def toy3(path, eps_list: Sequence[float] = (0.1, 0.25, 0.5), seeds: Sequence[int] = (0,), epochs: int = 2000,
-         p: float = 1.0, grid: int = 121) -> dict[str, Any]:
+         p: float = 1.0, grid: int = 121, lr: float = 1e-3) -> dict[str, Any]:
     """Decision regions of CE, PGD and WPGD (per eps) on the toy problem, one row of panels per seed (the seed draws
     the mixture, the initialisation and the attacks); accuracy on classes {0, 2} (the cheap pair, cost 0.01) and the
     fraction of the plane whose prediction changed from the CE model's. With several seeds, `check` holds the spec's
@@ -234,21 +234,23 @@ def toy3(path, eps_list: Sequence[float] = (0.1, 0.25, 0.5), seeds: Sequence[int
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise InputError(f"the toy problem needs one or more distinct seeds, got {seeds}")
+    if not (epochs >= 1 and lr > 0):
+        raise InputError(f"the toy problem needs epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
     lim = 3.0
     t = torch.linspace(-lim, lim, grid)
     gx, gy = torch.meshgrid(t, t, indexing="xy")
     plane = torch.stack([gx.flatten(), gy.flatten()], 1)
     cols = 1 + 2 * len(eps_list)
     fig, axes = pyplot().subplots(len(seeds), cols, figsize=(2.6 * cols, 3.1 * len(seeds)), squeeze=False)
-    out: dict[str, Any] = {"cost": TOY_COST, "p": p, "seeds": seeds, "epochs": epochs, "models": []}
+    out: dict[str, Any] = {"cost": TOY_COST, "p": p, "seeds": seeds, "epochs": epochs, "lr": lr, "models": []}
     for row, seed in zip(axes, seeds):
         x, y = toy_data(seed)
         test_x, test_y = toy_data(seed, sample_seed=seed + 1000)  # the same mixture, fresh points
         sel = (test_y == 0) | (test_y == 2)
-        ce = train_toy("ce", 0.0, x, y, seed, epochs, p)
+        ce = train_toy("ce", 0.0, x, y, seed, epochs, p, lr)
         with torch.no_grad():
             ce_plane = ce(plane).argmax(1)
-        runs = [("ce", 0.0, ce)] + [(k, e, train_toy(k, e, x, y, seed, epochs, p)) for e in eps_list
+        runs = [("ce", 0.0, ce)] + [(k, e, train_toy(k, e, x, y, seed, epochs, p, lr)) for e in eps_list
                                     for k in ("pgd", "wpgd")]
         for ax, (kind, eps, m) in zip(row, runs):
             with torch.no_grad():

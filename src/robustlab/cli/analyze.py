@@ -86,7 +86,7 @@ def cmd_toy(args) -> int:
     from robustlab.utils import set_threads
 
     set_threads(args.threads)
-    r = toy3(args.out, eps_list=args.eps, seeds=args.seed, epochs=args.epochs, p=args.p)
+    r = toy3(args.out, eps_list=args.eps, seeds=args.seed, epochs=args.epochs, p=args.p, lr=args.lr)
     for m in r["models"]:
         print(f"seed {m['seed']} {m['kind']:5s} eps {m['eps']:<5g} acc {m['accuracy']:.3f} "
               f"acc{{0,2}} {m['accuracy_02']:.3f}")
@@ -220,6 +220,7 @@ def add_commands(sub) -> None:
     y.add_argument("--out", type=Path, required=True, help="PNG path (JSON beside it)")
     y.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="l_2 budgets, one panel each")
     y.add_argument("--epochs", type=int, default=2000, help="full-batch training steps")
+    y.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     y.add_argument("--p", type=float, default=1.0, help="metric exponent")
     y.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="seeds of the data, the initialisation and the attacks, one row of panels each; with several, "
