@@ -42,8 +42,9 @@ def _pct(v: float | None) -> str:
 
 def _table(agg: dict) -> str:
     lines = [f"{len(agg['seeds'])} seeds, {agg['n_images']} test images; mean, seed std and "
-             f"{int(100 * agg['level'])}% t interval over seeds; the test set's binomial std beside",
-             "| metric | mean % | seed std | interval % | binomial std |", "|---|---|---|---|---|"]
+             f"{int(100 * agg['level'])}% t interval over seeds; the test set's binomial std beside "
+             "(every value x 100: accuracies in %, rho and mAP x 100)",
+             "| metric | mean | seed std | interval | binomial std |", "|---|---|---|---|---|"]
     for k, m in agg["metrics"].items():
         lo, hi = m["ci"]
         lines.append(f"| {k} | {_pct(m['mean'])} | {_pct(m['std'])} | "
@@ -57,8 +58,8 @@ def cmd_compare_runs(args: argparse.Namespace) -> int:
 
     out = compare_runs(args.a, args.b)
     lines = [f"A = {args.a}, B = {args.b}: {len(out['seeds'])} seeds paired ({', '.join(map(str, out['seeds']))}), "
-             f"{out['n_images']} test images",
-             "| metric | A % | B % | A - B (points) | interval | verdict | test-set std of A - B |",
+             f"{out['n_images']} test images (every value x 100: accuracies in %, rho and mAP x 100)",
+             "| metric | A | B | A - B (points) | interval | verdict | test-set std of A - B |",
              "|---|---|---|---|---|---|---|"]
     for k, m in out["metrics"].items():
         d = m["difference"]
