@@ -3,8 +3,9 @@
 # resumable (run it again after a kill or in a later session: finished seeds are kept), one seed at a time per
 # config with one thread each, so it can run in the background beside other work.
 #
-#   bash scripts/repeat-tables.sh [OUT [SECTION ...]]   # OUT: where the repeats go (default results/repeats, whose
-#                                                       # small files are committed: checkpoints and logs are ignored)
+#   [SEEDS=N] bash scripts/repeat-tables.sh [OUT [SECTION ...]]
+#   OUT: where the repeats go (default results/repeats, whose small files are committed: checkpoints and logs are
+#   ignored)
 #   SECTION: part, mng-ac, mng-ac-full, critic, part-aa, det, wpgd (default: all, in this order; mng-ac-full needs
 #   mng-ac's checkpoints and part-aa part's, which they train where missing)
 set -euo pipefail
@@ -13,7 +14,8 @@ out=${1:-results/repeats}
 shift || true
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || sections=(part mng-ac mng-ac-full critic part-aa det wpgd)
-seeds=${SEEDS:-3}
+# seeds per config: 5 where a seed's run takes minutes (det, wpgd), else 3; SEEDS=N sets every section's
+few=${SEEDS:-3} many=${SEEDS:-5}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per job (metric visual has no --threads)
 pgd20="pgd:norm=linf,eps=0.3,steps=20,step_size=0.0375"
 mma="mma:eps=0.3,steps=20,step_size=0.0375,k=3,confidence=50"
@@ -21,7 +23,7 @@ panel="multi-norm:eps_linf=0.3,eps_l2=2.0,eps_l1=10"
 # PART vs its base methods (PGD-20 and MMA on the 1,000 test images)
 part() {
   for m in at part trades part-t mart part-m; do
-    robustlab repeat --config configs/part/mnist5k-$m.yaml --seeds "$seeds" --out-dir "$out/part-$m" \
+    robustlab repeat --config configs/part/mnist5k-$m.yaml --seeds "$few" --out-dir "$out/part-$m" \
       --attack "$pgd20" --attack "$mma" --n-samples 1000 --jobs 1 --threads 1
   done
 }
@@ -32,28 +34,28 @@ part() {
 # at l_2 (docs/results.md); BB=1 puts it back.
 mng_ac() {
   for m in mng-ac adv-avg adv-max msd sat sat-ac adv-inf; do
-    robustlab repeat --config configs/mng-ac/mnist5k-$m.yaml --seeds "$seeds" --out-dir "$out/mng-ac-$m" \
+    robustlab repeat --config configs/mng-ac/mnist5k-$m.yaml --seeds "$few" --out-dir "$out/mng-ac-$m" \
       --attack "$panel,autoattack=false,brendel_bethge=false" --n-samples 1000 --jobs 1 --threads 1
   done
 }
 mng_ac_full() {
   bb=$([ "${BB:-0}" = 1 ] && echo true || echo false)
   for m in mng-ac adv-avg adv-max msd sat sat-ac adv-inf; do
-    robustlab repeat --config configs/mng-ac/mnist5k-$m.yaml --seeds "$seeds" --out-dir "$out/mng-ac-$m-full" \
+    robustlab repeat --config configs/mng-ac/mnist5k-$m.yaml --seeds "$few" --out-dir "$out/mng-ac-$m-full" \
       --trained-from "$out/mng-ac-$m" --attack "$panel,brendel_bethge=$bb" --n-samples 500 --jobs 1 --threads 1
   done
 }
 # the adversary critic's ordering (rho of DeepFool, C&W and the critic attack)
 critic() {
   for m in reference fgsm-at vat margin critic; do
-    robustlab repeat --config configs/critic/mlp-$m-mnist5k.yaml --seeds "$seeds" --out-dir "$out/critic-$m" \
+    robustlab repeat --config configs/critic/mlp-$m-mnist5k.yaml --seeds "$few" --out-dir "$out/critic-$m" \
       --attack critic-rho --n-samples 200 --jobs 1 --threads 1
   done
 }
 # AutoAttack columns of the PART table: AutoAttack standard on 500 images of the same seeds' checkpoints
 part_aa() {
   for m in at part trades part-t mart part-m; do
-    robustlab repeat --config configs/part/mnist5k-$m.yaml --seeds "$seeds" --out-dir "$out/part-$m-aa" \
+    robustlab repeat --config configs/part/mnist5k-$m.yaml --seeds "$few" --out-dir "$out/part-$m-aa" \
       --trained-from "$out/part-$m" --attack "autoattack:norm=linf,eps=0.3" --n-samples 500 --jobs 1 --threads 1
   done
 }
@@ -68,7 +70,7 @@ det() {
     touch "$d/trained"
   fi
   for m in cwat owat; do
-    robustlab repeat --config configs/$m-mnistdet-coco.yaml --seeds "$seeds" --out-dir "$out/det-$m" \
+    robustlab repeat --config configs/$m-mnistdet-coco.yaml --seeds "$many" --out-dir "$out/det-$m" \
       --attack "cwa:eps=8" --n-samples 200 --jobs 1 --threads 1 "init_from=$run/best.safetensors"
   done
 }
@@ -89,10 +91,10 @@ wpgd() {
   for m in ce pgd wpgd-p1 wpgd-p2.5; do
     metric=()
     [ "${m#wpgd-}" = "$m" ] || metric=("method_kwargs.metric=$w/visual.npy")
-    robustlab repeat --config configs/wpgd/mnist5k-$m.yaml --seeds "$seeds" --out-dir "$out/wpgd-$m" \
+    robustlab repeat --config configs/wpgd/mnist5k-$m.yaml --seeds "$many" --out-dir "$out/wpgd-$m" \
       --attack "$pgd_w" --n-samples 1000 --jobs 1 --threads 1 "${metric[@]}"
   done
-  for s in $(seq 0 $((seeds - 1))); do
+  for s in $(seq 0 $((many - 1))); do
     run() { echo "$out/wpgd-$1/seed-$s/wpgd-mnist5k-$1/best.safetensors"; }
     [ -f "$w/gap-seed$s.json" ] || robustlab analyze gap --model ce="$(run ce)" --model pgd="$(run pgd)" \
       --metric "$w/visual.npy" --out "$w/gap-seed$s.png" --threads 1
@@ -100,7 +102,7 @@ wpgd() {
       --model wpgd-p2.5="$(run wpgd-p2.5)" --metric "$w/visual.npy" --eps 0.2 --steps 20 --out "$w/score-seed$s.png" --threads 1
   done
   # the per-seed numbers with their t intervals over seeds
-  python - "$w" "$seeds" <<'PY'
+  python - "$w" "$many" <<'PY'
 import json, sys
 from pathlib import Path
 from robustlab.analysis.intervals import t_interval
