@@ -36,6 +36,9 @@ def cmd_repeat(args: argparse.Namespace) -> int:
     return 0
 
 
+SCALE = "every value x 100: accuracies in %, rho and mAP x 100"
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -43,7 +46,7 @@ def _pct(v: float | None) -> str:
 def _table(agg: dict) -> str:
     lines = [f"{len(agg['seeds'])} seeds, {agg['n_images']} test images; mean, seed std and "
              f"{int(100 * agg['level'])}% t interval over seeds; the test set's binomial std beside "
-             "(every value x 100: accuracies in %, rho and mAP x 100)",
+             f"({SCALE})",
              "| metric | mean | seed std | interval | binomial std |", "|---|---|---|---|---|"]
     for k, m in agg["metrics"].items():
         lo, hi = m["ci"]
@@ -58,7 +61,7 @@ def cmd_compare_runs(args: argparse.Namespace) -> int:
 
     out = compare_runs(args.a, args.b)
     lines = [f"A = {args.a}, B = {args.b}: {len(out['seeds'])} seeds paired ({', '.join(map(str, out['seeds']))}), "
-             f"{out['n_images']} test images (every value x 100: accuracies in %, rho and mAP x 100)",
+             f"{out['n_images']} test images ({SCALE})",
              "| metric | A | B | A - B (points) | interval | verdict | test-set std of A - B |",
              "|---|---|---|---|---|---|---|"]
     for k, m in out["metrics"].items():
