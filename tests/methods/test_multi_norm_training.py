@@ -1,7 +1,7 @@
 """The multi-perturbation methods on mnist5k at CI scale (small CNN, the 4,000 training images, 3 epochs, the MNIST
 budgets l_inf 0.3 / l_2 2.0 / l_1 10): every method beats standard training, single-norm training is weak on the
 other norms, and the multi-norm methods beat the single-norm ones that collapse. Not asserted because it does not
-hold at this scale: MNG-AC's union above Adv_inf's (measured 0.275 vs 0.33 here: at MNIST budgets the union is
+hold at this scale: MNG-AC's union above Adv_inf's (measured 0.265 vs 0.325 here: at MNIST budgets the union is
 bound by l_inf, which Adv_inf trains on every step and MNG-AC on a third). docs/results.md has the full comparison."""
 import pytest
 
@@ -11,18 +11,25 @@ from robustlab.engine.config import TrainConfig
 from robustlab.engine.trainer import Trainer
 
 BUDGETS = dict(eps_linf=0.3, eps_l2=2.0, eps_l1=10.0)
-# CI-sized training attacks: 3 steps (l_1: 5), MSD 5 iterations; the docs' runs use 5 / 5 / 10 and 20
+# CI-sized training attacks: 3 steps (l_1: 5) where a batch is attacked in one norm (the docs' runs use 5 / 5 / 10);
+# 2 steps (l_1: 3) and MSD 3 iterations where every batch is attacked in all three norms (Adv_avg, Adv_max, MSD; the
+# docs' MSD uses 20), which still spends more attack steps per batch and is a third of the fixture's time less.
+# Measured 2026-12-07: their unions 0.245 / 0.275 / 0.215 (at 3 steps and 5 iterations 0.295 / 0.345 / 0.265), the
+# asserted floor 0.15. SAT keeps 3 steps: at 2 its union falls to 0.135.
 MULTI = dict(BUDGETS, steps_linf=3, steps_l2=3, steps_l1=5, step_size_linf=0.15, step_size_l2=1.0, step_size_l1=3.0,
              eps_ramp_epochs=1)
+ALL_NORMS = dict(BUDGETS, steps_linf=2, steps_l2=2, steps_l1=3, step_size_linf=0.2, step_size_l2=1.25,
+                 step_size_l1=5.0, eps_ramp_epochs=1)
 KWARGS = {
     "standard": {},
     "adv-inf": dict(eps=0.3, steps=3, step_size=0.15, eps_ramp_epochs=1),
     "adv-l2": dict(eps=2.0, steps=3, step_size=1.0, eps_ramp_epochs=1),
     "adv-l1": dict(eps=10.0, steps=5, step_size=3.0, eps_ramp_epochs=1),
     "trades-inf": dict(eps=0.3, steps=3, step_size=0.15, eps_ramp_epochs=1),
-    **{m: MULTI for m in ("adv-avg", "adv-max", "sat", "sat-ac")},
-    "msd": dict(BUDGETS, eps_ramp_epochs=1, msd_steps=5, msd_step_size_linf=0.1, msd_step_size_l2=0.6,
-                msd_step_size_l1=3.0),  # MSD has no per-norm PGD steps of its own
+    **{m: MULTI for m in ("sat", "sat-ac")},
+    **{m: ALL_NORMS for m in ("adv-avg", "adv-max")},
+    "msd": dict(BUDGETS, eps_ramp_epochs=1, msd_steps=3, msd_step_size_linf=0.15, msd_step_size_l2=1.0,
+                msd_step_size_l1=5.0),  # MSD has no per-norm PGD steps of its own
     "mng-ac": dict(MULTI, generator_lr=0.05, lookahead_lr=0.05),
 }
 # PGD-20 for l_inf and l_2; SLIDE with saturated pixels masked (foolbox's SparseL1Descent rule, the stronger one here)
