@@ -187,6 +187,9 @@ def pytest_collection_modifyitems(config, items):
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))
                 break
+    # long tests first (a stable sort): xdist hands out the groups first, then single tests in this order, so a
+    # minute-long test never starts last on one worker while the other sits idle
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_report_header(config):

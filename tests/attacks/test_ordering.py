@@ -5,6 +5,7 @@ import torch
 from robustlab import evaluate
 
 
+@pytest.mark.slow
 def test_strength_ordering_on_mnist_cnn(mnist_cnn, mnist):
     x, y = mnist.x_test[:100], mnist.y_test[:100]
     panel = ["fgsm:eps=0.1", "pgd:eps=0.1,steps=40,step_size=0.01", "apgd-ce:eps=0.1", "mma:eps=0.1,step_size=0.01",

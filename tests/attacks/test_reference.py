@@ -146,6 +146,7 @@ def test_gaussian_noise_and_cw_with_a_budget_agree_with_foolbox(digits_mlp, digi
     assert (ours.x_adv - x).flatten(1).norm(dim=1).max() <= eps + 1e-5
 
 
+@pytest.mark.slow
 def test_brendel_bethge_agrees_with_foolbox(digits_mlp_at, digits):
     """MNG-AC's Brendel-Bethge (l_inf and l_2) against foolbox's, which the paper ran, from the same starting points
     and with the same trust region (foolbox's grows with the batch: lr / batch size gives it robustlab's): robust
