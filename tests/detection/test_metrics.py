@@ -8,7 +8,7 @@ import torch
 
 from robustlab.detection.boxes import TINYSSD_96, make_priors, nms, nms_sorted
 from robustlab.detection.metrics import coco_ap50, detection_map
-from robustlab.detection.postprocess import detect
+from robustlab.detection.postprocess import detect, top_stable
 from robustlab.detection.targets import pad_targets, unpad
 
 from .conftest import perfect_outputs
@@ -32,6 +32,28 @@ def test_grouped_nms_equals_per_group_greedy(seed):
         cand = order[i][valid[i]]  # greedy NMS on the valid candidates only
         ref = cand[nms(boxes[i][cand], scores[i][cand], 0.45)]
         assert torch.equal(order[i][keep[i]], ref)
+
+
+def test_grouped_nms_over_several_chunks_equals_each_group_alone():
+    """30 groups of 200 candidates: the overlaps are computed 26 groups at a time, and no group sees another."""
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.stack([_boxes(200, g) for _ in range(30)])
+    valid = torch.rand(30, 200, generator=g) > 0.1
+    keep = nms_sorted(boxes, valid, 0.45)
+    for i in range(30):
+        assert torch.equal(keep[i], nms_sorted(boxes[i:i + 1], valid[i:i + 1], 0.45)[0])
+    assert 0 < keep.sum() < valid.sum()
+
+
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_top_stable_is_the_head_of_a_stable_descending_sort(k):
+    """With many ties and NaN (ranked as -1): the same values and indices as sorting the whole row."""
+    g = torch.Generator().manual_seed(k)
+    x = (torch.rand(3, 4, 50, generator=g) * 6).floor() / 6
+    x[torch.rand(3, 4, 50, generator=g) < 0.1] = float("nan")
+    values, idx = top_stable(x, k)
+    ref_values, ref_idx = x.nan_to_num(nan=-1.0).sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(values, ref_values[..., :k]) and torch.equal(idx, ref_idx[..., :k])
 
 
 def test_perfect_outputs_decode_to_the_ground_truth_with_map_one():

@@ -123,17 +123,20 @@ def match(gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor, priors: Tensor,
 def nms_sorted(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS for groups of candidates already sorted by descending score: boxes (G, n, 4), valid (G, n)
     -> keep (G, n). Candidate i survives when no kept, earlier candidate of its group overlaps it with IoU
-    strictly greater than the threshold. That recursion has one solution, reached by the fixed-point sweep
-    below after at most (longest suppression chain + 1) batched steps, so every group is done at once."""
-    n = boxes.shape[1]
-    over = box_iou(boxes, boxes) > iou_threshold  # (G, n, n): over[g, i, j]
-    over &= torch.ones(n, n, dtype=torch.bool, device=boxes.device).tril(-1)  # only earlier j suppress i
+    strictly greater than the threshold: decided in score order, every group at once (n small steps on (G, i)
+    slices, no host sync; a fixed-point sweep over all pairs needs as many sweeps as the longest suppression
+    chain, 10 to 18 on an untrained SSD's 200 candidates per class)."""
+    g, n = boxes.shape[:2]
     keep = valid.clone()
-    while True:  # a host sync per sweep: post-processing only, never inside attacks
-        new = valid & ~(over & keep[:, None, :]).any(-1)
-        if torch.equal(new, keep):
-            return keep
-        keep = new
+    if g == 0 or n == 0:
+        return keep
+    # the overlaps a few groups at a time: an untrained COCO SSD has 4 x 80 groups of 200 candidates, and its
+    # (G, n, n) float temporaries cost more in fresh pages than in arithmetic
+    per = max(1, (1 << 20) // (n * n))
+    over = torch.cat([box_iou(b, b) > iou_threshold for b in boxes.split(per)])
+    for i in range(1, n):
+        keep[:, i] &= ~(over[:, i, :i] & keep[:, :i]).any(-1)
+    return keep
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
