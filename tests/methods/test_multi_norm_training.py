@@ -1,7 +1,7 @@
 """The multi-perturbation methods on mnist5k at CI scale (small CNN, the 4,000 training images, 3 epochs, the MNIST
 budgets l_inf 0.3 / l_2 2.0 / l_1 10): every method beats standard training, single-norm training is weak on the
 other norms, and the multi-norm methods beat the single-norm ones that collapse. Not asserted because it does not
-hold at this scale: MNG-AC's union above Adv_inf's (measured 0.265 vs 0.325 here: at MNIST budgets the union is
+hold at this scale: MNG-AC's union above Adv_inf's (measured 0.23 vs 0.28 here: at MNIST budgets the union is
 bound by l_inf, which Adv_inf trains on every step and MNG-AC on a third). docs/results.md has the full comparison."""
 import pytest
 
@@ -11,23 +11,21 @@ from robustlab.engine.config import TrainConfig
 from robustlab.engine.trainer import Trainer
 
 BUDGETS = dict(eps_linf=0.3, eps_l2=2.0, eps_l1=10.0)
-# CI-sized training attacks: 3 steps (l_1: 5) where a batch is attacked in one norm (the docs' runs use 5 / 5 / 10);
-# 2 steps (l_1: 3) and MSD 3 iterations where every batch is attacked in all three norms (Adv_avg, Adv_max, MSD; the
-# docs' MSD uses 20), which still spends more attack steps per batch and is a third of the fixture's time less.
-# Measured 2026-12-07: their unions 0.245 / 0.275 / 0.215 (at 3 steps and 5 iterations 0.295 / 0.345 / 0.265), the
-# asserted floor 0.15. SAT keeps 3 steps: at 2 its union falls to 0.135.
-MULTI = dict(BUDGETS, steps_linf=3, steps_l2=3, steps_l1=5, step_size_linf=0.15, step_size_l2=1.0, step_size_l1=3.0,
+# CI-sized training attacks: 2 steps (l_1: 3) and MSD 3 iterations (the docs' runs use 5 / 5 / 10 and MSD 20); SAT
+# alone keeps 3 steps (l_1: 5), as its union at 2 falls to 0.135, under the asserted 0.15. Measured 2026-12-07 at
+# these settings (unions; at 3 steps and 5 iterations): Adv_avg 0.245 (0.295), Adv_max 0.275 (0.345), MSD 0.215
+# (0.265), SAT+AC 0.25 (0.27), MNG-AC 0.23 (0.265), SAT 0.195; the fixture takes about a third less CPU.
+MULTI = dict(BUDGETS, steps_linf=2, steps_l2=2, steps_l1=3, step_size_linf=0.2, step_size_l2=1.25, step_size_l1=5.0,
              eps_ramp_epochs=1)
-ALL_NORMS = dict(BUDGETS, steps_linf=2, steps_l2=2, steps_l1=3, step_size_linf=0.2, step_size_l2=1.25,
-                 step_size_l1=5.0, eps_ramp_epochs=1)
 KWARGS = {
     "standard": {},
-    "adv-inf": dict(eps=0.3, steps=3, step_size=0.15, eps_ramp_epochs=1),
-    "adv-l2": dict(eps=2.0, steps=3, step_size=1.0, eps_ramp_epochs=1),
-    "adv-l1": dict(eps=10.0, steps=5, step_size=3.0, eps_ramp_epochs=1),
-    "trades-inf": dict(eps=0.3, steps=3, step_size=0.15, eps_ramp_epochs=1),
-    **{m: MULTI for m in ("sat", "sat-ac")},
-    **{m: ALL_NORMS for m in ("adv-avg", "adv-max")},
+    "adv-inf": dict(eps=0.3, steps=2, step_size=0.2, eps_ramp_epochs=1),
+    "adv-l2": dict(eps=2.0, steps=2, step_size=1.25, eps_ramp_epochs=1),
+    "adv-l1": dict(eps=10.0, steps=3, step_size=5.0, eps_ramp_epochs=1),
+    "trades-inf": dict(eps=0.3, steps=2, step_size=0.2, eps_ramp_epochs=1),
+    **{m: MULTI for m in ("adv-avg", "adv-max", "sat-ac")},
+    "sat": dict(BUDGETS, steps_linf=3, steps_l2=3, steps_l1=5, step_size_linf=0.15, step_size_l2=1.0, step_size_l1=3.0,
+                eps_ramp_epochs=1),
     "msd": dict(BUDGETS, eps_ramp_epochs=1, msd_steps=3, msd_step_size_linf=0.15, msd_step_size_l2=1.0,
                 msd_step_size_l1=5.0),  # MSD has no per-norm PGD steps of its own
     "mng-ac": dict(MULTI, generator_lr=0.05, lookahead_lr=0.05),
@@ -123,4 +121,5 @@ def test_slide_is_no_weaker_than_foolbox_sparse_l1_descent(multi_norm_trained):
                                                      random_start=random_start)(fmodel, x, y, epsilons=eps)
         with torch.no_grad():
             ref.append((clean & (model(adv).argmax(1) == y)).float().mean().item())
+    assert 0.2 < min(ref) < 0.9, ("the model should be partly robust at l_1 10, or the comparison says nothing", ref)
     assert acc <= min(ref) + 0.01, (acc, ref)
