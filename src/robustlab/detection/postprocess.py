@@ -57,4 +57,3 @@ def top_stable(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     values = x.gather(-1, idx)
     order = values.sort(dim=-1, descending=True, stable=True).indices
     return values.gather(-1, order), idx.gather(-1, order)
-
