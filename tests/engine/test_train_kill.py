@@ -73,13 +73,18 @@ def _kill_tree(pid: int) -> None:
             time.sleep(0.01)
 
 
-def _kill_then_resume(cfg, tmp_path, name: str, seed: int, ranks: int = 1) -> None:
-    """The uninterrupted run, then a run SIGKILLed after a random number of state writes (0 to a few ms late, so
-    sometimes inside a write), resumed: the same final weights. ranks > 1: under torchrun, the launcher and every
-    rank killed together (their process group)."""
-    plain = subprocess.run(_train(cfg, tmp_path / "plain", ranks=ranks), env=_env(), capture_output=True, text=True,
-                           timeout=600)
+def _plain_run(cfg, out, ranks: int = 1) -> Path:
+    """The uninterrupted run of `cfg` into `out`."""
+    plain = subprocess.run(_train(cfg, out, ranks=ranks), env=_env(), capture_output=True, text=True, timeout=600)
     assert plain.returncode == 0, plain.stderr[-3000:]
+    return out
+
+
+def _kill_then_resume(cfg, tmp_path, name: str, seed: int, ranks: int = 1, plain: Path | None = None) -> None:
+    """The uninterrupted run (or `plain`, one made before), then a run SIGKILLed after a random number of state
+    writes (0 to a few ms late, so sometimes inside a write), resumed: the same final weights. ranks > 1: under
+    torchrun, the launcher and every rank killed together (their process group)."""
+    plain = plain or _plain_run(cfg, tmp_path / "plain", ranks)
     state = tmp_path / "killed" / name / "train_state.safetensors"
     writes = random.Random(seed).randint(1, 4)
     proc = subprocess.Popen(_train(cfg, tmp_path / "killed", ranks=ranks), env=_env(), stdout=subprocess.DEVNULL,
@@ -97,21 +102,29 @@ def _kill_then_resume(cfg, tmp_path, name: str, seed: int, ranks: int = 1) -> No
     resumed = subprocess.run(_train(cfg, tmp_path / "killed", "--resume", ranks=ranks), env=_env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = _weights(tmp_path / "plain" / name), _weights(tmp_path / "killed" / name)
+    a, b = _weights(plain / name), _weights(tmp_path / "killed" / name)
     for k in a:
         assert torch.equal(a[k], b[k]), (k, f"killed after {seen} state writes")
     # the epochs' training statistics too (the running sums in the states; under torchrun pooled at the same steps)
     rows = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
-             for line in (tmp_path / run / name / "metrics.jsonl").read_text().splitlines()]
-            for run in ("plain", "killed")]
+             for line in (run / name / "metrics.jsonl").read_text().splitlines()]
+            for run in (plain, tmp_path / "killed")]
     assert rows[0] == rows[1] and len(rows[0]) >= 2
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_kill_9_in_memory_data(tmp_path, seed):
-    cfg = tmp_path / "c.yaml"
+@pytest.fixture(scope="module")
+def digits_plain(tmp_path_factory):
+    """The digits config and its uninterrupted run, which every kill of it is compared with."""
+    tmp = tmp_path_factory.mktemp("digits")
+    cfg = tmp / "c.yaml"
     cfg.write_text(f"name: digits\n{DIGITS}")
-    _kill_then_resume(cfg, tmp_path, "digits", seed)
+    return cfg, _plain_run(cfg, tmp / "plain")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_in_memory_data(tmp_path, digits_plain, seed):
+    cfg, plain = digits_plain
+    _kill_then_resume(cfg, tmp_path, "digits", seed, plain=plain)
 
 
 def test_kill_9_with_two_dataloader_workers(tmp_path):
