@@ -102,11 +102,20 @@ def option_names(factory: Callable[..., Any]) -> list[str]:
 
     A factory that takes **kwargs without declaring where they go is a bug in robustlab (its options could be
     accepted and ignored): it raises TypeError."""
+    return [p.name for p in _option_parameters(factory)]
+
+
+def option_defaults(factory: Callable[..., Any]) -> dict[str, Any]:
+    """{option: its default} for every option of `factory` (as `option_names`) that has one."""
+    return {p.name: p.default for p in _option_parameters(factory) if p.default is not p.empty}
+
+
+def _option_parameters(factory: Callable[..., Any]) -> list[inspect.Parameter]:
     sig = inspect.signature(factory)
-    names: list[str] = []
+    params: list[inspect.Parameter] = []
     for p in sig.parameters.values():
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY):
-            names.append(p.name)
+            params.append(p)
         elif p.kind is p.VAR_KEYWORD:
             targets = _declared(factory, "forwards_options_to")
             if targets is None:
@@ -114,8 +123,9 @@ def option_names(factory: Callable[..., Any]) -> list[str]:
                                 "forwards_options_to")
             fixed = set(_declared(factory, "fixed_options") or ())
             for t in targets:
-                names += [n for n in option_names(t) if n not in names and n not in fixed]
-    return names
+                params += [q for q in _option_parameters(t)
+                           if q.name not in fixed and all(q.name != have.name for have in params)]
+    return params
 
 
 ATTACKS: Registry[Any] = Registry("attack")

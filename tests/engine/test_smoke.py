@@ -66,6 +66,11 @@ def test_smoke_caps_steps_and_keeps_the_rest(tmp_path):
     assert cap_attack_steps("pgd:norm=l2,eps=1.5,steps=20") == "pgd:norm=l2,eps=1.5,steps=2"
     assert cap_attack_steps("cwa") == "cwa:steps=2"  # the default (10) capped too
     assert cap_attack_steps("fgsm:eps=0.3") == "fgsm:eps=0.3"  # no iterations to cap
+    # a config that leaves the iterations at the method's defaults (MSD's 20, the per-norm 10 / 10 / 20) is capped too
+    msd = load_config(ROOT / "configs" / "mng-ac" / "cifar10-msd.yaml")
+    assert msd.method_kwargs == {} and smoke_config(msd, tmp_path / "msd", device="cpu")[0].method_kwargs["msd_steps"] == 2
+    avg, _ = smoke_config(load_config(ROOT / "configs" / "mng-ac" / "cifar10-adv-avg.yaml"), tmp_path / "avg", device="cpu")
+    assert [avg.method_kwargs[f"steps_{n}"] for n in ("linf", "l2", "l1")] == [2, 2, 2]
 
 
 @pytest.mark.parametrize("dataset,kwargs,shape,k", [

@@ -6,8 +6,9 @@ method, attacks and schedule code paths; what it shrinks, and why:
 - data: `batch` training images (+ 2 held out when the config selects on validation), `batch` test images
   (embedded datasets are cut to that size);
 - steps: two epochs of one optimizer step each, with a checkpoint after the first and a resume from it;
-- attack iterations capped at `SMOKE_ATTACK_STEPS` (training and evaluation), epoch-valued method settings
-  (burn-in, ramps, refresh periods) cut to one epoch so the second epoch runs the method's main phase;
+- attack iterations capped at `SMOKE_ATTACK_STEPS` (training and evaluation; the method's defaults too where the
+  config leaves them), epoch-valued method settings (burn-in, ramps, refresh periods) cut to one epoch so the
+  second epoch runs the method's main phase;
 - on CPU, channel widths, for the models that declare a `smoke_kwargs` (the layer structure is unchanged); on a
   GPU the model keeps its full width, so the smoke run's peak GPU memory is the model's at the smoke batch;
 - on CPU, `compile` is off (it costs a minute per model); a fine-tuning start (`init_from`), an ImageNet
@@ -30,7 +31,7 @@ from robustlab.attacks.spec import parse_spec
 from robustlab.data.embedded import ImageData, take
 from robustlab.data.standins import write_standin
 from robustlab.engine.config import DEFAULT_VALIDATION, TrainConfig
-from robustlab.registry import ATTACKS, METHODS, MODELS
+from robustlab.registry import ATTACKS, METHODS, MODELS, option_defaults
 
 if TYPE_CHECKING:
     from robustlab.methods.base import Method
@@ -50,9 +51,11 @@ def cap_attack_steps(spec: str, cap: int = SMOKE_ATTACK_STEPS) -> str:
     return name + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
 
 
-def _cap_method_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+def _cap_method_kwargs(method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The config's method settings with iterations and epoch-valued settings capped, the method's defaults
+    included (a config that leaves `steps` at the method's 10 still trains the smoke run with 2)."""
     out = dict(kwargs)
-    for k, v in kwargs.items():
+    for k, v in {**option_defaults(METHODS.get(method)), **kwargs}.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         if _STEP_KEY.search(k) and isinstance(v, int) and v > SMOKE_ATTACK_STEPS:
@@ -83,7 +86,8 @@ def smoke_config(cfg: TrainConfig, folder: Path, device: str | None = None) -> t
     thin = getattr(factory, "smoke_kwargs", {}) if torch.device(device).type == "cpu" else {}
     model_kwargs = {**cfg.model_kwargs, **thin}
     method_cls = cast("type[Method]", METHODS.get(cfg.method))
-    method_kwargs = method_cls.standin_inputs(_cap_method_kwargs(cfg.method_kwargs), data.num_classes, folder)
+    method_kwargs = method_cls.standin_inputs(_cap_method_kwargs(cfg.method, cfg.method_kwargs), data.num_classes,
+                                                 folder)
     task = task_named(getattr(factory, "task", "classification")).from_config(cfg)
     eval_attack = cfg.eval_attack or task.default_eval_attack(create_method(cfg.method, **method_kwargs))
     smoke = dataclasses.replace(
