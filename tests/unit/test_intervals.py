@@ -69,3 +69,18 @@ def test_repeats_of_a_detector_aggregate_map_and_per_class_evenness(tmp_path):
     cmp = compare_runs(tmp_path / "even", tmp_path / "uneven")
     spread = cmp["metrics"]["attacks.cwa.ap_std"]["difference"]
     assert spread["mean"] < 0 and spread["ci"][1] < 0 and spread["verdict"] == "A better"
+
+
+def test_rho_is_a_metric_only_for_minimal_attacks_without_a_budget():
+    """Under a budget rho averages over the images fooled within it (a different set per model: the fewer an attack
+    fools, the smaller their perturbations), so compare-runs would read it as the paper's rho: left out there."""
+    from robustlab.analysis.repeat import metrics_of
+
+    def attack(eps, rho):
+        return {"robust_accuracy": 0.0 if eps is None else 0.6, "eps": eps, "perturbation": {"rho": rho, "n_failed": 0}}
+
+    result = {"clean_accuracy": 0.9, "n_samples": 200,
+              "attacks": {"deepfool": attack(None, 0.2), "cw": attack(2.0, 0.1), "pgd": {"robust_accuracy": 0.5}}}
+    m = metrics_of(result)
+    assert m["attacks.deepfool.rho"] == 0.2 and "attacks.cw.rho" not in m
+    assert m["attacks.cw"] == 0.6 and m["attacks.pgd"] == 0.5
